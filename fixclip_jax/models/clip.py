@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fixclip_jax.models import layers
+from fixclip_jax.models.layers import normalize  # re-exported for callers
+from fixclip_jax.positional import combined_positional_embedding
 from fixclip_jax.models.sizes import CLIPConfig
 
 Array = jax.Array
@@ -122,8 +124,7 @@ class TextTower(nn.Module):
       # from the trainable residual table.
       pos_res = self.param("positional_embedding_res",
                            nn.initializers.normal(0.01), (c.context_length, w))
-      keep = (jnp.arange(c.context_length) < c.positional_keep)[:, None]
-      pos = jnp.where(keep, pos, pos_res)
+      pos = combined_positional_embedding(pos, pos_res, c.positional_keep)
     x = (jnp.take(tok, text, axis=0) + pos[:t]).astype(self.dtype)  # [B, T, w]
     eot = jnp.argmax(text, axis=-1)                                 # [B]
     x, layer_tokens = Transformer(
@@ -164,12 +165,6 @@ class CLIP(nn.Module):
     """Returns {"image": tower dict, "text": tower dict, "logit_scale": ()}."""
     return {"image": self.visual(images), "text": self.text(text),
             "logit_scale": self.logit_scale}
-
-
-def normalize(x: Array, eps: float = 1e-12) -> Array:
-  """L2-normalises the last axis (in float32)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def init_params(cfg: CLIPConfig, rng: Optional[Array] = None) -> dict:

@@ -29,6 +29,12 @@ ACTIVATIONS = {
 }
 
 
+def normalize(x: Array, eps: float = 1e-12) -> Array:
+  """L2-normalises the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
+
+
 def attention(q: Array, k: Array, v: Array, *,
               mask: Optional[Array] = None,
               bias: Optional[Array] = None,
