@@ -1,0 +1,162 @@
+"""Tests for the contrastive objectives against PyTorch / open_clip references."""
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fixclip_jax import losses
+
+
+def _features(b, d, seed):
+  rng = np.random.default_rng(seed)
+  return rng.normal(size=(b, d)).astype(np.float32)
+
+
+class InfoNCETest(absltest.TestCase):
+
+  def test_matches_torch_cross_entropy_with_label_smoothing(self):
+    img, txt = _features(16, 32, 0), _features(16, 32, 1)
+    scale = np.log(50.0)
+    ours = float(losses.infonce(jnp.asarray(img), jnp.asarray(txt),
+                                jnp.asarray(scale), label_smoothing=0.1))
+    ti = F.normalize(torch.from_numpy(img), dim=-1)
+    tt = F.normalize(torch.from_numpy(txt), dim=-1)
+    logits = 50.0 * ti @ tt.T
+    labels = torch.arange(16)
+    ref = 0.5 * (F.cross_entropy(logits, labels, label_smoothing=0.1) +
+                 F.cross_entropy(logits.T, labels, label_smoothing=0.1))
+    print(f"infonce vs torch CE(label_smoothing=0.1): {ours} vs {ref.item()}")
+    np.testing.assert_allclose(ours, ref.item(), rtol=1e-5)
+
+  def test_matches_open_clip_loss(self):
+    from open_clip.loss import ClipLoss
+    img, txt = _features(8, 16, 2), _features(8, 16, 3)
+    ti = F.normalize(torch.from_numpy(img), dim=-1)
+    tt = F.normalize(torch.from_numpy(txt), dim=-1)
+    ref = ClipLoss()(ti, tt, torch.tensor(30.0))
+    ours = losses.infonce(jnp.asarray(img), jnp.asarray(txt), jnp.log(30.0))
+    np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-5)
+
+  def test_logit_scale_clipped_at_100(self):
+    img, txt = _features(4, 8, 4), _features(4, 8, 5)
+    a = losses.infonce(img, txt, jnp.log(100.0))
+    b = losses.infonce(img, txt, jnp.log(1000.0))
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+  def test_global_batch_on_sharded_arrays(self):
+    devices = np.array(jax.devices())
+    self.assertGreaterEqual(len(devices), 2, "conftest sets 8 CPU devices")
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    n = 2 * len(devices)
+    img, txt = _features(n, 16, 6), _features(n, 16, 7)
+    want = losses.infonce(img, txt, jnp.log(20.0))
+    grad_fn = jax.jit(jax.value_and_grad(
+        lambda i, t: losses.infonce(i, t, jnp.log(20.0))))
+    got, g = grad_fn(jax.device_put(img, sharding), jax.device_put(txt, sharding))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    _, g_ref = jax.value_and_grad(
+        lambda i: losses.infonce(i, txt, jnp.log(20.0)))(img)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-7)
+
+
+class PCATest(absltest.TestCase):
+
+  def test_matches_torch_svd_reconstruction_and_gradient(self):
+    x = losses.normalize(_features(24, 16, 8))
+    k = 5
+    ours, vjp = jax.vjp(lambda y: losses.pca_reconstruct(y, k), x)
+    cot = _features(24, 16, 9)
+    (g_ours,) = vjp(jnp.asarray(cot))
+
+    tx = torch.from_numpy(np.asarray(x)).double().requires_grad_()
+    mean = tx.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(tx - mean, full_matrices=False)
+    p = vh[:k].T
+    ref = (tx - mean) @ p @ p.T + mean
+    (ref * torch.from_numpy(cot).double()).sum().backward()
+    np.testing.assert_allclose(np.asarray(ours), ref.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_ours), tx.grad.numpy(), atol=2e-4)
+
+  def test_rank_and_identity(self):
+    x = losses.normalize(_features(32, 16, 10))
+    r = losses.pca_reconstruct(x, 4)
+    centred = np.asarray(r - r.mean(0))
+    self.assertEqual(np.linalg.matrix_rank(centred, tol=1e-4), 4)
+    full = losses.pca_reconstruct(x, 16)
+    np.testing.assert_allclose(np.asarray(full), np.asarray(x), atol=1e-5)
+
+  def test_per_shard(self):
+    x = losses.normalize(_features(16, 8, 11))
+    got = losses.pca_reconstruct_per_shard(x, 3, num_shards=2)
+    want = jnp.concatenate([losses.pca_reconstruct(x[:8], 3),
+                            losses.pca_reconstruct(x[8:], 3)])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "not divisible"):
+      losses.pca_reconstruct_per_shard(x, 3, num_shards=3)
+
+  def test_gradient_finite_at_realistic_batch(self):
+    # B < d: the centred batch always has a zero singular value.
+    x = _features(32, 64, 12)
+    g = jax.grad(lambda y: jnp.sum(losses.pca_reconstruct(
+        losses.normalize(y), 8) ** 2))(x)
+    self.assertTrue(np.all(np.isfinite(np.asarray(g))))
+
+
+def _outputs(b=8, d=16, gta=False, seed=0, groups=4):
+  rng = np.random.default_rng(seed)
+  tower = lambda: {"embedding": jnp.asarray(rng.normal(size=(b, d)), jnp.float32)}
+  out = {"image": tower(), "image_masked": tower(), "text_long": tower(),
+         "text_short": tower(), "logit_scale": jnp.log(100.0)}
+  if gta:
+    out["image"]["gta"] = jnp.asarray(rng.normal(size=(groups, b, d)), jnp.float32)
+    out["text_long"]["gta"] = jnp.asarray(rng.normal(size=(groups, b, d)), jnp.float32)
+  return out
+
+
+class ObjectiveTest(absltest.TestCase):
+
+  def test_longclip_terms(self):
+    out = _outputs()
+    loss, terms = losses.longclip_objective(out, short_weight=0.1, pcm_components=4)
+    np.testing.assert_allclose(float(loss), float(terms["loss_long"] +
+                                                  0.1 * terms["loss_short"]), rtol=1e-6)
+    self.assertEqual(int(terms["nonfinite_features"]), 0)
+
+  def test_longclip_nan_batch_is_reported_not_crashing(self):
+    out = _outputs()
+    emb = out["image"]["embedding"].at[2, 3].set(jnp.nan).at[5].set(jnp.inf)
+    out["image"]["embedding"] = emb
+    loss, terms = jax.jit(losses.longclip_objective)(out)
+    self.assertGreater(int(terms["nonfinite_features"]), 0)
+    self.assertTrue(np.isfinite(float(loss)))
+
+  def test_fixclip_terms(self):
+    out = _outputs(gta=True)
+    loss, terms = losses.fixclip_objective(out, gta_weights=(0.5, 0.5),
+                                           gta_first_group=3)
+    self.assertSameElements(terms, ["loss_long", "loss_short", "loss_gta_3",
+                                    "loss_gta_4", "nonfinite_features"])
+    want = (terms["loss_long"] + terms["loss_short"] +
+            0.5 * terms["loss_gta_3"] + 0.5 * terms["loss_gta_4"])
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    # L_gta_4 is InfoNCE of the 4th group's features.
+    np.testing.assert_allclose(
+        float(terms["loss_gta_4"]),
+        float(losses.infonce(out["image"]["gta"][3], out["text_long"]["gta"][3],
+                             out["logit_scale"])), rtol=1e-6)
+    with self.assertRaisesRegex(ValueError, "gta_weights"):
+      losses.fixclip_objective(out, gta_weights=(0.5,), gta_first_group=3)
+
+  def test_fixclip_short_branch_uses_masked_image(self):
+    out = _outputs()
+    _, terms = losses.fixclip_objective(out)
+    want = losses.infonce(out["image_masked"]["embedding"],
+                          out["text_short"]["embedding"], out["logit_scale"])
+    np.testing.assert_allclose(float(terms["loss_short"]), float(want), rtol=1e-6)
+
+
+if __name__ == "__main__":
+  absltest.main()
