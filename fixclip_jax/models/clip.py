@@ -1,15 +1,19 @@
-"""OpenAI CLIP in Flax Linen: vision tower, text tower and the two-tower model.
+"""OpenAI CLIP in Flax Linen, with FIX-CLIP's hooks: vision tower, text tower,
+and the two-tower model.
 
 Architecture and parameter names follow OpenAI CLIP (method.md §1); the
-parameters are a plain pytree, float32, whatever the compute `dtype`.
+parameters are a plain pytree, float32, whatever the compute `dtype`. With the
+FIX-CLIP fields of `CLIPConfig` at their defaults the model is exactly CLIP;
+regional prompts, the mask token and the GTA heads (method.md §3) switch on
+from the config.
 
 Each tower returns a dict:
-  embedding    [B, d]     projected feature (not normalised)
+  embedding    [B, d]     projected feature (not normalised), float32
   pooled       [B, w]     CLS (vision) / EOT (text) token after the final LN
   tokens       [B, T, w]  the whole sequence after the final LN
   layer_tokens [L, B, w]  the CLS / EOT token of the residual stream after each
-                          block, for FIX-CLIP's hierarchical alignment (§3);
-                          free when unused (XLA drops dead outputs).
+                          block (free when unused: XLA drops dead outputs)
+  gta          [G, B, d]  group middle features, when cfg.gta_groups > 0
 """
 from typing import Any, Optional
 
@@ -18,23 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fixclip_jax.models import fixclip
 from fixclip_jax.models import layers
 from fixclip_jax.models.layers import normalize  # re-exported for callers
-from fixclip_jax.positional import combined_positional_embedding
 from fixclip_jax.models.sizes import CLIPConfig
+from fixclip_jax.positional import combined_positional_embedding
 
 Array = jax.Array
 Dtype = Any
 
 
-def _blocks(n, heads, mlp_dim, act, dtype, attn_impl, remat, prefix="resblocks"):
-  cls = nn.remat(layers.ResidualBlock) if remat else layers.ResidualBlock
-  return [cls(heads, mlp_dim, act, dtype, attn_impl, name=f"{prefix}_{i}")
-          for i in range(n)]
-
-
 class Transformer(nn.Module):
-  """A stack of residual blocks; also returns one token per layer."""
+  """A stack of residual blocks, optionally with fresh regional prompts per layer.
+
+  Returns the final sequence and the token at `pool_index` after every block.
+  """
   num_layers: int
   num_heads: int
   mlp_dim: int
@@ -42,62 +44,104 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
   remat: bool = False
+  num_prompts: int = 0
+  prompt_layers: Optional[tuple] = None
 
   @nn.compact
-  def __call__(self, x, *, pool_index=None, mask=None, is_causal=False):
-    """x: [B, T, w]; pool_index: [B] position of the token to collect per layer.
+  def __call__(self, x, *, pool_index=None, is_causal=False, prompt_mask=None):
+    """x: [B, T, w]; pool_index: [B]; prompt_mask: bool [B|1, 1, T+M, T+M].
 
     Returns (x [B, T, w], layer_tokens [L, B, w]).
     """
-    pool_index = (jnp.zeros((x.shape[0],), jnp.int32)
-                  if pool_index is None else pool_index)
-    rows = jnp.arange(x.shape[0])
+    b, _, w = x.shape
+    rows = jnp.arange(b)
+    pool_index = jnp.zeros((b,), jnp.int32) if pool_index is None else pool_index
+    block_cls = nn.remat(layers.ResidualBlock) if self.remat else layers.ResidualBlock
+    m = self.num_prompts
     collected = []
-    for block in _blocks(self.num_layers, self.num_heads, self.mlp_dim,
-                         self.act, self.dtype, self.attn_implementation,
-                         self.remat):
-      x = block(x, mask, None, is_causal)
-      collected.append(x[rows, pool_index])                       # [B, w]
-    return x, jnp.stack(collected)                                 # [L, B, w]
+    for i in range(self.num_layers):
+      block = block_cls(self.num_heads, self.mlp_dim, self.act, self.dtype,
+                        self.attn_implementation, name=f"resblocks_{i}")
+      if m and fixclip.prompt_layer_active(i, self.prompt_layers):
+        # FIX-CLIP (method.md §3): fresh prompts after CLS at every layer; the
+        # previous layer's prompt outputs are discarded.
+        prompts = self.param(f"prompts_{i}", nn.initializers.normal(0.02), (m, w))
+        prompts = jnp.broadcast_to(prompts.astype(x.dtype), (b, m, w))
+        y = jnp.concatenate([x[:, :1], prompts, x[:, 1:]], axis=1)  # [B, T+M, w]
+        y = block(y, prompt_mask, None, False)
+        x = jnp.concatenate([y[:, :1], y[:, 1 + m:]], axis=1)       # [B, T, w]
+      else:
+        x = block(x, None, None, is_causal)
+      collected.append(x[rows, pool_index])                          # [B, w]
+    return x, jnp.stack(collected)                                   # [L, B, w]
 
 
 class VisionTower(nn.Module):
-  """ViT as in OpenAI CLIP: conv1 (no bias), CLS, positions, ln_pre, blocks, ln_post, proj."""
+  """ViT as in OpenAI CLIP: conv1 (no bias), CLS, positions, ln_pre, blocks,
+  ln_post, proj; plus FIX-CLIP's regional prompts, mask token and GTA heads."""
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
   remat: bool = False
 
   @nn.compact
-  def __call__(self, images: Array) -> dict:
-    """images: [B, H, W, 3] normalised float pixels."""
+  def __call__(self, images: Array, *, patch_mask: Optional[Array] = None,
+               keep_index: Optional[Array] = None) -> dict:
+    """images: [B, H, W, 3] normalised pixels.
+
+    patch_mask: optional bool [B, N], True = replace that patch by the mask
+      token (FIX-CLIP's masked short branch, method.md §3).
+    keep_index: optional int [B, K], keep only these patches (token dropping,
+      MAE-style, the cheaper variant).
+    """
     c = self.cfg
     w = c.vision_width
     x = nn.Conv(w, (c.patch_size, c.patch_size), strides=c.patch_size,
                 padding="VALID", use_bias=False, dtype=self.dtype,
-                name="conv1")(images.astype(self.dtype))            # [B, g, g, w]
+                name="conv1")(images.astype(self.dtype))             # [B, g, g, w]
     b = x.shape[0]
-    x = x.reshape(b, -1, w)                                         # [B, N, w]
+    x = x.reshape(b, -1, w)                                          # [B, N, w]
     scale = w ** -0.5
     cls = self.param("class_embedding", nn.initializers.normal(scale), (w,))
     pos = self.param("positional_embedding", nn.initializers.normal(scale),
-                     (c.num_patches + 1, w))
+                     (c.num_patches + 1, w)).astype(self.dtype)
     if x.shape[1] + 1 != pos.shape[0]:
       raise ValueError(f"Image of {images.shape[1:3]} gives {x.shape[1]} patches; "
                        f"the model was built for {c.image_size}px ({c.num_patches}).")
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, w)), x],
-                        axis=1)                                     # [B, 1+N, w]
-    x = x + pos.astype(self.dtype)
+    if c.mask_token:
+      token = self.param("mask_token", nn.initializers.zeros, (w,))
+      if patch_mask is not None:
+        # Masked patches lose their content but keep their position (added below).
+        x = jnp.where(patch_mask[..., None], token.astype(self.dtype), x)
+    elif patch_mask is not None:
+      raise ValueError("patch_mask given but the config has no mask_token")
+    x = x + pos[1:]
+    regions = jnp.asarray(fixclip.patch_regions(
+        c.grid_size, max(c.num_prompts, 1), c.region_layout))[None]  # [1, N]
+    if keep_index is not None:
+      x = jnp.take_along_axis(x, keep_index[..., None], axis=1)      # [B, K, w]
+      regions = jnp.take_along_axis(jnp.broadcast_to(regions, (b, c.num_patches)),
+                                    keep_index, axis=1)               # [B, K]
+    cls = jnp.broadcast_to((cls.astype(self.dtype) + pos[0]), (b, 1, w))
+    x = jnp.concatenate([cls, x], axis=1)                            # [B, 1+N, w]
     x = layers.LayerNorm(self.dtype, name="ln_pre")(x)
+    prompt_mask = None
+    if c.num_prompts:
+      prompt_mask = fixclip.regional_prompt_mask(regions, c.num_prompts)[:, None]
     x, layer_tokens = Transformer(
         c.vision_layers, c.vision_heads, c.vision_mlp_dim, c.act, self.dtype,
-        self.attn_implementation, self.remat, name="transformer")(x)
+        self.attn_implementation, self.remat, c.num_prompts, c.prompt_layers,
+        name="transformer")(x, prompt_mask=prompt_mask)
     x = layers.LayerNorm(self.dtype, name="ln_post")(x)
-    pooled = x[:, 0]                                                # [B, w]
+    pooled = x[:, 0]                                                 # [B, w]
     proj = self.param("proj", nn.initializers.normal(scale), (w, c.embed_dim))
-    emb = pooled @ proj.astype(self.dtype)                          # [B, d]
-    return {"embedding": emb.astype(jnp.float32), "pooled": pooled,
-            "tokens": x, "layer_tokens": layer_tokens}
+    emb = pooled @ proj.astype(self.dtype)                           # [B, d]
+    out = {"embedding": emb.astype(jnp.float32), "pooled": pooled,
+           "tokens": x, "layer_tokens": layer_tokens}
+    if c.gta_groups:
+      out["gta"] = fixclip.GTAHeads(c.gta_groups, c.embed_dim, c.gta_sigma,
+                                    self.dtype, name="gta")(layer_tokens)
+    return out
 
 
 class TextTower(nn.Module):
@@ -125,19 +169,23 @@ class TextTower(nn.Module):
       pos_res = self.param("positional_embedding_res",
                            nn.initializers.normal(0.01), (c.context_length, w))
       pos = combined_positional_embedding(pos, pos_res, c.positional_keep)
-    x = (jnp.take(tok, text, axis=0) + pos[:t]).astype(self.dtype)  # [B, T, w]
-    eot = jnp.argmax(text, axis=-1)                                 # [B]
+    x = (jnp.take(tok, text, axis=0) + pos[:t]).astype(self.dtype)   # [B, T, w]
+    eot = jnp.argmax(text, axis=-1)                                  # [B]
     x, layer_tokens = Transformer(
         c.text_layers, c.text_heads, c.text_mlp_dim, c.act, self.dtype,
         self.attn_implementation, self.remat, name="transformer")(
             x, pool_index=eot, is_causal=True)
     x = layers.LayerNorm(self.dtype, name="ln_final")(x)
-    pooled = x[jnp.arange(b), eot]                                  # [B, w]
+    pooled = x[jnp.arange(b), eot]                                   # [B, w]
     proj = self.param("text_projection", nn.initializers.normal(w ** -0.5),
                       (w, c.embed_dim))
-    emb = pooled @ proj.astype(self.dtype)                          # [B, d]
-    return {"embedding": emb.astype(jnp.float32), "pooled": pooled,
-            "tokens": x, "layer_tokens": layer_tokens}
+    emb = pooled @ proj.astype(self.dtype)                           # [B, d]
+    out = {"embedding": emb.astype(jnp.float32), "pooled": pooled,
+           "tokens": x, "layer_tokens": layer_tokens}
+    if c.gta_groups:
+      out["gta"] = fixclip.GTAHeads(c.gta_groups, c.embed_dim, c.gta_sigma,
+                                    self.dtype, name="gta")(layer_tokens)
+    return out
 
 
 class CLIP(nn.Module):
@@ -155,8 +203,8 @@ class CLIP(nn.Module):
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
 
-  def encode_image(self, images):
-    return self.visual(images)
+  def encode_image(self, images, patch_mask=None, keep_index=None):
+    return self.visual(images, patch_mask=patch_mask, keep_index=keep_index)
 
   def encode_text(self, text):
     return self.text(text)
@@ -165,6 +213,38 @@ class CLIP(nn.Module):
     """Returns {"image": tower dict, "text": tower dict, "logit_scale": ()}."""
     return {"image": self.visual(images), "text": self.text(text),
             "logit_scale": self.logit_scale}
+
+  def train_outputs(self, images, text_long, text_short, patch_mask=None,
+                    keep_index=None):
+    """Every branch an objective may use, in one apply (losses.py's input).
+
+    "image": raw images; "image_masked": the masked short branch when a
+    patch_mask or keep_index is given; "text_long" / "text_short": the two
+    captions (one text-tower pass when both have the same length).
+    """
+    out = {"image": self.visual(images), "logit_scale": self.logit_scale}
+    if patch_mask is not None or keep_index is not None:
+      out["image_masked"] = self.visual(images, patch_mask=patch_mask,
+                                        keep_index=keep_index)
+    if text_long.shape[1] == text_short.shape[1]:
+      both = self.text(jnp.concatenate([text_long, text_short], axis=0))
+      out["text_long"], out["text_short"] = _split_tower_batch(both, text_long.shape[0])
+    else:
+      out["text_long"], out["text_short"] = self.text(text_long), self.text(text_short)
+    return out
+
+
+# Tower outputs stacked per layer / group carry the batch on axis 1.
+_BATCH_AXIS = {"layer_tokens": 1, "gta": 1}
+
+
+def _split_tower_batch(out: dict, n: int) -> tuple:
+  """Splits a tower dict computed on a concatenated batch into [:n] and [n:]."""
+  first = {k: jax.lax.slice_in_dim(v, 0, n, axis=_BATCH_AXIS.get(k, 0))
+           for k, v in out.items()}
+  second = {k: jax.lax.slice_in_dim(v, n, 2 * n, axis=_BATCH_AXIS.get(k, 0))
+            for k, v in out.items()}
+  return first, second
 
 
 def init_params(cfg: CLIPConfig, rng: Optional[Array] = None) -> dict:

@@ -6,7 +6,7 @@ does, so checkpoints of non-standard sizes load too.
 """
 import dataclasses
 import re
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Tuple
 
 CLIP_VOCAB_SIZE = 49408
 # Long-CLIP's knowledge-preserved stretching keeps the first 20 positions (method.md §2).
@@ -37,6 +37,13 @@ class CLIPConfig:
   # k = a frozen `positional_embedding` for rows < k and a trainable
   # `positional_embedding_res` for rows >= k.
   positional_keep: Optional[int] = None
+  # FIX-CLIP (method.md §3); the defaults give plain CLIP.
+  num_prompts: int = 0                  # regional prompt tokens per vision layer
+  prompt_layers: Optional[Tuple[int, int]] = None  # [start, stop); None = all
+  region_layout: str = "grid"           # "grid" or "strips"
+  mask_token: bool = False              # learnable token for masked patches
+  gta_groups: int = 0                   # hierarchical groups (0 = no GTA heads)
+  gta_sigma: float = 1.0
 
   @property
   def grid_size(self) -> int:
