@@ -6,7 +6,8 @@ written over the *global* batch: under `jax.jit` with batch-sharded inputs, XLA
 inserts the all-gathers (with gradient) that PyTorch implementations write by
 hand.
 """
-from typing import Optional, Sequence
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,19 +41,56 @@ def infonce(zimg: Array, ztxt: Array, logit_scale: Array,
   return 0.5 * (i2t + t2i)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _project_top_components(xc: Array, num_components: int) -> Array:
+  """xc P P^T, P = the top right-singular vectors of the centred batch xc."""
+  _, _, vt = jnp.linalg.svd(xc, full_matrices=False)                 # [min(B,d), d]
+  p = vt[:num_components].T                                          # [d, k]
+  return (xc @ p) @ p.T
+
+
+@_project_top_components.defjvp
+def _project_top_components_jvp(num_components, primals, tangents):
+  """Derivative through the projector P = V_k V_k^T only.
+
+  Differentiating U, S and V one by one (jnp.linalg.svd's rule) divides by the
+  gaps between *all* singular values, which are zero on rank-deficient batches
+  (centring alone makes B <= d batches rank-deficient) and give NaN. The
+  projector only depends on the gaps between kept (i) and dropped (j)
+  components: dP = V_r G V_k^T + V_k G^T V_r^T with
+  G_ji = v_j^T dC v_i / (l_i - l_j), C = xc^T xc, l = s^2. A zero gap arises
+  only where both eigenvalues vanish, and then v_j^T dC v_i = 0 too, so those
+  terms are set to 0.
+  """
+  (xc,), (dxc,) = primals, tangents
+  _, s, vt = jnp.linalg.svd(xc, full_matrices=True)                  # vt [d, d]
+  d = vt.shape[1]
+  k = num_components
+  lam = jnp.zeros((d,), jnp.float32).at[:s.shape[0]].set(s * s)      # [d]
+  v = vt.T                                                           # [d, d]
+  vk, vr = v[:, :k], v[:, k:]                                        # [d,k] [d,d-k]
+  p = vk @ vk.T
+  dc = dxc.T @ xc + xc.T @ dxc                                       # [d, d]
+  gap = lam[:k][None, :] - lam[k:][:, None]                          # [d-k, k]
+  tol = 1e-6 * jnp.maximum(lam[0], 1e-30)
+  safe = gap > tol
+  g = jnp.where(safe, (vr.T @ dc @ vk) / jnp.where(safe, gap, 1.0), 0.0)
+  dp = vr @ g @ vk.T + vk @ g.T @ vr.T
+  return xc @ p, dxc @ p + xc @ dp
+
+
 def pca_reconstruct(x: Array, num_components: int = 32) -> Array:
   """Primary-component matching's coarse feature (method.md §2).
 
   x: [B, d] (L2-normalised image features). Centre by the batch mean, SVD in
   float32, keep the top `num_components` right-singular vectors P and return
-  X_c P P^T + mean, not renormalised. Gradients flow through the SVD.
+  X_c P P^T + mean, not renormalised. Gradients flow through the SVD (through
+  the projector, so that rank-deficient batches stay finite).
   """
   x32 = x.astype(jnp.float32)
   mean = x32.mean(axis=0, keepdims=True)                             # [1, d]
-  xc = x32 - mean                                                    # [B, d]
-  _, _, vt = jnp.linalg.svd(xc, full_matrices=False)                 # [min(B,d), d]
-  p = vt[:min(num_components, vt.shape[0])].T                        # [d, k]
-  return (xc @ p) @ p.T + mean
+  k = min(num_components, *x32.shape)
+  return _project_top_components(x32 - mean, k) + mean
 
 
 def pca_reconstruct_per_shard(x: Array, num_components: int = 32,

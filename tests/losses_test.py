@@ -14,7 +14,35 @@ def _features(b, d, seed):
   return rng.normal(size=(b, d)).astype(np.float32)
 
 
+def _infonce_float64(img, txt, scale, smoothing):
+  """Symmetric label-smoothed InfoNCE in float64 numpy, from its definition."""
+  img = img / np.linalg.norm(img, axis=-1, keepdims=True)
+  txt = txt / np.linalg.norm(txt, axis=-1, keepdims=True)
+  logits = scale * img.astype(np.float64) @ txt.astype(np.float64).T
+  n = len(logits)
+  target = (1 - smoothing) * np.eye(n) + smoothing / n
+  def ce(z):
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return -(target * logp).sum(-1).mean()
+  return 0.5 * (ce(logits) + ce(logits.T))
+
+
 class InfoNCETest(absltest.TestCase):
+
+  def test_matches_float64_reference_single_and_8_devices(self):
+    n = 32
+    img, txt = _features(n, 16, 20), _features(n, 16, 21)
+    want = _infonce_float64(img, txt, 100.0, 0.1)
+    single = losses.infonce(img, txt, jnp.log(100.0), 0.1)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = jax.jit(lambda a, b: losses.infonce(a, b, jnp.log(100.0), 0.1))(
+        jax.device_put(img, sh), jax.device_put(txt, sh))
+    print(f"infonce float64={want:.8f} single={float(single):.8f} "
+          f"{len(jax.devices())}-device={float(sharded):.8f}")
+    np.testing.assert_allclose(float(single), want, rtol=1e-5)
+    np.testing.assert_allclose(float(sharded), want, rtol=1e-5)
 
   def test_matches_torch_cross_entropy_with_label_smoothing(self):
     img, txt = _features(16, 32, 0), _features(16, 32, 1)
@@ -71,7 +99,7 @@ class PCATest(absltest.TestCase):
     cot = _features(24, 16, 9)
     (g_ours,) = vjp(jnp.asarray(cot))
 
-    tx = torch.from_numpy(np.asarray(x)).double().requires_grad_()
+    tx = torch.from_numpy(np.array(x)).double().requires_grad_()
     mean = tx.mean(0, keepdim=True)
     _, _, vh = torch.linalg.svd(tx - mean, full_matrices=False)
     p = vh[:k].T
@@ -87,6 +115,26 @@ class PCATest(absltest.TestCase):
     self.assertEqual(np.linalg.matrix_rank(centred, tol=1e-4), 4)
     full = losses.pca_reconstruct(x, 16)
     np.testing.assert_allclose(np.asarray(full), np.asarray(x), atol=1e-5)
+
+  def test_gradient_finite_on_rank_deficient_batch(self):
+    # 16 rows, 3 distinct: many equal (zero) singular values, k beyond the rank.
+    base = _features(3, 32, 13)
+    x = np.concatenate([base] * 5 + [base[:1]])
+    for k in (2, 8):
+      g = jax.grad(lambda y: jnp.sum(losses.pca_reconstruct(
+          losses.normalize(y), k) * jnp.arange(32.0)))(x)
+      self.assertTrue(np.all(np.isfinite(np.asarray(g))), k)
+    # Beyond the rank the reconstruction is the identity, so is its gradient.
+    g = jax.grad(lambda y: jnp.sum(losses.pca_reconstruct(y, 8) * jnp.arange(32.0)))(x)
+    np.testing.assert_allclose(np.asarray(g), np.tile(np.arange(32.0), (16, 1)),
+                               atol=1e-3)
+
+  def test_matches_numpy_svd_float64(self):
+    x = np.asarray(losses.normalize(_features(20, 12, 14)), np.float64)
+    mean = x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    ref = (x - mean) @ vt[:6].T @ vt[:6] + mean
+    np.testing.assert_allclose(np.asarray(losses.pca_reconstruct(x, 6)), ref, atol=1e-5)
 
   def test_per_shard(self):
     x = losses.normalize(_features(16, 8, 11))
