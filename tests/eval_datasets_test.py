@@ -1,0 +1,297 @@
+"""Evaluation loaders on tiny copies of each benchmark's distributed layout."""
+import json
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+import numpy as np
+from PIL import Image
+
+from fixclip_jax.evaluation import datasets
+from fixclip_jax.evaluation import imagenet_classes
+
+
+def _write_image(path, color=(200, 30, 30), fmt=None):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.new("RGB", (12, 9), color).save(path, format=fmt)
+
+
+def _write(path, text):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def _tempdir(test):
+  """A fresh temp dir removed after the test (works under pytest and absltest)."""
+  path = tempfile.mkdtemp()
+  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def _check_pairing(test, ds):
+  """text_to_image and image_to_texts are inverse and cover everything."""
+  test.assertLen(ds.text_to_image, len(ds.texts))
+  test.assertLen(ds.image_to_texts, len(ds.image_paths))
+  seen = []
+  for image_index, text_ids in enumerate(ds.image_to_texts):
+    for t in text_ids:
+      test.assertEqual(ds.text_to_image[t], image_index)
+    seen.extend(text_ids)
+  test.assertEqual(sorted(seen), list(range(len(ds.texts))))
+  for p in ds.image_paths:
+    test.assertTrue(os.path.isfile(p), p)
+
+
+class RetrievalLoadersTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.root = _tempdir(self)
+
+  def test_urban1k_first_line_same_stem(self):
+    base = os.path.join(self.root, "Urban1k")
+    for stem in ("10", "2", "1"):
+      _write_image(os.path.join(base, "image", f"{stem}.jpg"), fmt="JPEG")
+      _write(os.path.join(base, "caption", f"{stem}.txt"),
+             f"Long caption of {stem}. More.\nsecond line ignored\n")
+    for root in (self.root, base):  # the parent or the folder itself
+      ds = datasets.load_dataset("urban1k", root)
+      self.assertEqual(ds.protocol, "urban1k")
+      self.assertLen(ds.image_paths, 3)
+      _check_pairing(self, ds)
+      for path, text in zip(ds.image_paths, ds.texts):
+        stem = os.path.basename(path)[:-4]
+        self.assertEqual(text, f"Long caption of {stem}. More.")
+
+  def test_urban1k_missing_image_names_the_file(self):
+    base = os.path.join(self.root, "Urban1k")
+    _write(os.path.join(base, "caption", "7.txt"), "caption\n")
+    os.makedirs(os.path.join(base, "image"))
+    with self.assertRaisesRegex(FileNotFoundError, r"image[/\\]7\.jpg"):
+      datasets.load_urban1k(base)
+
+  def test_wrong_root_names_the_expected_path(self):
+    with self.assertRaisesRegex(FileNotFoundError, "Urban1k.*caption"):
+      datasets.load_urban1k(self.root)
+    with self.assertRaisesRegex(FileNotFoundError, "dataset_coco.json"):
+      datasets.load_dataset("coco_karpathy", self.root)
+    with self.assertRaisesRegex(FileNotFoundError, "results_20130124.token"):
+      datasets.load_dataset("flickr30k-full", self.root)
+
+  def test_sharegpt4v_first_n_entries(self):
+    entries = []
+    for i in range(12):
+      rel = f"coco/train2017/{i:012d}.jpg" if i % 2 else f"sam/images/sa_{i}.jpg"
+      _write_image(os.path.join(self.root, "imgs", rel))
+      entries.append({"id": str(i), "image": rel, "conversations": [
+          {"from": "human", "value": "<image>\nDescribe."},
+          {"from": "gpt", "value": f"Caption {i}.\nSecond paragraph."}]})
+    _write(os.path.join(self.root, datasets.SHAREGPT4V_JSON), json.dumps(entries))
+    ds = datasets.load_sharegpt4v(self.root, num_examples=10,
+                                  image_root=os.path.join(self.root, "imgs"))
+    self.assertLen(ds.texts, 10)
+    self.assertEqual(ds.texts[3], "Caption 3. Second paragraph.")
+    self.assertTrue(ds.image_paths[3].endswith("coco/train2017/000000000003.jpg"))
+    self.assertEqual(ds.protocol, "sharegpt4v-first10")
+    _check_pairing(self, ds)
+    with self.assertRaisesRegex(ValueError, "fewer than the 1000"):
+      datasets.load_dataset("sharegpt4v_1k", self.root)
+
+  def test_dci_all_splits_short_plus_extra(self):
+    base = os.path.join(self.root, "densely_captioned_images")
+    splits = {"train": ["a.json", "b.json"], "valid": ["c.json"], "test": ["d.json"]}
+    _write(os.path.join(base, "splits.json"), json.dumps(splits))
+    for name in "abcd":
+      _write_image(os.path.join(base, "photos", f"sa_{name}.jpg"))
+      _write(os.path.join(base, "annotations", f"{name}.json"), json.dumps({
+          "image": f"sa_{name}.jpg", "short_caption": f"Short {name}.",
+          "extra_caption": f"Extra {name}.", "mask_data": {}}))
+    ds = datasets.load_dataset("dci", self.root)
+    self.assertLen(ds.image_paths, 4)
+    self.assertEqual(ds.texts[2], "Short c.\nExtra c.")
+    self.assertTrue(ds.image_paths[2].endswith("sa_c.jpg"))
+    _check_pairing(self, ds)
+    test_only = datasets.load_dci(base, splits=["test"])
+    self.assertEqual(test_only.texts, ["Short d.\nExtra d."])
+    self.assertNotEqual(test_only.protocol, ds.protocol)
+
+  def test_docci_test_split_only(self):
+    rows = []
+    for i, split in enumerate(["train", "test", "qual_dev", "test"]):
+      name = f"{split}_{i:05d}.jpg"
+      _write_image(os.path.join(self.root, "images", name))
+      rows.append({"example_id": f"{split}_{i}", "split": split,
+                   "image_file": name, "description": f"Description {i}."})
+    _write(os.path.join(self.root, "docci_descriptions.jsonlines"),
+           "\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = datasets.load_dataset("docci", self.root)
+    self.assertEqual(ds.texts, ["Description 1.", "Description 3."])
+    self.assertTrue(ds.image_paths[1].endswith("test_00003.jpg"))
+    _check_pairing(self, ds)
+
+  def test_coco_karpathy_test_first_five(self):
+    images = []
+    for i, split in enumerate(["test", "train", "restval", "test", "val"]):
+      folder = "val2014" if split != "train" else "train2014"
+      name = f"COCO_{folder}_{i:012d}.jpg"
+      _write_image(os.path.join(self.root, folder, name))
+      images.append({"filepath": folder, "filename": name, "split": split,
+                     "cocoid": i, "sentences": [
+                         {"raw": f"img {i} cap {k} ", "tokens": []}
+                         for k in range(6 if i == 3 else 5)]})
+    _write(os.path.join(self.root, "dataset_coco.json"),
+           json.dumps({"images": images, "dataset": "coco"}))
+    ds = datasets.load_dataset("coco_karpathy", self.root)
+    self.assertLen(ds.image_paths, 2)
+    self.assertLen(ds.texts, 10)  # image 3's 6th caption dropped
+    self.assertEqual(ds.texts[5:], [f"img 3 cap {k}" for k in range(5)])
+    self.assertEqual(ds.image_to_texts, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    self.assertEqual(ds.protocol, "coco-karpathy-test-2")
+    _check_pairing(self, ds)
+
+  def test_coco_val2017_sorted_ids_first_five_in_file_order(self):
+    ids = [139, 42, 785]
+    for i in ids:
+      _write_image(os.path.join(self.root, "val2017", f"{i:012d}.jpg"))
+    anns = []
+    for k in range(6):  # interleaved, as in the real file
+      for i in ids:
+        anns.append({"id": len(anns), "image_id": i, "caption": f"{i}-{k}"})
+    _write(os.path.join(self.root, "annotations", "captions_val2017.json"),
+           json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"}
+                                  for i in ids], "annotations": anns}))
+    ds = datasets.load_dataset("coco_val2017", self.root)
+    self.assertEqual([os.path.basename(p) for p in ds.image_paths],
+                     ["000000000042.jpg", "000000000139.jpg", "000000000785.jpg"])
+    self.assertEqual(ds.texts[:5], [f"42-{k}" for k in range(5)])
+    self.assertLen(ds.texts, 15)
+    _check_pairing(self, ds)
+
+  def test_flickr30k_karpathy(self):
+    images = []
+    for i, split in enumerate(["train", "test", "test", "val"]):
+      name = f"{1000 + i}.jpg"
+      _write_image(os.path.join(self.root, "flickr30k-images", name))
+      images.append({"filename": name, "split": split, "imgid": i,
+                     "sentences": [{"raw": f"{i}:{k}"} for k in range(5)]})
+    _write(os.path.join(self.root, "dataset_flickr30k.json"),
+           json.dumps({"images": images, "dataset": "flickr30k"}))
+    ds = datasets.load_dataset("flickr30k_karpathy", self.root)
+    self.assertEqual([os.path.basename(p) for p in ds.image_paths],
+                     ["1001.jpg", "1002.jpg"])
+    self.assertEqual(ds.texts[5], "2:0")
+    self.assertEqual(ds.protocol, "flickr30k-karpathy-test-2")
+    _check_pairing(self, ds)
+
+  def test_flickr30k_full_token_file(self):
+    lines = []
+    for name in ("1000092795.jpg", "10002456.jpg", "1000268201.jpg"):
+      _write_image(os.path.join(self.root, "flickr30k-images", name))
+      lines += [f"{name}#{k}\t{name[:4]} caption {k} ." for k in range(5)]
+    _write(os.path.join(self.root, "results_20130124.token"), "\n".join(lines) + "\n")
+    ds = datasets.load_dataset("flickr30k_full", self.root)
+    self.assertLen(ds.image_paths, 3)
+    self.assertLen(ds.texts, 15)
+    self.assertEqual(ds.texts[7], "1000 caption 2 .")
+    self.assertEqual(ds.text_to_image[7], 1)
+    self.assertTrue(ds.image_paths[1].endswith("10002456.jpg"))
+    self.assertEqual(ds.protocol, "flickr30k-full-3")
+    _check_pairing(self, ds)
+    _write(os.path.join(self.root, "results_20130124.token"), "no tab here\n")
+    with self.assertRaisesRegex(ValueError, "results_20130124.token:1"):
+      datasets.load_flickr30k_full(self.root)
+
+  def test_synthetic_long_and_short(self):
+    rows = [{"image": "img/0.png", "caption": "A red square. On blue.",
+             "short_caption": "A red square."},
+            {"image": "img/1.png", "caption": "Two dots. Left of a line."}]
+    for r in rows:
+      _write_image(os.path.join(self.root, r["image"]), fmt="PNG")
+    _write(os.path.join(self.root, "manifest.jsonl"),
+           "\n".join(json.dumps(r) for r in rows) + "\n")
+    long_ds = datasets.load_dataset("synthetic_long", self.root)
+    short_ds = datasets.load_dataset(
+        "synthetic-short", os.path.join(self.root, "manifest.jsonl"))
+    self.assertEqual(long_ds.protocol, "synthetic-long")
+    self.assertEqual(short_ds.protocol, "synthetic-short")
+    self.assertEqual(long_ds.texts, [r["caption"] for r in rows])
+    self.assertEqual(short_ds.texts, ["A red square.", "Two dots"])
+    self.assertEqual(long_ds.image_paths, short_ds.image_paths)
+    _check_pairing(self, short_ds)
+
+  def test_unknown_name(self):
+    with self.assertRaisesRegex(KeyError, "urban1k"):
+      datasets.load_dataset("nope", self.root)
+
+
+class ClassificationLoadersTest(absltest.TestCase):
+
+  def test_image_folder_numeric_classes_sorted_as_numbers(self):
+    root = _tempdir(self)
+    for label in (0, 2, 10):
+      for j in range(2):
+        _write_image(os.path.join(root, str(label), f"ILSVRC2012_val_{label}{j}.JPEG"),
+                     fmt="JPEG")
+    names = ["zero", "two", "ten"]
+    ds = datasets.load_image_folder(root, class_names=names, name="tiny")
+    self.assertLen(ds, 6)
+    path, label = ds.read(5)
+    self.assertEqual(label, 2)
+    self.assertIn(os.path.join("10", ""), path)
+    self.assertEqual(ds.class_names, tuple(names))
+
+  def test_imagenet_folder_needs_1000_classes(self):
+    root = _tempdir(self)
+    _write_image(os.path.join(root, "n01440764", "a.JPEG"), fmt="JPEG")
+    with self.assertRaisesRegex(FileNotFoundError, "1000 class folders"):
+      datasets.load_classification("imagenet", root)
+
+  def test_imagenet_folder_uses_openai_names(self):
+    root = _tempdir(self)
+    for i in range(1000):
+      os.makedirs(os.path.join(root, f"n{i:08d}"))
+    _write_image(os.path.join(root, "n00000001", "x.JPEG"), fmt="JPEG")
+    ds = datasets.load_classification("imagenet", root)
+    self.assertLen(ds, 1)
+    self.assertEqual(ds.read(0)[1], 1)
+    self.assertEqual(ds.class_names[1], "goldfish")
+    self.assertEqual(ds.class_names, imagenet_classes.IMAGENET_CLASSNAMES)
+
+  def test_cifar10_tfds_data_source(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    data_dir = _tempdir(self)
+    with self.assertRaisesRegex(FileNotFoundError, "prepared TFDS dataset"):
+      datasets.load_classification("cifar10", data_dir)
+    records = [{"image": np.full((32, 32, 3), i, np.uint8), "label": i % 10,
+                "id": str(i)} for i in range(4)]
+    with tfds.testing.mock_data(num_examples=4,
+                                as_data_source_fn=lambda *a, **k: records):
+      ds = datasets.load_classification("cifar10", data_dir)
+    self.assertLen(ds, 4)
+    self.assertLen(ds.class_names, 10)
+    self.assertEqual(ds.class_names[0], "airplane")
+    image, label = ds.read(3)
+    self.assertEqual(label, 3)
+    self.assertEqual(image.shape, (32, 32, 3))
+    np.testing.assert_array_equal(image, 3)
+
+  def test_cifar100_names_from_tfds_info(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    data_dir = _tempdir(self)
+    records = [{"image": np.zeros((32, 32, 3), np.uint8), "label": 7,
+                "coarse_label": 1, "id": "0"}]
+    with tfds.testing.mock_data(num_examples=1,
+                                as_data_source_fn=lambda *a, **k: records):
+      ds = datasets.load_classification("cifar-100", data_dir)
+      info_names = tfds.builder("cifar100", data_dir=data_dir).info.features[
+          "label"].names
+    self.assertLen(ds.class_names, 100)
+    self.assertEqual(list(ds.class_names),
+                     [n.replace("_", " ") for n in info_names])
+    self.assertEqual(ds.read(0)[1], 7)
+
+
+if __name__ == "__main__":
+  absltest.main()
