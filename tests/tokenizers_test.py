@@ -63,8 +63,9 @@ def _number(rng: random.Random) -> str:
   return f"{rng.randrange(1, 100)}%"
 
 
-def _piece(rng: random.Random) -> str:
-  kind = rng.choices(range(6), weights=[10, 3, 1, 2, 2, 1])[0]
+def _piece(rng: random.Random, ascii_only: bool = False) -> str:
+  weights = [10, 0, 0, 2, 2, 1] if ascii_only else [10, 3, 1, 2, 2, 1]
+  kind = rng.choices(range(6), weights=weights)[0]
   if kind == 0:
     word = rng.choice(_ASCII_WORDS)
     case = rng.randrange(6)
@@ -80,12 +81,17 @@ def _piece(rng: random.Random) -> str:
   return rng.choice(_CONTRACTIONS)
 
 
-def _text(rng: random.Random, num_pieces: int) -> str:
+def _text(rng: random.Random, num_pieces: int, ascii_only: bool) -> str:
+  """Pieces joined by mostly single spaces, sometimes nothing or odd spaces.
+
+  ascii_only texts (printable ASCII, tabs, newlines) take the tokenizer's
+  shortcut that skips ftfy; the others go through ftfy.
+  """
+  spaces = [" ", "  ", "\t", "\n", " \t \n "] if ascii_only else _SPACES
   parts = []
   for _ in range(num_pieces):
-    parts.append(_piece(rng))
-    # Mostly single spaces, sometimes nothing (glued pieces) or odd spacing.
-    parts.append(rng.choices([" ", "", rng.choice(_SPACES)],
+    parts.append(_piece(rng, ascii_only))
+    parts.append(rng.choices([" ", "", rng.choice(spaces)],
                              weights=[8, 1, 2])[0])
   return "".join(parts)
 
@@ -108,7 +114,7 @@ def make_corpus(num_texts: int = 1200, seed: int = 0) -> list[str]:
       num_pieces = rng.randrange(20, 120)
     else:
       num_pieces = rng.randrange(300, 400)
-    corpus.append(_text(rng, num_pieces))
+    corpus.append(_text(rng, num_pieces, ascii_only=rng.random() < 0.3))
   return corpus
 
 
@@ -139,6 +145,26 @@ class ClipTokenizerParityTest(parameterized.TestCase):
     self.assertGreater(sum("\u00a0" in t or "\t" in t for t in self.corpus),
                        100)
     self.assertGreater(sum(len(t.split()) >= 300 for t in self.corpus), 50)
+    # Both cleaning paths (ASCII shortcut and full ftfy) are exercised.
+    shortcut = [tokenizers._NEEDS_FTFY.search(t) is None for t in self.corpus]
+    self.assertGreater(sum(shortcut), 200)
+    self.assertGreater(len(shortcut) - sum(shortcut), 200)
+
+  def test_clean_text_equals_open_clip_cleaning(self):
+    # Printable ASCII with tabs/newlines takes the shortcut that skips ftfy;
+    # "&", "<", "\r" and control characters must not change the result.
+    rng = random.Random(1)
+    alphabet = [chr(c) for c in range(0x20, 0x7f)] + ["\t", "\n", "\r",
+                                                      "\x0b", "\x1c", "\x1b"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(80)))
+             for _ in range(2000)]
+    texts += ["a &amp;amp; b", "<b>&amp;amp;</b>", "x\r\ny", "\x1b[31mred",
+              "A\tB\nC"] + self.corpus
+    reference_clean = self.open_clip.tokenizer
+    for text in texts:
+      expected = reference_clean.whitespace_clean(
+          reference_clean.basic_clean(text)).lower()
+      self.assertEqual(tokenizers.clean_text(text), expected, msg=repr(text))
 
   def test_encode_equals_simple_tokenizer(self):
     mismatches = [i for i, text in enumerate(self.corpus)

@@ -1,0 +1,123 @@
+r"""Tokenizer throughput: captions/s of ClipTokenizer, cold and warm BPE cache.
+
+Tokenises N synthetic ~120-word captions (Zipf-distributed words, so the
+cache sees a realistic mix of frequent and rare words) at Long-CLIP's context
+248. "cold" is a fresh tokenizer's first pass (every word goes through BPE
+once); "warm" is a second pass over the same captions (BPE fully cached:
+cost is cleaning, regex split, cache look-ups and packing); "warm, new" is a
+pass over unseen captions from the same distribution, the steady state of an
+input pipeline. open_clip's SimpleTokenizer is timed in the same run when it
+is importable, so the ratio is measured on the same machine and load.
+
+  python -m benchmarks.tokenizer_throughput --num_captions=10000
+"""
+import random
+import time
+from typing import Callable, Dict, List, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from fixclip_jax.data import tokenizers
+
+_NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 10000,
+                                     "Captions per timed pass.")
+_WORDS = flags.DEFINE_integer("words_per_caption", 120, "Words per caption.")
+_CONTEXT = flags.DEFINE_integer("context_length", 248, "Row length.")
+_SEED = flags.DEFINE_integer("seed", 0, "Caption generator seed.")
+_OPEN_CLIP = flags.DEFINE_bool("open_clip", True,
+                               "Also time open_clip's SimpleTokenizer.")
+
+_SYLLABLES = ("ba be bi bo bu ka ke ki ko ku la le li lo lu ma me mi mo mu "
+              "na ne ni no nu ra re ri ro ru sa se si so su ta te ti to tu "
+              "str ph th ing ed er ly tion").split()
+_COMMON = ("a the of in on with and is are to at near its their this image "
+           "shows photo picture background foreground left right red blue "
+           "green white black small large wooden standing sitting holding "
+           "wearing . , 's").split()
+
+
+def synthetic_captions(num_captions: int, words_per_caption: int,
+                       seed: int = 0, vocab_size: int = 30000) -> List[str]:
+  """Captions of Zipf-distributed pseudo-words mixed with common words."""
+  rng = random.Random(seed)
+  vocab = list(dict.fromkeys(
+      "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
+      for _ in range(vocab_size)))
+  weights = 1.0 / np.arange(1, len(vocab) + 1)
+  np_rng = np.random.default_rng(seed)
+  captions = []
+  for _ in range(num_captions):
+    ranks = np_rng.choice(len(vocab), size=words_per_caption,
+                          p=weights / weights.sum())
+    words = [rng.choice(_COMMON) if rng.random() < 0.4 else vocab[r]
+             for r in ranks]
+    words[0] = words[0].capitalize()
+    captions.append(" ".join(words) + ".")
+  return captions
+
+
+def _rate(fn: Callable[[Sequence[str]], object],
+          captions: Sequence[str]) -> float:
+  start = time.perf_counter()
+  fn(captions)
+  return len(captions) / (time.perf_counter() - start)
+
+
+def measure(make_tokenizer: Callable[[], Callable], captions: Sequence[str],
+            new_captions: Sequence[str], context_length: int
+            ) -> Dict[str, float]:
+  """captions/s of a fresh tokenizer: cold, warm (same), warm (new)."""
+  tok = make_tokenizer()
+  call = lambda texts: tok(list(texts), context_length=context_length)
+  return {"cold": _rate(call, captions), "warm": _rate(call, captions),
+          "warm_new": _rate(call, new_captions)}
+
+
+def run(num_captions: int = 10000, words_per_caption: int = 120,
+        context_length: int = 248, seed: int = 0,
+        compare_open_clip: bool = True) -> Dict[str, Dict[str, float]]:
+  """Returns {implementation: {cold, warm, warm_new}} in captions/s."""
+  captions = synthetic_captions(2 * num_captions, words_per_caption, seed)
+  captions, new_captions = captions[:num_captions], captions[num_captions:]
+  results = {"fixclip_jax ClipTokenizer": measure(
+      tokenizers.ClipTokenizer, captions, new_captions, context_length)}
+  if compare_open_clip:
+    try:
+      from open_clip import tokenizer as open_clip_tokenizer  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      print("open_clip not importable; skipping the comparison")
+    else:
+      results["open_clip SimpleTokenizer"] = measure(
+          open_clip_tokenizer.SimpleTokenizer, captions, new_captions,
+          context_length)
+  return results
+
+
+def format_table(results: Dict[str, Dict[str, float]]) -> str:
+  header = (f"{'implementation':<28} {'cold':>10} {'warm':>10} "
+            f"{'warm, new':>10}   (captions/s)")
+  lines = [header, "-" * len(header)]
+  for name, rates in results.items():
+    lines.append(f"{name:<28} {rates['cold']:>10.0f} {rates['warm']:>10.0f} "
+                 f"{rates['warm_new']:>10.0f}")
+  ours = results.get("fixclip_jax ClipTokenizer")
+  theirs = results.get("open_clip SimpleTokenizer")
+  if ours and theirs:
+    ratios = "  ".join(f"{k} x{ours[k] / theirs[k]:.2f}" for k in ours)
+    lines.append(f"speed-up over open_clip: {ratios}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  results = run(_NUM_CAPTIONS.value, _WORDS.value, _CONTEXT.value,
+                _SEED.value, _OPEN_CLIP.value)
+  print(f"{_NUM_CAPTIONS.value} captions x {_WORDS.value} words, "
+        f"context {_CONTEXT.value}")
+  print(format_table(results))
+
+
+if __name__ == "__main__":
+  app.run(main)
