@@ -5,7 +5,8 @@ bicubic resize of the short side, center crop, [0, 1] scaling, normalisation
 with CLIP's mean/std. Output is HWC float32 (JAX's layout).
 """
 import io
-from typing import Union
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -52,3 +53,72 @@ def clip_eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
   """CLIP's standard preprocessing: [image_size, image_size, 3] float32."""
   img = img.convert("RGB")
   return normalize_pixels(center_crop(resize_short_side(img, image_size), image_size))
+
+
+# ---------------------------------------------------------------------------
+# Train transforms. Long-CLIP trains without augmentation (method.md §2), so
+# the default is the eval transform; random-resized-crop is an option. The
+# randomness comes from a numpy Generator the caller seeds per example, so a
+# restored data iterator reproduces the same crops.
+# ---------------------------------------------------------------------------
+TRAIN_TRANSFORMS = ("resize_center_crop", "random_resized_crop")
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: Sequence[float] = (0.08, 1.0),
+                            ratio: Sequence[float] = (3 / 4, 4 / 3)
+                            ) -> Tuple[int, int, int, int]:
+  """A (left, top, w, h) box: torchvision RandomResizedCrop.get_params' rule.
+
+  Up to 10 tries of an area share in `scale` and a log-uniform aspect ratio in
+  `ratio`; if none fits, the largest centred box with a ratio inside `ratio`.
+  """
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, w, h
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)
+                        ) -> Image.Image:
+  """Random box (see random_resized_crop_box), bicubic-resized to size x size."""
+  left, top, w, h = random_resized_crop_box(*img.size, rng, scale, ratio)
+  return img.resize((size, size), Image.BICUBIC,
+                    box=(left, top, left + w, top + h))
+
+
+def clip_train_transform(img: Image.Image, image_size: int,
+                         rng: Optional[np.random.Generator] = None, *,
+                         kind: str = "resize_center_crop",
+                         scale: Sequence[float] = (0.9, 1.0),
+                         ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Train preprocessing: [image_size, image_size, 3] float32, CLIP-normalised.
+
+  kind="resize_center_crop": exactly clip_eval_transform (Long-CLIP's recipe,
+  no randomness); kind="random_resized_crop": needs `rng`.
+  """
+  if kind == "resize_center_crop":
+    return clip_eval_transform(img, image_size)
+  if kind == "random_resized_crop":
+    if rng is None:
+      raise ValueError("random_resized_crop needs a numpy Generator `rng`")
+    img = img.convert("RGB")
+    return normalize_pixels(random_resized_crop(img, image_size, rng, scale, ratio))
+  raise ValueError(f"Unknown train transform {kind!r}; known: {TRAIN_TRANSFORMS}")

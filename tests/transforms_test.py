@@ -1,0 +1,86 @@
+"""Tests for the train transforms in fixclip_jax.data.transforms."""
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+from PIL import Image
+
+from fixclip_jax.data import transforms
+
+
+def _noise_image(w, h, seed=0):
+  rng = np.random.default_rng(seed)
+  return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+class RandomResizedCropTest(parameterized.TestCase):
+
+  @parameterized.parameters((100, 60), (60, 100), (50, 50))
+  def test_box_inside_image_and_area_in_range(self, w, h):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+      left, top, bw, bh = transforms.random_resized_crop_box(
+          w, h, rng, scale=(0.3, 0.9), ratio=(3 / 4, 4 / 3))
+      self.assertGreaterEqual(left, 0)
+      self.assertGreaterEqual(top, 0)
+      self.assertLessEqual(left + bw, w)
+      self.assertLessEqual(top + bh, h)
+      # Rounding of w and h moves the area by at most ~ (w + h) pixels.
+      self.assertBetween(bw * bh / (w * h), 0.3 - 0.05, 0.9 + 0.05)
+
+  def test_fallback_matches_torchvision(self):
+    # scale=(1, 1) cannot fit a 3/4..4/3 box in a 100x60 image: both fall back
+    # to the centred, widest allowed box (deterministic, so comparable).
+    from torchvision.transforms import RandomResizedCrop  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+    for w, h in ((100, 60), (60, 100)):
+      top, left, th, tw = RandomResizedCrop.get_params(
+          torch.zeros(3, h, w), scale=(1.0, 1.0), ratio=(3 / 4, 4 / 3))
+      ours = transforms.random_resized_crop_box(
+          w, h, np.random.default_rng(0), scale=(1.0, 1.0),
+          ratio=(3 / 4, 4 / 3))
+      self.assertEqual(ours, (left, top, tw, th))
+
+  def test_same_seed_same_crop(self):
+    img = _noise_image(80, 64)
+    a = transforms.clip_train_transform(
+        img, 32, np.random.default_rng([3, 1]), kind="random_resized_crop",
+        scale=(0.2, 1.0))
+    b = transforms.clip_train_transform(
+        img, 32, np.random.default_rng([3, 1]), kind="random_resized_crop",
+        scale=(0.2, 1.0))
+    c = transforms.clip_train_transform(
+        img, 32, np.random.default_rng([3, 2]), kind="random_resized_crop",
+        scale=(0.2, 1.0))
+    self.assertEqual(a.shape, (32, 32, 3))
+    self.assertEqual(a.dtype, np.float32)
+    np.testing.assert_array_equal(a, b)
+    self.assertFalse(np.array_equal(a, c))
+
+  def test_full_square_crop_is_bicubic_resize(self):
+    img = _noise_image(48, 48)
+    out = transforms.clip_train_transform(
+        img, 24, np.random.default_rng(0), kind="random_resized_crop",
+        scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    ref = np.asarray(img.resize((24, 24), Image.BICUBIC), np.float32) / 255.0
+    ref = (ref - np.array(transforms.CLIP_MEAN)) / np.array(transforms.CLIP_STD)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+class TrainTransformTest(absltest.TestCase):
+
+  def test_resize_center_crop_is_eval_transform(self):
+    img = _noise_image(90, 70)
+    np.testing.assert_array_equal(
+        transforms.clip_train_transform(img, 32),
+        transforms.clip_eval_transform(img, 32))
+
+  def test_errors(self):
+    img = _noise_image(40, 40)
+    with self.assertRaisesRegex(ValueError, "rng"):
+      transforms.clip_train_transform(img, 32, kind="random_resized_crop")
+    with self.assertRaisesRegex(ValueError, "Unknown train transform"):
+      transforms.clip_train_transform(img, 32, kind="flip")
+
+
+if __name__ == "__main__":
+  absltest.main()
