@@ -1,0 +1,162 @@
+"""Checkpoints on disk.
+
+Model checkpoints (this part): a directory that holds a model's parameters and
+the CLIPConfig that fixes their shapes, so a model can be rebuilt from the
+directory alone:
+
+  DIR/
+    model_config.json   the CLIPConfig fields as JSON
+    params/             orbax (StandardCheckpointer) pytree of float32 arrays
+
+`save_model` writes into a temporary directory next to DIR and renames it
+into place, so a failed or interrupted save never leaves a half-written DIR.
+"""
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import tempfile
+from typing import Tuple
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fixclip_jax.models.sizes import CLIPConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_SUBDIR = "params"
+
+
+def config_to_dict(cfg: CLIPConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(fields: dict, source: str = "config") -> CLIPConfig:
+  """CLIPConfig from its JSON fields; an unknown field is an error naming it."""
+  known = {f.name for f in dataclasses.fields(CLIPConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"{source}: unknown CLIPConfig field(s) {unknown}; "
+                     f"known: {sorted(known)}")
+  # JSON has no tuples; CLIPConfig is frozen and hashable, so restore them.
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return CLIPConfig(**fields)
+
+
+def is_model_dir(path: str) -> bool:
+  """True if `path` looks like a directory written by `save_model`."""
+  return (os.path.isdir(path) and
+          os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and
+          os.path.isdir(os.path.join(path, PARAMS_SUBDIR)))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes_cached(cfg: CLIPConfig) -> dict:
+  from fixclip_jax.models import clip  # pylint: disable=g-import-not-at-top
+  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), np.float32)
+  text = jax.ShapeDtypeStruct((1, cfg.context_length), np.int32)
+  variables = jax.eval_shape(clip.CLIP(cfg).init, jax.random.PRNGKey(0), images, text)
+  return unflatten_params({k: tuple(v.shape) for k, v in
+                           flatten_params(variables["params"]).items()})
+
+
+def param_shapes(cfg: CLIPConfig) -> dict:
+  """{...: shape tuple} of `CLIP(cfg)`'s params, without allocating them."""
+  return unflatten_params(flatten_params(_param_shapes_cached(cfg)))  # a fresh copy
+
+
+def flatten_params(tree, prefix: str = "") -> dict:
+  """Nested dict -> {"a/b/c": leaf}."""
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten_params(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten_params(flat: dict) -> dict:
+  """{"a/b/c": leaf} -> nested dict."""
+  tree = {}
+  for path, leaf in flat.items():
+    *parents, name = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[name] = leaf
+  return tree
+
+
+def check_params(params: dict, cfg: CLIPConfig, source: str) -> None:
+  """Raises one ValueError naming every missing/unexpected/mis-shaped param."""
+  expected = flatten_params(param_shapes(cfg))
+  found = {k: tuple(np.shape(v)) for k, v in flatten_params(params).items()}
+  problems = [f"missing {k!r} (expected {s})" for k, s in expected.items()
+              if k not in found]
+  problems += [f"unexpected {k!r} (found {s})" for k, s in found.items()
+               if k not in expected]
+  problems += [f"{k!r}: expected shape {expected[k]}, found {found[k]}"
+               for k in expected if k in found and found[k] != expected[k]]
+  if problems:
+    raise ValueError(f"{source}: params do not match the model config: "
+                     + "; ".join(problems))
+
+
+def _tmp_dir_next_to(path: str) -> str:
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+
+
+def save_model(path: str, params: dict, cfg: CLIPConfig, *,
+               overwrite: bool = False) -> None:
+  """Writes params (float32, moved to host) and cfg to the directory `path`."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; not overwriting it")
+  check_params(params, cfg, f"save_model({path})")
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  tmp = _tmp_dir_next_to(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), host)
+    with open(os.path.join(tmp, MODEL_CONFIG_FILE), "w") as f:
+      json.dump(config_to_dict(cfg), f, indent=2)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("Saved model checkpoint to %s", path)
+
+
+def load_model_config(path: str) -> CLIPConfig:
+  cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{path} is not a model checkpoint: no {MODEL_CONFIG_FILE}")
+  try:
+    with open(cfg_file) as f:
+      fields = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg_file}: not valid JSON ({e})") from e
+  return config_from_dict(fields, cfg_file)
+
+
+def load_model(path: str) -> Tuple[dict, CLIPConfig]:
+  """Reads a directory written by `save_model`: (numpy float32 params, cfg)."""
+  path = os.path.abspath(path)
+  cfg = load_model_config(path)
+  params_dir = os.path.join(path, PARAMS_SUBDIR)
+  if not os.path.isdir(params_dir):
+    raise FileNotFoundError(f"{path} is not a model checkpoint: no {PARAMS_SUBDIR}/")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(params_dir)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  check_params(params, cfg, path)
+  return params, cfg

@@ -1,0 +1,686 @@
+"""PyTorch <-> JAX checkpoint conversion (method.md §1, §2).
+
+Conversion is data. Each layout (OpenAI/open_clip, Hugging Face `CLIPModel`)
+is a table of rules (PyTorch key pattern(s), our param path, transform), with
+`{i}` standing for a block index. A transform is a pair of exact inverse
+functions (transpose, split/concat), so import (`to_ours`) and export
+(`to_torch`) read the same table and round trips are exact by construction.
+
+Formats read (auto-detected, logged):
+  openai    OpenAI / open_clip state dict (.pt/.pth/.bin/.safetensors);
+            a nested "state_dict" and a "module." prefix are unwrapped.
+  longclip  the same with Long-CLIP's 248-row `positional_embedding` and
+            `positional_embedding_res` (method.md §2).
+  hf        a Hugging Face `CLIPModel` directory (config.json + weights).
+  orbax     a model directory written by `checkpoint.save_model`.
+Formats written: orbax (default), openai (.pt or .safetensors), hf (directory).
+
+  python -m fixclip_jax.convert --src=longclip-B.pt --dst=/ckpt/longclip_b16
+  python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
+"""
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fixclip_jax import checkpoint
+from fixclip_jax.models.sizes import CLIPConfig, LONGCLIP_KEEP, config_from_shapes
+from fixclip_jax.positional import combined_positional_embedding
+
+StateDict = Dict[str, np.ndarray]
+ParamsTransform = Callable[[dict, CLIPConfig], Tuple[dict, CLIPConfig]]
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or does not match the model."""
+
+
+# ---------------------------------------------------------------------------
+# Transforms: pairs of exact inverses. `to_ours` takes the PyTorch tensors of a
+# rule (in the rule's key order) and returns our param; `to_torch` returns a
+# tuple of PyTorch tensors. They work on numpy arrays and, for shape inference
+# under `jax.eval_shape`, on jax arrays.
+
+
+def _xp(x):
+  return jnp if isinstance(x, jax.Array) else np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  name: str
+  to_ours: Callable[..., np.ndarray]
+  to_torch: Callable[[np.ndarray], Tuple[np.ndarray, ...]]
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: (x,))
+# torch Linear weight [out, in] <-> Dense kernel [in, out]; also HF's
+# projections, stored as Linear weights [d, w] where OpenAI stores [w, d].
+LINEAR = Transform("linear", lambda w: w.T, lambda k: (k.T,))
+# torch Conv2d weight [out, in, kh, kw] <-> Flax Conv kernel [kh, kw, in, out].
+CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0),
+                 lambda k: (k.transpose(3, 2, 0, 1),))
+# HF's separate q/k/v Linear weights [w, w] x 3 <-> fused kernel [w, 3w]
+# (OpenAI's in_proj_weight [3w, w] is q, k, v stacked on the output axis).
+QKV_KERNEL = Transform(
+    "qkv_kernel",
+    lambda q, k, v: _xp(q).concatenate([q, k, v], axis=0).T,
+    lambda kernel: tuple(_xp(kernel).split(kernel.T, 3, axis=0)))
+QKV_BIAS = Transform(
+    "qkv_bias",
+    lambda q, k, v: _xp(q).concatenate([q, k, v], axis=0),
+    lambda bias: tuple(_xp(bias).split(bias, 3, axis=0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """PyTorch key pattern(s) <-> one of our params; `{i}` = block index."""
+  torch_keys: Tuple[str, ...]
+  ours: str
+  transform: Transform = IDENTITY
+  # Only present when this holds for the config (e.g. Long-CLIP's second table).
+  when: Optional[Callable[[CLIPConfig], bool]] = None
+
+
+def _rule(torch_keys, ours, transform=IDENTITY, when=None):
+  keys = (torch_keys,) if isinstance(torch_keys, str) else tuple(torch_keys)
+  return Rule(keys, ours, transform, when)
+
+
+def _layer_norm(torch_prefix, ours_prefix):
+  return [_rule(f"{torch_prefix}.weight", f"{ours_prefix}/scale"),
+          _rule(f"{torch_prefix}.bias", f"{ours_prefix}/bias")]
+
+
+def _dense(torch_prefix, ours_prefix):
+  return [_rule(f"{torch_prefix}.weight", f"{ours_prefix}/kernel", LINEAR),
+          _rule(f"{torch_prefix}.bias", f"{ours_prefix}/bias")]
+
+
+def _has_res_table(cfg):
+  return cfg.positional_keep is not None
+
+
+# --- OpenAI / open_clip layout (also Long-CLIP's). ---
+
+def _openai_block(t, o):
+  """One residual block; t/o are the torch/our prefixes holding `{i}`."""
+  return [
+      *_layer_norm(f"{t}.ln_1", f"{o}/ln_1"),
+      _rule(f"{t}.attn.in_proj_weight", f"{o}/attn/in_proj/kernel", LINEAR),
+      _rule(f"{t}.attn.in_proj_bias", f"{o}/attn/in_proj/bias"),
+      *_dense(f"{t}.attn.out_proj", f"{o}/attn/out_proj"),
+      *_layer_norm(f"{t}.ln_2", f"{o}/ln_2"),
+      *_dense(f"{t}.mlp.c_fc", f"{o}/mlp/c_fc"),
+      *_dense(f"{t}.mlp.c_proj", f"{o}/mlp/c_proj"),
+  ]
+
+
+OPENAI_VISION = [
+    _rule("visual.conv1.weight", "visual/conv1/kernel", CONV),
+    _rule("visual.class_embedding", "visual/class_embedding"),
+    _rule("visual.positional_embedding", "visual/positional_embedding"),
+    *_layer_norm("visual.ln_pre", "visual/ln_pre"),
+    *_layer_norm("visual.ln_post", "visual/ln_post"),
+    _rule("visual.proj", "visual/proj"),                  # [w, d] both sides
+]
+OPENAI_VISION_BLOCK = _openai_block("visual.transformer.resblocks.{i}",
+                                    "visual/transformer/resblocks_{i}")
+OPENAI_TEXT = [
+    _rule("token_embedding.weight", "text/token_embedding"),
+    _rule("positional_embedding", "text/positional_embedding"),
+    _rule("positional_embedding_res", "text/positional_embedding_res",
+          when=_has_res_table),
+    *_layer_norm("ln_final", "text/ln_final"),
+    _rule("text_projection", "text/text_projection"),     # [w, d] both sides
+    _rule("logit_scale", "logit_scale"),
+]
+OPENAI_TEXT_BLOCK = _openai_block("transformer.resblocks.{i}",
+                                  "text/transformer/resblocks_{i}")
+# Non-parameter entries some OpenAI state dicts carry (the JIT archives' metadata).
+OPENAI_IGNORED = ("input_resolution", "context_length", "vocab_size")
+
+
+# --- Hugging Face CLIPModel layout. ---
+
+def _hf_block(t, o):
+  qkv = lambda suffix: [f"{t}.self_attn.{n}_proj.{suffix}" for n in "qkv"]
+  return [
+      *_layer_norm(f"{t}.layer_norm1", f"{o}/ln_1"),
+      _rule(qkv("weight"), f"{o}/attn/in_proj/kernel", QKV_KERNEL),
+      _rule(qkv("bias"), f"{o}/attn/in_proj/bias", QKV_BIAS),
+      *_dense(f"{t}.self_attn.out_proj", f"{o}/attn/out_proj"),
+      *_layer_norm(f"{t}.layer_norm2", f"{o}/ln_2"),
+      *_dense(f"{t}.mlp.fc1", f"{o}/mlp/c_fc"),
+      *_dense(f"{t}.mlp.fc2", f"{o}/mlp/c_proj"),
+  ]
+
+
+HF_VISION = [
+    _rule("vision_model.embeddings.patch_embedding.weight", "visual/conv1/kernel", CONV),
+    _rule("vision_model.embeddings.class_embedding", "visual/class_embedding"),
+    _rule("vision_model.embeddings.position_embedding.weight",
+          "visual/positional_embedding"),
+    *_layer_norm("vision_model.pre_layrnorm", "visual/ln_pre"),  # sic
+    *_layer_norm("vision_model.post_layernorm", "visual/ln_post"),
+    _rule("visual_projection.weight", "visual/proj", LINEAR),   # [d, w]
+]
+HF_VISION_BLOCK = _hf_block("vision_model.encoder.layers.{i}",
+                            "visual/transformer/resblocks_{i}")
+HF_TEXT = [
+    _rule("text_model.embeddings.token_embedding.weight", "text/token_embedding"),
+    _rule("text_model.embeddings.position_embedding.weight",
+          "text/positional_embedding"),
+    *_layer_norm("text_model.final_layer_norm", "text/ln_final"),
+    _rule("text_projection.weight", "text/text_projection", LINEAR),  # [d, w]
+    _rule("logit_scale", "logit_scale"),
+]
+HF_TEXT_BLOCK = _hf_block("text_model.encoder.layers.{i}",
+                          "text/transformer/resblocks_{i}")
+# Non-persistent buffers that older transformers versions saved.
+HF_IGNORED = ("vision_model.embeddings.position_ids",
+              "text_model.embeddings.position_ids")
+
+# layout -> (top-level rules, vision block rules, text block rules, ignored keys)
+LAYOUTS = {
+    "openai": (OPENAI_VISION + OPENAI_TEXT, OPENAI_VISION_BLOCK,
+               OPENAI_TEXT_BLOCK, OPENAI_IGNORED),
+    "hf": (HF_VISION + HF_TEXT, HF_VISION_BLOCK, HF_TEXT_BLOCK, HF_IGNORED),
+}
+
+
+def rules_for(layout: str, cfg: CLIPConfig) -> Sequence[Rule]:
+  """The layout's table expanded for cfg: `{i}` filled in, `when` applied."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"Unknown layout {layout!r}; known: {sorted(LAYOUTS)}")
+  top, vision_block, text_block, _ = LAYOUTS[layout]
+  fill = lambda r, i: Rule(tuple(k.format(i=i) for k in r.torch_keys),
+                           r.ours.format(i=i), r.transform)
+  rules = [r for r in top if r.when is None or r.when(cfg)]
+  rules += [fill(r, i) for i in range(cfg.vision_layers) for r in vision_block]
+  rules += [fill(r, i) for i in range(cfg.text_layers) for r in text_block]
+  return rules
+
+
+def torch_shapes(layout: str, cfg: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
+  """{PyTorch key: shape} that a state dict of this layout must have for cfg."""
+  ours = checkpoint.flatten_params(checkpoint.param_shapes(cfg))
+  shapes = {}
+  for rule in rules_for(layout, cfg):
+    spec = jax.ShapeDtypeStruct(ours[rule.ours], jnp.float32)
+    outs = jax.eval_shape(rule.transform.to_torch, spec)
+    shapes.update({k: tuple(o.shape) for k, o in zip(rule.torch_keys, outs)})
+  return shapes
+
+
+def _check_state_dict(sd: StateDict, layout: str, cfg: CLIPConfig, source: str):
+  """One CheckpointError naming each missing/unexpected/mis-shaped key."""
+  expected = torch_shapes(layout, cfg)
+  found = {k: tuple(np.shape(v)) for k, v in sd.items()}
+  problems = [f"missing key {k!r} (expected shape {s})"
+              for k, s in expected.items() if k not in found]
+  problems += [f"unexpected key {k!r} (found shape {s})"
+               for k, s in found.items() if k not in expected]
+  problems += [f"key {k!r}: expected shape {expected[k]}, found {found[k]}"
+               for k in expected if k in found and found[k] != expected[k]]
+  if problems:
+    more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+    raise CheckpointError(f"{source}: {layout}-layout state dict does not match "
+                          f"the model: " + "; ".join(problems[:8]) + more)
+
+
+def state_dict_to_params(sd: StateDict, cfg: CLIPConfig, layout: str,
+                         source: str = "state dict") -> dict:
+  """PyTorch-layout tensors -> our float32 params (validated first)."""
+  _check_state_dict(sd, layout, cfg, source)
+  flat = {}
+  for rule in rules_for(layout, cfg):
+    value = rule.transform.to_ours(*[sd[k] for k in rule.torch_keys])
+    flat[rule.ours] = np.array(value, dtype=np.float32, order="C")  # keeps 0-d
+  return checkpoint.unflatten_params(flat)
+
+
+def params_to_state_dict(params: dict, cfg: CLIPConfig, layout: str) -> StateDict:
+  """Our params -> {PyTorch key: float32 array} in the given layout."""
+  checkpoint.check_params(params, cfg, "params to export")
+  flat = checkpoint.flatten_params(params)
+  rules = rules_for(layout, cfg)
+  # FIX-CLIP's extra params (prompts, mask token, GTA heads) have no PyTorch
+  # CLIP counterpart; dropping them silently would change the model.
+  uncovered = sorted(set(flat) - {r.ours for r in rules})
+  if uncovered:
+    raise CheckpointError(f"params {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}"
+                          f" have no place in the {layout} CLIP layout")
+  sd = {}
+  for rule in rules:
+    value = np.asarray(jax.device_get(flat[rule.ours]), np.float32)
+    for key, tensor in zip(rule.torch_keys, rule.transform.to_torch(value)):
+      sd[key] = np.array(tensor, order="C")  # a copy, 0-d kept 0-d
+  return sd
+
+
+def params_to_openai_state_dict(params: dict, cfg: CLIPConfig) -> StateDict:
+  """OpenAI layout; a Long-CLIP two-table model keeps both tables (its .pt layout)."""
+  if cfg.positional_keep not in (None, LONGCLIP_KEEP):
+    logging.warning("positional_keep=%d is not Long-CLIP's %d; readers of the "
+                    "OpenAI layout assume %d", cfg.positional_keep,
+                    LONGCLIP_KEEP, LONGCLIP_KEEP)
+  return params_to_state_dict(params, cfg, "openai")
+
+
+def single_position_table(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
+  """Folds Long-CLIP's two tables into the one the model adds (method.md §2)."""
+  if cfg.positional_keep is None:
+    return params, cfg
+  text = dict(params["text"])
+  res = np.asarray(text.pop("positional_embedding_res"))
+  text["positional_embedding"] = combined_positional_embedding(
+      np.asarray(text["positional_embedding"]), res, cfg.positional_keep)
+  return {**params, "text": text}, cfg.replace(positional_keep=None)
+
+
+def params_to_hf_state_dict(params: dict, cfg: CLIPConfig) -> StateDict:
+  """HF `CLIPModel` layout; two position tables are written combined."""
+  if cfg.positional_keep is not None:
+    logging.info("HF layout has one text position table: writing rows < %d from "
+                 "positional_embedding and the rest from positional_embedding_res",
+                 cfg.positional_keep)
+    params, cfg = single_position_table(params, cfg)
+  return params_to_state_dict(params, cfg, "hf")
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face config.json <-> CLIPConfig.
+
+# transformers' CLIPTextConfig / CLIPVisionConfig defaults, for fields an
+# older config.json leaves out.
+_HF_TEXT_DEFAULTS = dict(
+    vocab_size=49408, hidden_size=512, intermediate_size=2048,
+    num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
+    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_HF_VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
+    hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# HF hidden_act -> ours. HF's "gelu" is the exact (erf) GELU, as ours.
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+def hf_config_dict(cfg: CLIPConfig) -> dict:
+  """config.json of a transformers `CLIPModel` with cfg's sizes."""
+  if cfg.positional_keep is not None:
+    raise ValueError("hf_config_dict: fold the two position tables first "
+                     "(single_position_table)")
+  common = dict(hidden_act=cfg.act, layer_norm_eps=1e-5,
+                projection_dim=cfg.embed_dim, attention_dropout=0.0,
+                initializer_range=0.02, initializer_factor=1.0)
+  text = dict(
+      model_type="clip_text_model", vocab_size=cfg.vocab_size,
+      hidden_size=cfg.text_width, intermediate_size=cfg.text_mlp_dim,
+      num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+      max_position_embeddings=cfg.context_length,
+      # Our model pools at argmax(ids); with EOT the largest id, HF's rule
+      # (first position of eos_token_id) picks the same token.
+      bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1,
+      pad_token_id=1, **common)
+  vision = dict(
+      model_type="clip_vision_model", hidden_size=cfg.vision_width,
+      intermediate_size=cfg.vision_mlp_dim, num_hidden_layers=cfg.vision_layers,
+      num_attention_heads=cfg.vision_heads, num_channels=3,
+      image_size=cfg.image_size, patch_size=cfg.patch_size, **common)
+  return dict(architectures=["CLIPModel"], model_type="clip",
+              projection_dim=cfg.embed_dim, logit_scale_init_value=2.6592,
+              initializer_factor=1.0, dtype="float32",
+              text_config=text, vision_config=vision)
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> CLIPConfig:
+  """CLIPConfig from a transformers CLIPModel config.json dict."""
+  if hf.get("model_type", "clip") != "clip":
+    raise CheckpointError(f"{source}: model_type {hf['model_type']!r} is not 'clip'")
+  text = {**_HF_TEXT_DEFAULTS,
+          **(hf.get("text_config") or hf.get("text_config_dict") or {})}
+  vision = {**_HF_VISION_DEFAULTS,
+            **(hf.get("vision_config") or hf.get("vision_config_dict") or {})}
+  acts = {}
+  for tower, c in (("text_config", text), ("vision_config", vision)):
+    if c["hidden_act"] not in _HF_ACTS:
+      raise CheckpointError(f"{source}: {tower}.hidden_act={c['hidden_act']!r} is "
+                            f"not supported; supported: {sorted(_HF_ACTS)}")
+    acts[tower] = _HF_ACTS[c["hidden_act"]]
+    if abs(c["layer_norm_eps"] - 1e-5) > 1e-12:
+      raise CheckpointError(f"{source}: {tower}.layer_norm_eps="
+                            f"{c['layer_norm_eps']} but our LayerNorm uses 1e-5")
+  if len(set(acts.values())) != 1:
+    raise CheckpointError(f"{source}: towers use different activations {acts}; "
+                          "our model has one `act`")
+  eos = text.get("eos_token_id")
+  if eos not in (None, 2, text["vocab_size"] - 1):
+    logging.warning("%s: eos_token_id=%s is not the largest id; HF pools at the "
+                    "first eos token, our model at argmax(ids)", source, eos)
+  return CLIPConfig(
+      embed_dim=hf.get("projection_dim", 512),
+      image_size=vision["image_size"], patch_size=vision["patch_size"],
+      vision_width=vision["hidden_size"], vision_layers=vision["num_hidden_layers"],
+      vision_heads=vision["num_attention_heads"],
+      vision_mlp_dim=vision["intermediate_size"],
+      context_length=text["max_position_embeddings"],
+      vocab_size=text["vocab_size"], text_width=text["hidden_size"],
+      text_layers=text["num_hidden_layers"],
+      text_heads=text["num_attention_heads"],
+      text_mlp_dim=text["intermediate_size"], act=acts["text_config"])
+
+
+# ---------------------------------------------------------------------------
+# Reading PyTorch files.
+
+def _tensor_to_numpy(t):
+  import torch  # pylint: disable=g-import-not-at-top
+  t = t.detach().cpu()
+  if t.is_floating_point():
+    t = t.float()  # numpy has no bfloat16; our params are float32 anyway
+  return t.numpy()
+
+
+def _torch_load(path: str):
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    msg = str(e)
+    if "Unsupported global" in msg or "GLOBAL" in msg:
+      raise CheckpointError(
+          f"{path}: refused: loading it needs an arbitrary unpickle (it holds "
+          f"Python objects other than tensors); only plain state dicts are "
+          f"read, with torch.load(weights_only=True). Detail: "
+          f"{msg.splitlines()[-1] if msg else e!r}") from e
+    raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
+                          f"or corrupt?): {msg.splitlines()[0]}") from e
+  except Exception as e:  # zip/EOF/… errors of a truncated or foreign file
+    raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
+                          f"or corrupt?): {type(e).__name__}: {e}") from e
+
+
+def _safetensors_load(path: str) -> StateDict:
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    tensors = load_file(path, device="cpu")
+  except Exception as e:
+    raise CheckpointError(f"{path}: could not read the safetensors file "
+                          f"(truncated or corrupt?): {type(e).__name__}: {e}") from e
+  return {k: _tensor_to_numpy(v) for k, v in tensors.items()}
+
+
+def _unwrap(obj, path: str) -> StateDict:
+  """torch.load result -> flat {key: array}: nested state_dict, module. prefix."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if isinstance(obj, dict):
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+      if isinstance(obj.get(wrapper), dict):
+        logging.info("%s: using the state dict nested under %r", path, wrapper)
+        obj = obj[wrapper]
+        break
+  if not isinstance(obj, dict):
+    raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+  sd = {}
+  for k, v in obj.items():
+    if isinstance(v, torch.Tensor):
+      sd[k] = _tensor_to_numpy(v)
+    elif isinstance(v, (int, float)) and k in OPENAI_IGNORED:
+      sd[k] = np.asarray(v)
+    else:
+      raise CheckpointError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+  return sd
+
+
+def read_state_dict(path: str) -> StateDict:
+  """A .pt/.pth/.bin/.safetensors file -> {key: numpy array} (floats as float32)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No such checkpoint file: {path}")
+  if path.endswith(".safetensors"):
+    sd = _safetensors_load(path)
+  else:
+    sd = _unwrap(_torch_load(path), path)
+  if sd and all(k.startswith("module.") for k in sd):
+    logging.info("%s: stripping the 'module.' prefix (DDP)", path)
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  return sd
+
+
+def _read_hf_weights(directory: str) -> StateDict:
+  """The weights of a save_pretrained directory (single or sharded)."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index = os.path.join(directory, index_name)
+    if os.path.isfile(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      sd = {}
+      for shard in shards:
+        sd.update(read_state_dict(os.path.join(directory, shard)))
+      return sd
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.isfile(os.path.join(directory, name)):
+      return read_state_dict(os.path.join(directory, name))
+  raise CheckpointError(f"{directory}: HF directory has config.json but no "
+                        "model.safetensors / pytorch_model.bin")
+
+
+def _drop(sd: StateDict, keys: Sequence[str], source: str) -> StateDict:
+  dropped = [k for k in keys if k in sd]
+  if dropped:
+    logging.info("%s: ignoring non-parameter entries %s", source, dropped)
+  return {k: v for k, v in sd.items() if k not in dropped}
+
+
+def _is_hf_keys(sd: StateDict) -> bool:
+  return any(k.startswith(("vision_model.", "text_model.")) for k in sd)
+
+
+def _load_hf_dir(directory: str) -> Tuple[dict, CLIPConfig]:
+  config_file = os.path.join(directory, "config.json")
+  try:
+    with open(config_file) as f:
+      hf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+  cfg = config_from_hf(hf, config_file)
+  sd = _drop(_read_hf_weights(directory), HF_IGNORED, directory)
+  return state_dict_to_params(sd, cfg, "hf", directory), cfg
+
+
+def _load_openai(sd: StateDict, path: str, act: Optional[str]) -> Tuple[dict, CLIPConfig]:
+  sd = _drop(sd, OPENAI_IGNORED, path)
+  try:
+    # Heads are not visible in shapes: width // 64, as OpenAI's build_model.
+    cfg = config_from_shapes({k: v.shape for k, v in sd.items()},
+                             act=act or "quick_gelu")
+  except (KeyError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot infer the architecture: {e}") from e
+  if act is None:
+    logging.info("%s: the activation is not stored in OpenAI-layout files; "
+                 "assuming quick_gelu (OpenAI's)", path)
+  return state_dict_to_params(sd, cfg, "openai", path), cfg
+
+
+def detect_format(path: str) -> str:
+  """'orbax' | 'hf' | 'openai' | 'longclip' without converting anything."""
+  if os.path.isdir(path):
+    if checkpoint.is_model_dir(path):
+      return "orbax"
+    if os.path.isfile(os.path.join(path, "config.json")):
+      return "hf"
+    raise CheckpointError(f"{path}: directory is neither one of our model "
+                          "checkpoints nor a HF CLIPModel (no config.json)")
+  return _format_of(read_state_dict(path), path)
+
+
+def _format_of(sd: StateDict, path: str) -> str:
+  if _is_hf_keys(sd):
+    return "hf"
+  if "visual.conv1.weight" in sd:
+    return "longclip" if "positional_embedding_res" in sd else "openai"
+  raise CheckpointError(
+      f"{path}: unrecognised key layout (no 'visual.conv1.weight' as in OpenAI/"
+      f"open_clip, no 'vision_model.*' as in HF); first keys: {sorted(sd)[:5]}")
+
+
+def load_torch_checkpoint(path: str, *, act: Optional[str] = None
+                          ) -> Tuple[dict, CLIPConfig, str]:
+  """Reads an OpenAI/open_clip/Long-CLIP file or a HF CLIPModel directory.
+
+  Args:
+    path: a .pt/.pth/.bin/.safetensors file or a HF save_pretrained directory.
+    act: activation for OpenAI-layout files, which do not store it
+      ("quick_gelu" if None; open_clip's non-quickgelu models need "gelu").
+
+  Returns:
+    (params as numpy float32, CLIPConfig, format name).
+  """
+  if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise CheckpointError(f"{path}: a directory, but not a HF CLIPModel "
+                            "directory (no config.json)")
+    logging.info("%s: detected format hf (CLIPModel directory)", path)
+    params, cfg = _load_hf_dir(path)
+    return params, cfg, "hf"
+  sd = read_state_dict(path)
+  fmt = _format_of(sd, path)
+  logging.info("%s: detected format %s", path, fmt)
+  if fmt == "hf":
+    if not os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+      raise CheckpointError(f"{path}: HF-layout weights without a config.json "
+                            "next to them; pass the save_pretrained directory")
+    params, cfg = _load_hf_dir(os.path.dirname(path) or ".")
+    return params, cfg, fmt
+  params, cfg = _load_openai(sd, path, act)
+  return params, cfg, fmt
+
+
+def load_any(path: str, *, act: Optional[str] = None) -> Tuple[dict, CLIPConfig, str]:
+  """Like load_torch_checkpoint, and also reads our own orbax model dirs."""
+  if checkpoint.is_model_dir(path):
+    logging.info("%s: detected format orbax", path)
+    params, cfg = checkpoint.load_model(path)
+    return params, cfg, "orbax"
+  return load_torch_checkpoint(path, act=act)
+
+
+# ---------------------------------------------------------------------------
+# Writing PyTorch files. Everything goes to a temporary path next to the
+# destination and is renamed into place, so failures leave nothing behind.
+
+def _refuse_existing(path: str, overwrite: bool):
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; not overwriting it")
+
+
+def _write_tensors(path: str, sd: StateDict, as_safetensors: bool) -> None:
+  """One file: safetensors, or torch.save of a plain dict of tensors."""
+  if as_safetensors:
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(sd, path, metadata={"format": "pt"})
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+
+
+def save_openai(path: str, params: dict, cfg: CLIPConfig, *,
+                overwrite: bool = False) -> None:
+  """OpenAI-layout .pt (plain dict of tensors) or .safetensors."""
+  _refuse_existing(path, overwrite)
+  sd = params_to_openai_state_dict(params, cfg)
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  os.close(fd)
+  try:
+    _write_tensors(tmp, sd, as_safetensors=path.endswith(".safetensors"))
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  logging.info("Wrote OpenAI-layout checkpoint (%d tensors) to %s", len(sd), path)
+
+
+def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
+            overwrite: bool = False) -> None:
+  """A transformers `CLIPModel.from_pretrained`-loadable directory."""
+  _refuse_existing(directory, overwrite)
+  sd = params_to_hf_state_dict(params, cfg)
+  _, cfg = single_position_table(params, cfg)
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config_dict(cfg), f, indent=2)
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("Wrote HF CLIPModel directory to %s", directory)
+
+
+def save_orbax(path: str, params: dict, cfg: CLIPConfig, *,
+               overwrite: bool = False) -> None:
+  checkpoint.save_model(path, params, cfg, overwrite=overwrite)
+
+
+SAVERS = {"orbax": save_orbax, "openai": save_openai, "hf": save_hf}
+
+
+def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
+            params_transform: Optional[ParamsTransform] = None,
+            overwrite: bool = False) -> Tuple[CLIPConfig, str]:
+  """Reads src (any format), optionally transforms the params, writes dst.
+
+  `params_transform(params, cfg) -> (params, cfg)` runs between load and save
+  (e.g. Long-CLIP positional stretching). Returns (cfg written, source format).
+  """
+  if to not in SAVERS:
+    raise ValueError(f"--to={to!r}: must be one of {sorted(SAVERS)}")
+  _refuse_existing(dst, overwrite)
+  params, cfg, fmt = load_any(src, act=act)
+  if params_transform is not None:
+    params, cfg = params_transform(params, cfg)
+  SAVERS[to](dst, params, cfg, overwrite=overwrite)
+  logging.info("Converted %s (%s) -> %s (%s): %s", src, fmt, dst, to, cfg)
+  return cfg, fmt
+
+
+_SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .pt/.bin/.safetensors, "
+                           "a HF CLIPModel directory, or one of our model dirs.")
+_DST = flags.DEFINE_string("dst", None, "Where to write (must not exist).")
+_TO = flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format.")
+_ACT = flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"],
+                         "Activation of an OpenAI-layout source (not stored in "
+                         "the file); default quick_gelu.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  convert(_SRC.value, _DST.value, _TO.value, act=_ACT.value,
+          overwrite=_OVERWRITE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["src", "dst"])
+  app.run(main)
