@@ -1,0 +1,414 @@
+"""Random-access data sources: (image, caption) examples for grain.
+
+Every source has `__len__` and `__getitem__` (so grain can shuffle and shard by
+index) and returns the same example dict:
+
+  {"image": bytes (encoded PNG/JPEG/WebP), "caption": str,
+   "short_caption": str | None, "key": str}
+
+Kinds (`make_source(config)` picks one by `config.type`):
+  jsonl         a manifest, one JSON object a line:
+                {"image": path, "caption": "..." | "captions": ["...", ...],
+                 "short_caption": "..." (optional), "key": "..." (optional)}
+                relative image paths are under `image_root` (default: the
+                manifest's folder).
+  tar           webdataset shards as img2dataset writes them: `KEY.jpg|jpeg|
+                png|webp` plus `KEY.json` (with "caption" or "captions") or
+                `KEY.txt`; the shards are indexed once at construction.
+  array_record  shards written by `fixclip_jax.data.prepare` (record format
+                below).
+  tfds          `tfds.data_source(name, split=..., data_dir=...)`.
+  synthetic     rendered scenes held in memory (fixclip_jax.data.synthetic).
+
+Several captions per image: `get(index, epoch)` picks one with a generator
+seeded by (seed, epoch, index), so the choice changes from epoch to epoch but
+is reproducible, and does not depend on the host count or shuffle order. The
+pipeline derives `epoch` from the position in its repeated stream
+(position // examples_per_host_epoch). `__getitem__(index)` is `get(index, 0)`.
+"""
+import glob as glob_lib
+import io
+import json
+import logging
+import os
+import struct
+import tarfile
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+Example = Dict[str, Any]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SOURCE_TYPES = ("jsonl", "tar", "array_record", "tfds", "synthetic")
+
+# ArrayRecord record format ("FXC1"): b"FXC1" | uint32 little-endian N |
+# N bytes of UTF-8 JSON header {"key", "captions", "short_caption", ...} |
+# the encoded image bytes (the rest of the record).
+RECORD_MAGIC = b"FXC1"
+
+
+def encode_record(header: Mapping[str, Any], image: bytes) -> bytes:
+  """One ArrayRecord record: magic, header length, JSON header, image bytes."""
+  head = json.dumps(dict(header), ensure_ascii=False).encode("utf-8")
+  return RECORD_MAGIC + struct.pack("<I", len(head)) + head + bytes(image)
+
+
+def decode_record(record: bytes) -> tuple:
+  """Inverse of encode_record: (header dict, image bytes)."""
+  if record[:4] != RECORD_MAGIC:
+    raise ValueError(f"Not a fixclip record (magic {record[:4]!r}, "
+                     f"expected {RECORD_MAGIC!r})")
+  (n,) = struct.unpack("<I", record[4:8])
+  return json.loads(record[8:8 + n].decode("utf-8")), record[8 + n:]
+
+
+def choose_caption(captions: Sequence[str], seed: int, epoch: int,
+                   index: int) -> str:
+  """One of several captions, fixed by (seed, epoch, index)."""
+  if len(captions) == 1:
+    return captions[0]
+  rng = np.random.default_rng([seed, epoch, index])
+  return captions[int(rng.integers(len(captions)))]
+
+
+def _captions_of(record: Mapping[str, Any], where: str) -> List[str]:
+  """The caption list of a manifest line / tar json / record header."""
+  if "captions" in record:
+    captions = record["captions"]
+    if (not isinstance(captions, list) or not captions
+        or not all(isinstance(c, str) for c in captions)):
+      raise ValueError(f"{where}: field 'captions' must be a non-empty list "
+                       "of strings")
+    return list(captions)
+  if "caption" in record:
+    if not isinstance(record["caption"], str):
+      raise ValueError(f"{where}: field 'caption' must be a string")
+    return [record["caption"]]
+  raise ValueError(f"{where}: missing field 'caption' (or 'captions')")
+
+
+class Source:
+  """Base: subclasses implement __len__ and raw(index) -> record dict.
+
+  raw() returns {"image": bytes, "captions": [str, ...], "short_caption":
+  str | None, "key": str} plus any extra fields of the input (prompt, ...).
+  """
+
+  seed: int = 0
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def key(self, index: int) -> str:
+    """The example's key without reading its image."""
+    return str(index)
+
+  def get(self, index: int, epoch: int = 0) -> Example:
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range [0, {len(self)})")
+    rec = self.raw(index)
+    return {
+        "image": rec["image"],
+        "caption": choose_caption(rec["captions"], self.seed, epoch, index),
+        "short_caption": rec.get("short_caption"),
+        "key": rec["key"],
+    }
+
+  def __getitem__(self, index: int) -> Example:
+    return self.get(int(index), 0)
+
+
+def _read_file(path: str, where: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: image not found ({where})") from None
+
+
+class JsonlSource(Source):
+  """A JSONL manifest; all lines are parsed and checked at construction."""
+
+  def __init__(self, path: str, image_root: Optional[str] = None,
+               seed: int = 0):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: manifest not found")
+    self.path = path
+    self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+    self.seed = seed
+    self.records = []
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, start=1):
+        if line.strip():
+          self.records.append(self._parse_line(line, lineno))
+
+  def _parse_line(self, line: str, lineno: int) -> Dict[str, Any]:
+    where = f"{self.path}:{lineno}"
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(rec, dict):
+      raise ValueError(f"{where}: expected a JSON object")
+    if "image" not in rec:
+      raise ValueError(f"{where}: missing field 'image'")
+    out = dict(rec)
+    out["captions"] = _captions_of(rec, where)
+    out.pop("caption", None)
+    out["short_caption"] = rec.get("short_caption")
+    out["key"] = str(rec.get("key", rec["image"]))
+    out["line"] = lineno
+    return out
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def key(self, index: int) -> str:
+    return self.records[index]["key"]
+
+  def image_path(self, index: int) -> str:
+    return os.path.join(self.image_root, self.records[index]["image"])
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    rec = dict(self.records[index])
+    rec["image"] = _read_file(self.image_path(index),
+                              f"manifest {self.path}:{rec['line']}")
+    return rec
+
+
+def expand_paths(pattern: Union[str, Sequence[str]], suffix: str) -> List[str]:
+  """A glob, a folder (all *suffix files in it), a comma list, or a list."""
+  if isinstance(pattern, str):
+    pattern = [p for p in pattern.split(",") if p]
+  paths = []
+  for p in pattern:
+    if os.path.isdir(p):
+      found = sorted(glob_lib.glob(os.path.join(p, "*" + suffix)))
+    else:
+      found = sorted(glob_lib.glob(p))
+    if not found:
+      raise FileNotFoundError(f"{p}: no {suffix} files match")
+    paths.extend(found)
+  return paths
+
+
+def _split_member_name(name: str) -> tuple:
+  """webdataset naming: key = path up to the first dot of the basename."""
+  folder, base = os.path.split(name)
+  stem, _, ext = base.partition(".")
+  return os.path.join(folder, stem), ext.lower()
+
+
+class TarSource(Source):
+  """webdataset `.tar` shards, indexed once (member offsets + captions).
+
+  Reads use os.pread on per-process file descriptors, so grain's reader
+  threads can share them and the pickled source (index only) moves cheaply to
+  worker processes. Keys with no image or no caption are skipped and counted
+  in `self.skipped` (reason -> count).
+  """
+
+  def __init__(self, paths: Union[str, Sequence[str]], seed: int = 0):
+    self.paths = expand_paths(paths, ".tar")
+    self.seed = seed
+    self.entries = []  # (shard index, image offset, image size, record)
+    self.skipped: Dict[str, int] = {}
+    for shard_index, path in enumerate(self.paths):
+      self._index_shard(shard_index, path)
+    self._fds: Dict[int, int] = {}
+
+  def _index_shard(self, shard_index: int, path: str):
+    groups: Dict[str, Dict[str, Any]] = {}
+    order = []
+    try:
+      with tarfile.open(path, "r:") as tar:
+        for member in tar:
+          if not member.isfile():
+            continue
+          key, ext = _split_member_name(member.name)
+          if key not in groups:
+            groups[key] = {}
+            order.append(key)
+          if ext in IMAGE_EXTENSIONS:
+            groups[key]["image"] = (member.offset_data, member.size)
+          elif ext == "json":
+            groups[key]["json"] = tar.extractfile(member).read()
+          elif ext == "txt":
+            groups[key]["txt"] = tar.extractfile(member).read()
+    except tarfile.TarError as e:
+      raise ValueError(f"{path}: not a readable tar file ({e})") from None
+    for key in order:
+      g = groups[key]
+      where = f"{path}:{key}"
+      rec: Dict[str, Any] = {"key": key, "short_caption": None}
+      if "json" in g:
+        try:
+          meta = json.loads(g["json"])
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{where}.json: invalid JSON ({e.msg})") from None
+        if "caption" in meta or "captions" in meta:
+          rec["captions"] = _captions_of(meta, where + ".json")
+          rec["short_caption"] = meta.get("short_caption")
+      if "captions" not in rec and "txt" in g:
+        rec["captions"] = [g["txt"].decode("utf-8").strip()]
+      if "image" not in g or "captions" not in rec:
+        reason = "missing_image" if "image" not in g else "missing_caption"
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        continue
+      self.entries.append((shard_index, *g["image"], rec))
+    if self.skipped:
+      logging.info("%s: skipped %s", path, self.skipped)
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state["_fds"] = {}  # descriptors do not cross processes
+    return state
+
+  def _fd(self, shard_index: int) -> int:
+    if shard_index not in self._fds:
+      self._fds[shard_index] = os.open(self.paths[shard_index], os.O_RDONLY)
+    return self._fds[shard_index]
+
+  def __len__(self) -> int:
+    return len(self.entries)
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    shard_index, offset, size, rec = self.entries[index]
+    rec = dict(rec)
+    rec["image"] = os.pread(self._fd(shard_index), size, offset)
+    return rec
+
+
+class ArrayRecordSource(Source):
+  """Shards written by fixclip_jax.data.prepare (records: see encode_record)."""
+
+  def __init__(self, paths: Union[str, Sequence[str]], seed: int = 0):
+    from grain import sources as grain_sources  # pylint: disable=g-import-not-at-top
+    self.paths = expand_paths(paths, ".array_record")
+    self.seed = seed
+    self._data = grain_sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    header, image = decode_record(self._data[index])
+    header["image"] = image
+    header.setdefault("short_caption", None)
+    return header
+
+
+def _lookup(record: Mapping[str, Any], path: str):
+  """record["a"]["b"] for path "a/b" (TFDS features are nested dicts)."""
+  value = record
+  for part in path.split("/"):
+    value = value[part]
+  return value
+
+
+def _as_text(value) -> str:
+  if isinstance(value, np.ndarray):
+    value = value.item() if value.ndim == 0 else value.tolist()
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return str(value)
+
+
+def _as_image_bytes(value) -> bytes:
+  """Encoded bytes as they are; a decoded uint8 array is re-encoded as PNG."""
+  if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    buf = io.BytesIO()
+    Image.fromarray(value.squeeze(-1) if value.shape[-1] == 1 else value).save(
+        buf, format="PNG")
+    return buf.getvalue()
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return bytes(value)
+
+
+class TfdsSource(Source):
+  """A TFDS dataset prepared in a random-access format (ArrayRecord).
+
+  Images are read undecoded (tfds.decode.SkipDecoding). `caption_key` may be
+  a "/"-path into nested features and may hold one caption or a list.
+  """
+
+  def __init__(self, name: str, split: str = "train",
+               data_dir: Optional[str] = None, image_key: str = "image",
+               caption_key: str = "caption", seed: int = 0):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.name, self.split = name, split
+    self.image_key, self.caption_key = image_key, caption_key
+    self.seed = seed
+    self._data = tfds.data_source(
+        name, split=split, data_dir=data_dir or None, download=False,
+        decoders={image_key: tfds.decode.SkipDecoding()})
+
+  def __len__(self) -> int:
+    return len(self._data)
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    record = self._data[index]
+    where = f"tfds {self.name}/{self.split}[{index}]"
+    try:
+      image = _lookup(record, self.image_key)
+      caption = _lookup(record, self.caption_key)
+    except KeyError as e:
+      raise KeyError(f"{where}: missing feature {e}") from None
+    if isinstance(caption, (list, tuple)) or (
+        isinstance(caption, np.ndarray) and caption.ndim > 0):
+      captions = [_as_text(c) for c in caption]
+    else:
+      captions = [_as_text(caption)]
+    return {"image": _as_image_bytes(image), "captions": captions,
+            "short_caption": None, "key": f"{self.split}/{index}"}
+
+
+class InMemorySource(Source):
+  """A list of records already in memory (tests, synthetic demos)."""
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], seed: int = 0):
+    self.seed = seed
+    self.records = []
+    for i, rec in enumerate(records):
+      out = dict(rec)
+      out["captions"] = _captions_of(rec, f"record {i}")
+      out.pop("caption", None)
+      out.setdefault("short_caption", None)
+      out.setdefault("key", str(i))
+      self.records.append(out)
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    return self.records[index]
+
+
+def make_source(config) -> Source:
+  """The source named by `config.type` (a data ConfigDict, see pipeline)."""
+  kind = config.type
+  seed = int(config.get("shuffle_seed", 0))
+  if kind == "jsonl":
+    return JsonlSource(config.path, config.get("image_root") or None, seed=seed)
+  if kind == "tar":
+    return TarSource(config.path, seed=seed)
+  if kind == "array_record":
+    return ArrayRecordSource(config.path, seed=seed)
+  if kind == "tfds":
+    return TfdsSource(config.path, split=config.get("tfds_split", "train"),
+                      data_dir=config.get("tfds_data_dir") or None,
+                      image_key=config.get("tfds_image_key", "image"),
+                      caption_key=config.get("tfds_caption_key", "caption"),
+                      seed=seed)
+  if kind == "synthetic":
+    from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return InMemorySource(synthetic.synthetic_examples(
+        config.synthetic_num, config.synthetic_image_size,
+        config.get("synthetic_seed", 0)), seed=seed)
+  raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")

@@ -1,0 +1,257 @@
+"""Synthetic long-caption data: rendered shape scenes with detailed captions.
+
+Each scene has a background (one of a few colours, plain, striped or dotted)
+and `num_objects` shapes (circle, square, triangle, star) of distinct colours
+and one of three sizes, each in its own cell of a 3x3 grid. The long caption
+describes every object (colour, size, shape, position, relation to the object
+described before it) in several sentences; its first sentence names only the
+most salient (largest, then first in raster order) object and the background,
+so it is the short caption (captions.first_sentence gives it back). The third
+and later objects appear only after the first sentence, so matching them
+needs the long caption.
+
+  python -m fixclip_jax.data.synthetic --num=1000 --dst=/tmp/shapes
+
+writes DST/images/000000.png ... and DST/manifest.jsonl (a jsonl source).
+Everything is a function of (seed, example index): example i is the same
+whatever `num` is.
+"""
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
+    "yellow": (240, 220, 30), "purple": (140, 50, 170),
+    "orange": (245, 140, 20), "pink": (250, 130, 190), "cyan": (40, 210, 220),
+}
+BACKGROUNDS = {
+    "light gray": (205, 205, 205), "beige": (230, 215, 180),
+    "dark gray": (65, 65, 65), "white": (250, 250, 250),
+}
+TEXTURES = ("plain", "striped", "dotted")
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": 0.4, "medium": 0.65, "large": 0.95}  # share of a grid cell
+# 3x3 grid, raster order: (row, column) -> phrase.
+POSITIONS = ("the top left corner", "the top middle", "the top right corner",
+             "the middle of the left side", "the center",
+             "the middle of the right side", "the bottom left corner",
+             "the bottom middle", "the bottom right corner")
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh",
+            "eighth", "ninth")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven",
+                "eight", "nine")
+SHAPE_DETAILS = {
+    "circle": "is perfectly round with a smooth outline",
+    "square": "has four equal straight sides and sharp corners",
+    "triangle": "points upward with three straight edges",
+    "star": "has five sharp points spreading outward",
+}
+TEXTURE_PHRASES = {
+    "plain": "a plain {bg} background",
+    "striped": "a {bg} background with thin diagonal stripes",
+    "dotted": "a {bg} background covered in small dots",
+}
+
+FLAGS = flags.FLAGS
+
+
+def sample_scene(rng: np.random.Generator, num_objects: int = 4
+                 ) -> Dict[str, Any]:
+  """Random scene: background, texture, objects in distinct cells/colours."""
+  cells = rng.permutation(9)[:num_objects]
+  colours = rng.permutation(len(COLOURS))[:num_objects]
+  objects = []
+  for cell, colour in zip(cells, colours):
+    objects.append({
+        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+        "colour": list(COLOURS)[int(colour)],
+        "size": list(SIZES)[int(rng.integers(len(SIZES)))],
+        "cell": int(cell),
+    })
+  # Salience: larger first, then raster order of the cell.
+  size_rank = {s: i for i, s in enumerate(SIZES)}
+  objects.sort(key=lambda o: (-size_rank[o["size"]], o["cell"]))
+  return {
+      "background": list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))],
+      "texture": TEXTURES[int(rng.integers(len(TEXTURES)))],
+      "objects": objects,
+  }
+
+
+def _star_points(cx, cy, r):
+  pts = []
+  for k in range(10):
+    radius = r if k % 2 == 0 else r * 0.45
+    angle = -np.pi / 2 + k * np.pi / 5
+    pts.append((cx + radius * np.cos(angle), cy + radius * np.sin(angle)))
+  return pts
+
+
+def render_scene(scene: Dict[str, Any], image_size: int) -> Image.Image:
+  """Draws the scene on an image_size x image_size RGB canvas."""
+  bg = BACKGROUNDS[scene["background"]]
+  img = Image.new("RGB", (image_size, image_size), bg)
+  draw = ImageDraw.Draw(img)
+  # Texture: a shade of the background, so it never looks like an object.
+  shade = tuple(int(c * 0.85) if sum(bg) > 380 else min(255, c + 35) for c in bg)
+  step = max(4, image_size // 12)
+  if scene["texture"] == "striped":
+    for x in range(-image_size, image_size, step):
+      draw.line([(x, image_size), (x + image_size, 0)], fill=shade, width=1)
+  elif scene["texture"] == "dotted":
+    for y in range(step // 2, image_size, step):
+      for x in range(step // 2, image_size, step):
+        draw.point((x, y), fill=shade)
+  cell = image_size / 3
+  for obj in scene["objects"]:
+    row, col = divmod(obj["cell"], 3)
+    cx, cy = (col + 0.5) * cell, (row + 0.5) * cell
+    r = 0.5 * cell * SIZES[obj["size"]]
+    fill = COLOURS[obj["colour"]]
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if obj["shape"] == "circle":
+      draw.ellipse(box, fill=fill)
+    elif obj["shape"] == "square":
+      draw.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r],
+                     fill=fill)
+    elif obj["shape"] == "triangle":
+      draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)],
+                   fill=fill)
+    else:
+      draw.polygon(_star_points(cx, cy, r), fill=fill)
+  return img
+
+
+def _relation(obj: Dict[str, Any], ref: Dict[str, Any]) -> str:
+  """"above and to the left of the red circle" (grid rows/columns)."""
+  (r, c), (rr, rc) = divmod(obj["cell"], 3), divmod(ref["cell"], 3)
+  parts = []
+  if r != rr:
+    parts.append("above" if r < rr else "below")
+  if c != rc:
+    parts.append("to the left of" if c < rc else "to the right of")
+  if len(parts) == 2:
+    where = f"{parts[0]} and {parts[1]}"
+  else:
+    where = parts[0]
+  return f"{where} the {ref['colour']} {ref['shape']}"
+
+
+def describe_scene(scene: Dict[str, Any]) -> str:
+  """The long caption; its first sentence is the short caption."""
+  objs = scene["objects"]
+  first = objs[0]
+  background = TEXTURE_PHRASES[scene["texture"]].format(bg=scene["background"])
+  sentences = [
+      f"A {first['size']} {first['colour']} {first['shape']} sits in "
+      f"{POSITIONS[first['cell']]} of a picture with {background}",
+      f"The picture contains {NUMBER_WORDS[len(objs)]} shapes in total",
+      f"The {first['colour']} {first['shape']} {SHAPE_DETAILS[first['shape']]}",
+  ]
+  for k in range(1, len(objs)):
+    obj = objs[k]
+    sentences.append(
+        f"The {ORDINALS[k]} shape is a {obj['size']} {obj['colour']} "
+        f"{obj['shape']} in {POSITIONS[obj['cell']]}, "
+        f"{_relation(obj, objs[k - 1])}")
+    sentences.append(
+        f"This {obj['colour']} {obj['shape']} {SHAPE_DETAILS[obj['shape']]}")
+  sentences.append("None of the shapes overlap or touch each other")
+  return ". ".join(sentences) + "."
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def synthetic_example(index: int, image_size: int = 64, seed: int = 0,
+                      num_objects: int = 4) -> Dict[str, Any]:
+  """Example `index`: {"image": PNG bytes, "caption", "short_caption", "key",
+  "scene"}; a function of (seed, index) only."""
+  rng = np.random.default_rng([seed, index])
+  scene = sample_scene(rng, num_objects)
+  caption = describe_scene(scene)
+  return {
+      "image": _png_bytes(render_scene(scene, image_size)),
+      "caption": caption,
+      "short_caption": caption.split(". ")[0],
+      "key": f"{index:06d}",
+      "scene": scene,
+  }
+
+
+def synthetic_examples(num: int, image_size: int = 64, seed: int = 0,
+                       num_objects: int = 4) -> List[Dict[str, Any]]:
+  """The in-memory dataset (for tests and the "synthetic" source type)."""
+  return [synthetic_example(i, image_size, seed, num_objects)
+          for i in range(num)]
+
+
+def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
+                           seed: int = 0, num_objects: int = 4) -> str:
+  """Writes DST/images/*.png and DST/manifest.jsonl; returns the manifest path.
+
+  Written to a temporary folder next to DST and renamed at the end; DST must
+  not exist yet.
+  """
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst):
+    raise FileExistsError(f"{dst}: already exists")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    os.makedirs(os.path.join(tmp, "images"))
+    lines = []
+    for i in range(num):
+      ex = synthetic_example(i, image_size, seed, num_objects)
+      rel = os.path.join("images", f"{ex['key']}.png")
+      with open(os.path.join(tmp, rel), "wb") as f:
+        f.write(ex["image"])
+      lines.append(json.dumps({
+          "image": rel, "caption": ex["caption"],
+          "short_caption": ex["short_caption"], "key": ex["key"],
+          "scene": ex["scene"]}))
+    with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return os.path.join(dst, "manifest.jsonl")
+
+
+def define_flags():
+  flags.DEFINE_integer("num", 1000, "Number of examples.")
+  flags.DEFINE_string("dst", None, "Output folder (must not exist).")
+  flags.DEFINE_integer("image_size", 64, "Side of the square images.")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_integer("num_objects", 4, "Shapes per scene (2..9).")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if not FLAGS.dst:
+    raise app.UsageError("--dst is required")
+  if not 2 <= FLAGS.num_objects <= 9:
+    raise app.UsageError("--num_objects must be in 2..9")
+  path = make_synthetic_dataset(FLAGS.dst, FLAGS.num, FLAGS.image_size,
+                                FLAGS.seed, FLAGS.num_objects)
+  print(f"Wrote {FLAGS.num} examples: {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

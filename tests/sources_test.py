@@ -1,0 +1,297 @@
+"""Tests for fixclip_jax.data.sources on tiny fixtures."""
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+
+from absl.testing import absltest
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from fixclip_jax.data import prepare
+from fixclip_jax.data import sources
+
+
+def _tempdir(test: absltest.TestCase) -> str:
+  path = tempfile.mkdtemp()
+  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def _png(colour, size=(8, 6)) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", size, colour).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _jpeg(colour) -> bytes:
+  buf = io.BytesIO()
+  Image.new("RGB", (8, 8), colour).save(buf, format="JPEG")
+  return buf.getvalue()
+
+
+CAPTIONS = ["A red square on a plain background. It is small and bright.",
+            "A green square seen from above. Nothing else is visible there.",
+            "A blue square, drawn with flat colour. The edges are sharp."]
+MULTI = ["first caption of the image", "second caption of the image",
+         "third caption of the image"]
+
+
+def write_manifest(root: str, lines=None, name="manifest.jsonl") -> str:
+  """Three PNGs: a relative path, a nested path, an absolute path."""
+  os.makedirs(os.path.join(root, "img", "sub"), exist_ok=True)
+  files = [os.path.join("img", "a.png"), os.path.join("img", "sub", "b.png"),
+           os.path.join(root, "img", "c.png")]
+  for path, colour in zip(files, ((255, 0, 0), (0, 255, 0), (0, 0, 255))):
+    with open(os.path.join(root, path), "wb") as f:
+      f.write(_png(colour))
+  if lines is None:
+    lines = [{"image": files[0], "caption": CAPTIONS[0]},
+             {"image": files[1], "caption": CAPTIONS[1],
+              "short_caption": "green", "key": "k1"},
+             {"image": files[2], "captions": MULTI}]
+  path = os.path.join(root, name)
+  with open(path, "w") as f:
+    for line in lines:
+      f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+  return path
+
+
+class JsonlSourceTest(absltest.TestCase):
+
+  def test_reads_examples(self):
+    root = _tempdir(self)
+    src = sources.JsonlSource(write_manifest(root))
+    self.assertLen(src, 3)
+    ex = src[0]
+    self.assertEqual(set(ex), {"image", "caption", "short_caption", "key"})
+    with open(os.path.join(root, "img", "a.png"), "rb") as f:
+      self.assertEqual(ex["image"], f.read())
+    self.assertEqual(ex["caption"], CAPTIONS[0])
+    self.assertIsNone(ex["short_caption"])
+    self.assertEqual(src[1]["short_caption"], "green")
+    self.assertEqual(src[1]["key"], "k1")
+    self.assertEqual(np.asarray(Image.open(io.BytesIO(src[2]["image"])))[0, 0]
+                     .tolist(), [0, 0, 255])
+
+  def test_image_root(self):
+    root = _tempdir(self)
+    write_manifest(root)
+    elsewhere = _tempdir(self)
+    manifest = os.path.join(elsewhere, "m.jsonl")
+    with open(manifest, "w") as f:
+      f.write(json.dumps({"image": "img/a.png", "caption": "x"}) + "\n")
+    with self.assertRaisesRegex(FileNotFoundError, "m.jsonl:1"):
+      sources.JsonlSource(manifest)[0]  # pylint: disable=expression-not-assigned
+    self.assertEqual(sources.JsonlSource(manifest, image_root=root)[0]["image"],
+                     _png((255, 0, 0)))
+
+  def test_caption_choice_is_deterministic_per_epoch(self):
+    root = _tempdir(self)
+    manifest = write_manifest(root)
+    src = sources.JsonlSource(manifest, seed=5)
+    again = sources.JsonlSource(manifest, seed=5)
+    chosen = [src.get(2, epoch)["caption"] for epoch in range(12)]
+    self.assertEqual(chosen, [again.get(2, e)["caption"] for e in range(12)])
+    self.assertGreater(len(set(chosen)), 1)  # epochs see different captions
+    self.assertTrue(set(chosen) <= set(MULTI))
+    other_seed = sources.JsonlSource(manifest, seed=6)
+    self.assertNotEqual(chosen, [other_seed.get(2, e)["caption"]
+                                 for e in range(12)])
+    # Single-caption examples never change.
+    self.assertEqual({src.get(0, e)["caption"] for e in range(5)}, {CAPTIONS[0]})
+
+  def test_errors_name_file_line_and_field(self):
+    root = _tempdir(self)
+    with self.assertRaisesRegex(FileNotFoundError, "nope.jsonl"):
+      sources.JsonlSource(os.path.join(root, "nope.jsonl"))
+    good = {"image": "img/a.png", "caption": "c"}
+    bad_json = write_manifest(root, [good, "{not json"], "bad.jsonl")
+    with self.assertRaisesRegex(ValueError, r"bad\.jsonl:2: invalid JSON"):
+      sources.JsonlSource(bad_json)
+    no_image = write_manifest(root, [good, good, {"caption": "c"}], "ni.jsonl")
+    with self.assertRaisesRegex(ValueError, r"ni\.jsonl:3: missing field 'image'"):
+      sources.JsonlSource(no_image)
+    no_caption = write_manifest(root, [{"image": "img/a.png"}], "nc.jsonl")
+    with self.assertRaisesRegex(ValueError, r"nc\.jsonl:1: missing field 'caption'"):
+      sources.JsonlSource(no_caption)
+    missing = write_manifest(root, [good, {"image": "img/zz.png", "caption": "c"}],
+                             "mi.jsonl")
+    src = sources.JsonlSource(missing)
+    with self.assertRaisesRegex(FileNotFoundError, r"zz\.png.*mi\.jsonl:2"):
+      src[1]  # pylint: disable=pointless-statement
+    with self.assertRaises(IndexError):
+      src[2]  # pylint: disable=pointless-statement
+
+
+def write_tar(path: str, members) -> None:
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+class TarSourceTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.root = _tempdir(self)
+    write_tar(os.path.join(self.root, "00000.tar"), [
+        ("000000000.jpg", _jpeg((255, 0, 0))),
+        ("000000000.json", json.dumps({"caption": "red jpeg", "url": "u"}).encode()),
+        ("000000000.txt", b"ignored when the json has a caption"),
+        ("000000001.png", _png((0, 255, 0))),
+        ("000000001.txt", "green png caption\n".encode()),
+        ("000000002.json", json.dumps({"caption": "no image"}).encode()),
+        ("000000003.webp", _png((1, 2, 3))),
+    ])
+    write_tar(os.path.join(self.root, "00001.tar"), [
+        ("sub/000010000.png", _png((0, 0, 255))),
+        ("sub/000010000.json", json.dumps(
+            {"captions": ["a", "b"], "short_caption": "blue"}).encode()),
+    ])
+
+  def test_indexes_shards(self):
+    src = sources.TarSource(os.path.join(self.root, "*.tar"), seed=1)
+    self.assertLen(src, 3)
+    self.assertEqual(src.skipped, {"missing_image": 1, "missing_caption": 1})
+    self.assertEqual(src[0]["image"], _jpeg((255, 0, 0)))
+    self.assertEqual(src[0]["caption"], "red jpeg")
+    self.assertEqual(src[0]["key"], "000000000")
+    self.assertEqual(src[1]["image"], _png((0, 255, 0)))
+    self.assertEqual(src[1]["caption"], "green png caption")
+    self.assertEqual(src[2]["short_caption"], "blue")
+    self.assertEqual(src[2]["key"], "sub/000010000")
+    self.assertIn(src[2]["caption"], ["a", "b"])
+
+  def test_folder_and_pickle(self):
+    src = sources.TarSource(self.root)
+    src[0]  # pylint: disable=pointless-statement  (opens a descriptor)
+    copy = pickle.loads(pickle.dumps(src))
+    self.assertEqual(copy[1]["image"], src[1]["image"])
+
+  def test_errors(self):
+    with self.assertRaisesRegex(FileNotFoundError, "nothing"):
+      sources.TarSource(os.path.join(self.root, "nothing*.tar"))
+    bad = os.path.join(self.root, "bad.tar")
+    with open(bad, "wb") as f:
+      f.write(b"definitely not a tar archive" * 40)
+    with self.assertRaisesRegex(ValueError, "bad.tar"):
+      sources.TarSource(bad)
+    write_tar(os.path.join(self.root, "badjson.tar"), [
+        ("k.png", _png((0, 0, 0))), ("k.json", b"{oops")])
+    with self.assertRaisesRegex(ValueError, r"badjson\.tar:k\.json"):
+      sources.TarSource(os.path.join(self.root, "badjson.tar"))
+
+
+class ArrayRecordSourceTest(absltest.TestCase):
+
+  def test_record_round_trip(self):
+    header = {"key": "k", "captions": ["ü caption"], "short_caption": None}
+    rec = sources.encode_record(header, b"\x89PNGbytes")
+    self.assertEqual(sources.decode_record(rec), (header, b"\x89PNGbytes"))
+    with self.assertRaisesRegex(ValueError, "magic"):
+      sources.decode_record(b"XXXX" + rec[4:])
+
+  def test_reads_prepared_shards(self):
+    root = _tempdir(self)
+    manifest = write_manifest(root)
+    dst = os.path.join(root, "ar")
+    prepare.prepare(manifest, dst, num_shards=2, filter_config=None,
+                    progress=False)
+    src = sources.ArrayRecordSource(dst, seed=5)
+    jsonl = sources.JsonlSource(manifest, seed=5)
+    self.assertLen(src, 3)
+    by_key = {src[i]["key"]: i for i in range(len(src))}
+    for i in range(3):
+      j = by_key[jsonl[i]["key"]]
+      self.assertEqual(src[j]["image"], jsonl[i]["image"])
+      self.assertEqual(src[j]["short_caption"], jsonl[i]["short_caption"])
+    multi = by_key[jsonl[2]["key"]]
+    self.assertEqual({src.get(multi, e)["caption"] for e in range(12)},
+                     {jsonl.get(2, e)["caption"] for e in range(12)})
+    copy = pickle.loads(pickle.dumps(src))
+    self.assertEqual(copy[0], src[0])
+
+
+def _build_tiny_tfds(data_dir: str, image_dir: str) -> None:
+  """A 3-example TFDS dataset in ArrayRecord format (no TensorFlow needed)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class FixclipTinyCaps(tfds.core.GeneratorBasedBuilder):
+    # A one-part module name makes TFDS skip looking for checksum files next
+    # to the builder's code (that lookup needs `importlib_resources`, absent
+    # from the env).
+    __module__ = "fixclip_tiny_caps"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "meta": {"caption": tfds.features.Text()},
+          }))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        path = os.path.join(image_dir, f"{i}.png")
+        with open(path, "wb") as f:
+          f.write(_png((i * 60, 0, 0)))
+        # A path keeps TFDS from re-encoding (which would need TensorFlow).
+        yield i, {"image": path, "meta": {"caption": f"caption {i}"}}
+
+  FixclipTinyCaps(data_dir=data_dir,
+                  file_format="array_record").download_and_prepare()
+
+
+class TfdsSourceTest(absltest.TestCase):
+
+  def test_reads_tfds_data_source(self):
+    root = _tempdir(self)
+    _build_tiny_tfds(os.path.join(root, "tfds"), root)
+    config = ml_collections.ConfigDict({
+        "type": "tfds", "path": "fixclip_tiny_caps", "tfds_split": "train",
+        "tfds_data_dir": os.path.join(root, "tfds"),
+        "tfds_image_key": "image", "tfds_caption_key": "meta/caption"})
+    src = sources.make_source(config)
+    self.assertIsInstance(src, sources.TfdsSource)
+    self.assertLen(src, 3)
+    got = sorted((src[i]["caption"], src[i]["image"]) for i in range(3))
+    self.assertEqual(got, [(f"caption {i}", _png((i * 60, 0, 0)))
+                           for i in range(3)])
+    config.tfds_caption_key = "meta/nope"
+    with self.assertRaisesRegex(KeyError, "fixclip_tiny_caps/train"):
+      sources.make_source(config)[0]  # pylint: disable=expression-not-assigned
+
+
+class MakeSourceTest(absltest.TestCase):
+
+  def test_by_type(self):
+    root = _tempdir(self)
+    manifest = write_manifest(root)
+    config = ml_collections.ConfigDict({"type": "jsonl", "path": manifest,
+                                        "image_root": "", "shuffle_seed": 0})
+    self.assertIsInstance(sources.make_source(config), sources.JsonlSource)
+    config.type = "synthetic"
+    config.synthetic_num = 3
+    config.synthetic_image_size = 16
+    src = sources.make_source(config)
+    self.assertLen(src, 3)
+    self.assertEqual(set(src[0]), {"image", "caption", "short_caption", "key"})
+    config.type = "csv"
+    with self.assertRaisesRegex(ValueError, "csv"):
+      sources.make_source(config)
+
+
+if __name__ == "__main__":
+  absltest.main()
