@@ -1,0 +1,218 @@
+"""Evaluation reports in a workdir: JSON history, markdown table, PNG plots.
+
+Files (all written to a temp file in the same folder, then renamed, so a crash
+or a bad input never leaves a half-written or clobbered file):
+  eval_results.json   {"results": [{"model", "step", "dataset", "protocol",
+                      <metric>: number, ...}, ...]}; new results replace older
+                      ones with the same (model, step, dataset, protocol) key and
+                      are appended otherwise, so evaluating step after step
+                      builds a history.
+  eval_results.md     one markdown table row per result.
+  eval_recall.png     R@K bars per benchmark, latest step of each model.
+  eval_history.png    R@1 over training steps per benchmark (only when some
+                      results carry a step); long-caption and short-caption
+                      benchmarks (e.g. synthetic-long / synthetic-short) are
+                      separate lines.
+"""
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+JSON_NAME = "eval_results.json"
+MARKDOWN_NAME = "eval_results.md"
+RECALL_PNG = "eval_recall.png"
+HISTORY_PNG = "eval_history.png"
+KEY_FIELDS = ("model", "step", "dataset", "protocol")
+# Metrics first in this order, then any other numeric fields alphabetically.
+METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
+                "t2i_R@10", "top1", "top5", "num_images", "num_texts")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+  """Writes `data` to `path` through a temp file + rename (never half-written)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path),
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_results(workdir: str) -> List[Dict[str, Any]]:
+  """The results list in workdir/eval_results.json ([] when there is none)."""
+  path = os.path.join(workdir, JSON_NAME)
+  if not os.path.exists(path):
+    return []
+  with open(path, "r", encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e}); fix or move it, it "
+                       "will not be overwritten") from e
+  if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+    raise ValueError(f"{path} should be {{\"results\": [...]}}; it will not be "
+                     "overwritten")
+  return data["results"]
+
+
+def _validate(result: Dict[str, Any]) -> None:
+  for field in ("dataset", "protocol"):
+    if not isinstance(result.get(field), str) or not result[field]:
+      raise ValueError(f"Result needs a non-empty string {field!r}: {result}")
+  for k, v in result.items():
+    if k in KEY_FIELDS:
+      continue
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+      raise ValueError(f"Result field {k!r} = {v!r} is not a finite number")
+
+
+def _key(r: Dict[str, Any]):
+  return tuple(r.get(f) for f in KEY_FIELDS)
+
+
+def _step(r: Dict[str, Any]) -> int:
+  return -1 if r.get("step") is None else r["step"]
+
+
+def _sort_key(r: Dict[str, Any]):
+  return (str(r.get("model")), _step(r), r["dataset"], r["protocol"])
+
+
+def merge_results(old: Sequence[Dict[str, Any]], new: Sequence[Dict[str, Any]]
+                  ) -> List[Dict[str, Any]]:
+  """Old results with the new ones replacing same-key entries, sorted."""
+  merged = {_key(r): dict(r) for r in old}
+  for r in new:
+    merged[_key(r)] = dict(r)
+  return sorted(merged.values(), key=_sort_key)
+
+
+def metric_columns(results: Sequence[Dict[str, Any]]) -> List[str]:
+  present = {k for r in results for k in r if k not in KEY_FIELDS}
+  ordered = [m for m in METRIC_ORDER if m in present]
+  return ordered + sorted(present - set(ordered))
+
+
+def _fmt(v: Any) -> str:
+  if v is None:
+    return "-"
+  if isinstance(v, float):
+    return f"{v:.2f}"
+  return str(v)
+
+
+def markdown_table(results: Sequence[Dict[str, Any]]) -> str:
+  """| model | step | dataset | protocol | metrics... | (a cell is '-' when absent)."""
+  columns = list(KEY_FIELDS) + metric_columns(results)
+  lines = ["| " + " | ".join(columns) + " |",
+           "|" + "|".join("---" for _ in columns) + "|"]
+  for r in results:
+    lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _png_bytes(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def _label(r: Dict[str, Any]) -> str:
+  return r["protocol"] if r["protocol"].startswith(r["dataset"]) else (
+      f"{r['dataset']} ({r['protocol']})")
+
+
+def recall_bars_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
+  """Bars of every R@K per benchmark for the latest step of each model."""
+  latest = {}
+  for r in results:
+    if not any(k.endswith("_R@1") for k in r):
+      continue
+    k = (r.get("model"), r["dataset"], r["protocol"])
+    if k not in latest or _step(r) >= _step(latest[k]):
+      latest[k] = r
+  if not latest:
+    return None
+  rows = sorted(latest.values(), key=_sort_key)
+  metrics = [m for m in metric_columns(rows) if "_R@" in m]
+  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(metrics) / 3), 4))
+  width = 0.8 / len(metrics)
+  for j, m in enumerate(metrics):
+    xs = [i + j * width for i in range(len(rows))]
+    ax.bar(xs, [r.get(m, 0.0) for r in rows], width, label=m)
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+  ax.set_xticklabels([f"{_label(r)}\n{r.get('model') or ''}" for r in rows],
+                     rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("recall (%)")
+  ax.set_ylim(0, 100)
+  ax.legend(fontsize=7, ncol=2)
+  ax.set_title("Retrieval recall@K (latest step of each model)")
+  return _png_bytes(fig)
+
+
+def history_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
+  """i2t and t2i R@1 against step, one line per (model, benchmark)."""
+  series: Dict[Any, List] = {}
+  for r in results:
+    if r.get("step") is None or "i2t_R@1" not in r:
+      continue
+    series.setdefault((r.get("model"), _label(r)), []).append(r)
+  if not series:
+    return None
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for ax, metric in zip(axes, ("i2t_R@1", "t2i_R@1")):
+    for (model, label), rows in sorted(series.items(), key=str):
+      rows = sorted(rows, key=lambda r: r["step"])
+      style = "--" if "short" in label else "-"
+      ax.plot([r["step"] for r in rows], [r.get(metric) for r in rows], style,
+              marker="o", label=f"{label} {model or ''}".strip())
+    ax.set_title(metric)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("recall@1 (%)")
+  axes[1].legend(fontsize=7)
+  return _png_bytes(fig)
+
+
+def write_report(workdir: str, results: Sequence[Dict[str, Any]],
+                 model: Optional[str] = None, step: Optional[int] = None
+                 ) -> List[Dict[str, Any]]:
+  """Merges `results` into workdir's eval_results.json and rewrites the table and plots.
+
+  `model` and `step` fill those fields in results that lack them. Everything
+  is validated before the first file is touched. Returns the merged history.
+  """
+  new = []
+  for r in results:
+    r = dict(r)
+    r.setdefault("model", model)
+    r.setdefault("step", step)
+    if r["step"] is not None:
+      r["step"] = int(r["step"])
+    _validate(r)
+    new.append(r)
+  os.makedirs(workdir, exist_ok=True)
+  merged = merge_results(read_results(workdir), new)
+  json_bytes = json.dumps({"results": merged}, indent=1).encode("utf-8")
+  md_bytes = markdown_table(merged).encode("utf-8")
+  pngs = {RECALL_PNG: recall_bars_png(merged), HISTORY_PNG: history_png(merged)}
+  # All outputs exist in memory before any file is replaced.
+  atomic_write(os.path.join(workdir, JSON_NAME), json_bytes)
+  atomic_write(os.path.join(workdir, MARKDOWN_NAME), md_bytes)
+  for name, data in pngs.items():
+    if data is not None:
+      atomic_write(os.path.join(workdir, name), data)
+  return merged

@@ -1,0 +1,132 @@
+"""Evaluation report files: JSON history merge, markdown table, PNG plots."""
+import json
+import os
+import shutil
+import tempfile
+from unittest import mock
+
+from absl.testing import absltest
+
+from fixclip_jax.evaluation import report
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _retrieval(dataset, protocol, r1):
+  return {"dataset": dataset, "protocol": protocol, "num_images": 10,
+          "num_texts": 50, "i2t_R@1": r1, "i2t_R@5": r1 + 10.0,
+          "i2t_R@10": r1 + 20.0, "t2i_R@1": r1 - 5.0, "t2i_R@5": r1 + 5.0,
+          "t2i_R@10": r1 + 15.0}
+
+
+class ReportTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
+
+  def _path(self, name):
+    return os.path.join(self.workdir, name)
+
+  def _read_json(self):
+    with open(self._path(report.JSON_NAME)) as f:
+      return json.load(f)["results"]
+
+  def test_files_written_and_parseable(self):
+    report.write_report(self.workdir, [
+        _retrieval("urban1k", "urban1k", 60.0),
+        _retrieval("coco", "coco-karpathy-test-5000", 40.0),
+        {"dataset": "imagenet", "protocol": "zeroshot-1000cls-80templates",
+         "top1": 55.5, "top5": 80.25, "num_images": 100}],
+                        model="longclip-B/16")
+    results = self._read_json()
+    self.assertLen(results, 3)
+    self.assertEqual({r["model"] for r in results}, {"longclip-B/16"})
+    self.assertIsNone(results[0]["step"])
+    with open(self._path(report.MARKDOWN_NAME)) as f:
+      lines = f.read().strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    self.assertEqual(header[:6], ["model", "step", "dataset", "protocol",
+                                  "i2t_R@1", "i2t_R@5"])
+    self.assertIn("top1", header)
+    self.assertLen(lines, 2 + 3)
+    rows = {r.split("|")[3].strip(): r for r in lines[2:]}
+    self.assertIn("| 60.00 |", rows["urban1k"])
+    imagenet = [c.strip() for c in rows["imagenet"].strip("|").split("|")]
+    self.assertEqual(imagenet[header.index("top5")], "80.25")
+    self.assertEqual(imagenet[header.index("i2t_R@1")], "-")
+    with open(self._path(report.RECALL_PNG), "rb") as f:
+      png = f.read()
+    self.assertGreater(len(png), 1000)
+    self.assertTrue(png.startswith(_PNG_MAGIC))
+    # No step anywhere: no history plot.
+    self.assertFalse(os.path.exists(self._path(report.HISTORY_PNG)))
+    self.assertEqual([n for n in os.listdir(self.workdir) if n.endswith(".tmp")], [])
+
+  def test_history_merges_per_step(self):
+    for step, r1 in ((100, 20.0), (200, 30.0)):
+      report.write_report(self.workdir, [
+          _retrieval("synthetic", "synthetic-long", r1),
+          _retrieval("synthetic", "synthetic-short", r1 + 1)], model="m", step=step)
+    # Re-evaluating step 200 replaces it rather than duplicating it.
+    report.write_report(self.workdir, [
+        _retrieval("synthetic", "synthetic-long", 35.0)], model="m", step=200)
+    results = self._read_json()
+    self.assertLen(results, 4)
+    long = [(r["step"], r["i2t_R@1"]) for r in results
+            if r["protocol"] == "synthetic-long"]
+    self.assertEqual(long, [(100, 20.0), (200, 35.0)])
+    with open(self._path(report.HISTORY_PNG), "rb") as f:
+      self.assertTrue(f.read().startswith(_PNG_MAGIC))
+    self.assertGreater(os.path.getsize(self._path(report.HISTORY_PNG)), 1000)
+
+  def test_bad_result_leaves_existing_files_alone(self):
+    report.write_report(self.workdir, [_retrieval("urban1k", "urban1k", 60.0)],
+                        model="m", step=1)
+    before = {n: open(self._path(n), "rb").read() for n in os.listdir(self.workdir)}
+    with self.assertRaisesRegex(ValueError, "i2t_R@1"):
+      report.write_report(self.workdir, [_retrieval("dci", "dci-long", float("nan"))],
+                          model="m", step=2)
+    with self.assertRaisesRegex(ValueError, "protocol"):
+      report.write_report(self.workdir, [{"dataset": "x", "top1": 1.0}])
+    after = {n: open(self._path(n), "rb").read() for n in os.listdir(self.workdir)}
+    self.assertEqual(before, after)
+
+  def test_failure_while_writing_keeps_old_json(self):
+    report.write_report(self.workdir, [_retrieval("urban1k", "urban1k", 60.0)],
+                        model="m", step=1)
+    with open(self._path(report.JSON_NAME), "rb") as f:
+      before = f.read()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+      if dst.endswith(".md"):
+        raise OSError("disk full")
+      return real_replace(src, dst)
+
+    with mock.patch.object(report.os, "replace", failing_replace):
+      with self.assertRaisesRegex(OSError, "disk full"):
+        report.write_report(self.workdir, [_retrieval("dci", "dci-long", 50.0)],
+                            model="m", step=2)
+    # Every file is either wholly old or wholly new (the JSON, written first,
+    # is new; the markdown kept its old content); no temp files are left.
+    self.assertEqual([n for n in os.listdir(self.workdir) if n.endswith(".tmp")], [])
+    self.assertEqual([r["dataset"] for r in self._read_json()], ["urban1k", "dci"])
+    with open(self._path(report.MARKDOWN_NAME)) as f:
+      md = f.read()
+    self.assertIn("urban1k", md)
+    self.assertNotIn("dci", md)
+    self.assertTrue(before)
+
+  def test_corrupt_json_is_not_overwritten(self):
+    with open(self._path(report.JSON_NAME), "w") as f:
+      f.write("{not json")
+    with self.assertRaisesRegex(ValueError, "not valid JSON"):
+      report.write_report(self.workdir, [_retrieval("urban1k", "urban1k", 1.0)])
+    with open(self._path(report.JSON_NAME)) as f:
+      self.assertEqual(f.read(), "{not json")
+
+
+if __name__ == "__main__":
+  absltest.main()
