@@ -350,6 +350,35 @@ class CaptionTest(absltest.TestCase):
     self.assertEqual(server.chat_hits, 4)
     self.assertLen(read_jsonl(self.out), 8)
 
+  def test_resume_after_real_kill(self):
+    server = self.start_server(delay=0.1)
+    write_images(self.dir, 30)
+    command = [sys.executable, "-m", "fixclip_jax.data.caption", f"--images={self.dir}",
+               f"--out={self.out}", f"--endpoint={server.endpoint}", f"--model={MODEL}",
+               "--concurrency=4", "--fsync_every=1", "--noprogress"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    def complete_lines():
+      if not os.path.exists(self.out):
+        return 0
+      with open(self.out, "rb") as f:
+        return f.read().count(b"\n")
+    deadline = time.time() + 30
+    while time.time() < deadline and complete_lines() < 5:
+      time.sleep(0.02)
+    proc.kill()  # SIGKILL: no cleanup at all
+    proc.wait()
+    written = complete_lines()  # (a partial last line, if any, is repaired by the rerun)
+    self.assertBetween(written, 5, 29)
+    hits = server.chat_hits
+    subprocess.run(command, cwd=repo, check=True, capture_output=True, timeout=60)
+    keys = [r["image"] for r in read_jsonl(self.out)]
+    self.assertLen(keys, 30)
+    self.assertLen(set(keys), 30)
+    # The rerun asked only for what the killed run had not written.
+    self.assertEqual(server.chat_hits - hits, 30 - written)
+
   def test_endpoint_down_fails_fast(self):
     items = write_images(self.dir, 3)
     endpoint = f"http://127.0.0.1:{closed_port()}/v1"
@@ -394,8 +423,11 @@ class CaptionTest(absltest.TestCase):
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     self.assertEqual(proc.returncode, 0, proc.stderr)
     records = {r["image"]: r for r in read_jsonl(self.out)}
-    self.assertCountEqual(records, ["img_00.png", "img_01.png", "sub/img_02.png"])
-    self.assertEqual(records["sub/img_02.png"]["short_caption"], short_answer(2))
+    # Paths relative to the output's folder, where a JSONL source looks by default.
+    self.assertCountEqual(records, ["../img_00.png", "../img_01.png", "../sub/img_02.png"])
+    for key in records:
+      self.assertTrue(os.path.isfile(os.path.join(os.path.dirname(self.out), key)))
+    self.assertEqual(records["../sub/img_02.png"]["short_caption"], short_answer(2))
     self.assertEqual(server.chat_hits, 6)  # a caption and a short request per image
     self.assertEqual(json.loads(proc.stdout)["captioned"], 3)
 
@@ -454,6 +486,8 @@ class CaptionTest(absltest.TestCase):
                              caption_lib.ImageItem("/abs/q.jpg", "/abs/q.jpg")])
     self.assertEqual(caption_lib.list_images(manifest)[0].path,
                      os.path.join(self.dir, "a/y.png"))
+    relative = caption_lib.list_images(manifest, relative_to=os.path.join(self.dir, "a"))
+    self.assertEqual(relative[0].key, "y.png")
     with open(manifest, "a") as f:
       f.write(json.dumps({"path": "c.jpg"}) + "\n")
     with self.assertRaisesRegex(ValueError, r"m\.jsonl:4: missing string field 'image'"):

@@ -12,8 +12,10 @@ Each image goes as a base64 data URL to `POST {endpoint}/chat/completions` with 
 the prompts, chosen deterministically from (seed, image key). The output is a JSONL
 training manifest, one line per captioned image:
   {"image", "caption", "short_caption", "prompt_id", "model"}
-"image" is the input manifest's "image" field verbatim, or for a directory the path
-relative to that directory (so the directory is the image root when training).
+"image" is by default the image's path relative to the output manifest's folder, which
+is where `sources.JsonlSource` resolves relative paths when no image_root is given, so
+the output trains as it is; `--image_paths=as_input` keeps the input manifest's "image"
+field verbatim (or, for a directory, the path relative to it) for use with an image root.
 
 Resuming: lines are appended whole by one writer (the main thread), so rerunning the
 same command skips the images already in the output; a partial last line left by a kill
@@ -178,19 +180,28 @@ def _list_manifest(manifest: str, image_root: Optional[str]) -> List[ImageItem]:
   return items
 
 
-def list_images(source: str, image_root: Optional[str] = None) -> List[ImageItem]:
+def list_images(source: str, image_root: Optional[str] = None,
+                relative_to: Optional[str] = None) -> List[ImageItem]:
   """Images of a directory (recursive; jpg/jpeg/png/webp) or of a JSONL manifest.
 
   Manifest lines need an "image" field; relative paths are resolved against
-  `image_root` (default: the manifest's directory).
+  `image_root` (default: the manifest's directory). Keys are the manifest's field
+  verbatim (for a directory: the path relative to it), or with `relative_to` the path
+  relative to that folder (pass the output manifest's folder).
   """
   if os.path.isdir(source):
     if image_root is not None:
       raise ValueError(f"--image_root applies to a manifest, but {source} is a directory")
-    return _list_directory(source)
-  if os.path.isfile(source):
-    return _list_manifest(source, image_root)
-  raise FileNotFoundError(f"--images: {source} is neither a directory nor a manifest file")
+    items = _list_directory(source)
+  elif os.path.isfile(source):
+    items = _list_manifest(source, image_root)
+  else:
+    raise FileNotFoundError(f"--images: {source} is neither a directory nor a manifest file")
+  if relative_to is not None:
+    base = os.path.abspath(relative_to)
+    items = [ImageItem(key=os.path.relpath(os.path.abspath(it.path), base).replace(
+        os.sep, "/"), path=it.path) for it in items]
+  return items
 
 
 def load_prompts(path: Optional[str]) -> Tuple[str, ...]:
@@ -815,6 +826,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("images", None, "Directory (recursive) or JSONL manifest with 'image'.")
 flags.DEFINE_string("image_root", None, "Root for relative manifest paths "
                     "(default: the manifest's directory).")
+flags.DEFINE_enum("image_paths", "relative_to_out", ["relative_to_out", "as_input"],
+                  "'image' in the output: relative to the output's folder (trains with "
+                  "no image_root) or as in the input (manifest field / path under DIR).")
 flags.DEFINE_string("out", None, "Output JSONL manifest (appended to; resumable).")
 flags.DEFINE_string("endpoint", None, "OpenAI-compatible base URL, e.g. http://host:8000/v1.")
 flags.DEFINE_string("model", None, "Model name as served.")
@@ -875,7 +889,10 @@ def main(argv: Sequence[str]) -> None:
                         max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature,
                         extra_body=extra_body)
   try:
-    items = list_images(FLAGS.images, FLAGS.image_root)
+    relative_to = None
+    if FLAGS.image_paths == "relative_to_out":
+      relative_to = os.path.dirname(os.path.abspath(FLAGS.out))
+    items = list_images(FLAGS.images, FLAGS.image_root, relative_to=relative_to)
     summary = caption_images(
         items, FLAGS.out, config, prompts=load_prompts(FLAGS.prompts),
         concurrency=FLAGS.concurrency, seed=FLAGS.seed,
@@ -888,7 +905,14 @@ def main(argv: Sequence[str]) -> None:
           RuntimeError) as e:
     logging.error("%s", e)
     sys.exit(f"caption: error: {e}")
-  logging.info("Summary:\n%s", json.dumps(summary, indent=2, ensure_ascii=False))
+  except KeyboardInterrupt:
+    logging.warning("Interrupted; finished captions are saved, rerun the same command "
+                    "to resume")
+    sys.exit(130)
+  logging.info("Done: %d captioned, %d skipped, %d rejected, %d failed, %d unreadable "
+               "(details in %s); summary on stdout", summary["captioned"],
+               summary["skipped"], summary["rejected_images"], summary["failed_images"],
+               summary["unreadable"], summary["failures_file"])
   print(json.dumps(summary, indent=2, ensure_ascii=False))
 
 
