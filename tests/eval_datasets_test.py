@@ -221,6 +221,18 @@ class RetrievalLoadersTest(absltest.TestCase):
     self.assertEqual(long_ds.image_paths, short_ds.image_paths)
     _check_pairing(self, short_ds)
 
+  def test_reads_the_synthetic_generator_output(self):
+    from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    manifest = synthetic.make_synthetic_dataset(
+        os.path.join(self.root, "synth"), 4, image_size=32)
+    with open(manifest) as f:
+      rows = [json.loads(line) for line in f]
+    long_ds = datasets.load_dataset("synthetic_long", os.path.dirname(manifest))
+    short_ds = datasets.load_dataset("synthetic_short", os.path.dirname(manifest))
+    self.assertEqual(long_ds.texts, [r["caption"] for r in rows])
+    self.assertEqual(short_ds.texts, [r["short_caption"] for r in rows])
+    _check_pairing(self, long_ds)
+
   def test_unknown_name(self):
     with self.assertRaisesRegex(KeyError, "urban1k"):
       datasets.load_dataset("nope", self.root)
