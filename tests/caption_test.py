@@ -469,6 +469,37 @@ class CaptionTest(absltest.TestCase):
     self.assertLess(max(firsts.values()), 45)  # ~20 each when uniform
     self.assertLen(set(caption_lib.DEFAULT_PROMPTS), 20)
 
+  def test_load_prompts(self):
+    path = os.path.join(self.dir, "prompts.txt")
+    with open(path, "w") as f:
+      f.write("# my prompts\nDescribe it.\n\n  Describe it in detail.  \n")
+    self.assertEqual(caption_lib.load_prompts(path), ("Describe it.", "Describe it in detail."))
+    self.assertEqual(caption_lib.load_prompts(None), caption_lib.DEFAULT_PROMPTS)
+    with open(path, "w") as f:
+      f.write("# nothing\n")
+    with self.assertRaisesRegex(ValueError, "prompts.txt holds no prompts"):
+      caption_lib.load_prompts(path)
+
+  def test_encode_image(self):
+    png = os.path.join(self.dir, "a.png")
+    Image.new("RGB", (64, 32), (10, 20, 30)).save(png)
+    with open(png, "rb") as f:
+      original = f.read()
+    url = caption_lib.encode_image(png, max_side=64)  # fits: the file's own bytes
+    self.assertEqual(url, "data:image/png;base64," + base64.b64encode(original).decode())
+    url = caption_lib.encode_image(png, max_side=16)  # too large: a smaller JPEG
+    self.assertTrue(url.startswith("data:image/jpeg;base64,"))
+    small = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    self.assertEqual(small.size, (16, 8))
+    gif = os.path.join(self.dir, "a.gif")  # a format servers may not take: JPEG
+    Image.new("P", (4, 4)).save(gif)
+    self.assertTrue(caption_lib.encode_image(gif).startswith("data:image/jpeg;base64,"))
+    truncated = os.path.join(self.dir, "t.png")
+    with open(truncated, "wb") as f:
+      f.write(original[:len(original) // 2])
+    with self.assertRaises(caption_lib.UnreadableImageError):
+      caption_lib.encode_image(truncated)
+
   def test_list_images(self):
     os.makedirs(os.path.join(self.dir, "a", "b"))
     for name in ("x.JPG", "a/y.png", "a/b/z.webp", "a/b/w.jpeg", "a/readme.txt"):

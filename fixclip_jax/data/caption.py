@@ -21,8 +21,10 @@ Resuming: lines are appended whole by one writer (the main thread), so rerunning
 same command skips the images already in the output; a partial last line left by a kill
 mid-write is truncated away with a warning. Images that could not be captioned go to
 `<out>.failures.jsonl` ({"image", "kind", "reason", "detail"}, kind one of unreadable /
-rejected / api_error / failed). On a rerun, "failed" (transient: retries exhausted) is
-tried again; the permanent kinds are skipped unless `retry_failed` is set.
+rejected / api_error / failed). It is a log across runs: the last record of an image
+counts, and an image in the output is done whatever the log says. On a rerun, "failed"
+(transient: retries exhausted) is tried again; the permanent kinds are skipped unless
+`retry_failed` is set.
 """
 import base64
 import collections
@@ -648,9 +650,9 @@ def caption_images(
     client_config: ClientConfig,
     *,
     prompts: Optional[Sequence[str]] = None,
-    concurrency: int = 8,
+    concurrency: int = 16,
     seed: int = 0,
-    retry_rejected: int = 0,
+    retry_rejected: int = 2,
     short: str = "first_sentence",
     filter_config: Any = "default",
     max_side: Optional[int] = 1344,
