@@ -52,8 +52,10 @@ _WORD_PATTERN = regex.compile(
     + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
 
-# Cleaned text that is ASCII holds only lowercase letters, digits, punctuation
-# and single spaces; there CLIP's pattern reduces to this one, which the
+# Cleaned text that is ASCII holds only lowercase letters, digits, single
+# spaces and other non-space characters (punctuation; both patterns also put
+# any leftover control character in that class); there CLIP's pattern
+# reduces to this one, which the
 # standard `re` engine runs faster than `regex` runs the Unicode one.
 _ASCII_WORD_PATTERN = re.compile(
     "|".join([re.escape(_SOT_TEXT), re.escape(_EOT_TEXT)])
@@ -62,8 +64,8 @@ _ASCII_WORD_PATTERN = re.compile(
 # Any character outside printable ASCII + tab + newline, or "&".
 _NEEDS_FTFY = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
 
-# Per-word BPE cache bound: enough for every distinct word of a large caption
-# corpus, small enough (~100 MB worst case) to never matter for memory.
+# Per-word BPE cache bound: enough for the distinct words of a large caption
+# corpus, small enough (a few hundred MB worst case) for a data worker.
 _MAX_CACHED_WORDS = 1 << 20
 
 Texts = Union[str, Sequence[str]]
@@ -328,12 +330,16 @@ class ClipTokenizer:
 
   def encode(self, text: str) -> List[int]:
     """BPE ids of `text` after CLIP's cleaning, without SOT/EOT."""
-    ids = []
-    word_ids = self._word_ids
     text = clean_text(text)
     pattern = _ASCII_WORD_PATTERN if text.isascii() else _WORD_PATTERN
+    # The hot loop: a dict hit per word; BPE only on a cache miss.
+    cached = self._word_cache.get
+    ids = []
     for word in pattern.findall(text):
-      ids.extend(word_ids(word))
+      word_ids = cached(word)
+      if word_ids is None:
+        word_ids = self._word_ids(word)
+      ids += word_ids
     return ids
 
   def __call__(self, texts: Texts,
