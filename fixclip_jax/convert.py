@@ -400,11 +400,12 @@ def _torch_load(path: str):
   except pickle.UnpicklingError as e:
     msg = str(e)
     if "Unsupported global" in msg or "GLOBAL" in msg:
+      detail = next((line.strip() for line in msg.splitlines()
+                     if "GLOBAL" in line), msg.splitlines()[0])
       raise CheckpointError(
           f"{path}: refused: loading it needs an arbitrary unpickle (it holds "
           f"Python objects other than tensors); only plain state dicts are "
-          f"read, with torch.load(weights_only=True). Detail: "
-          f"{msg.splitlines()[-1] if msg else e!r}") from e
+          f"read, with torch.load(weights_only=True). Detail: {detail}") from e
     raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
                           f"or corrupt?): {msg.splitlines()[0]}") from e
   except Exception as e:  # zip/EOF/… errors of a truncated or foreign file
