@@ -160,3 +160,126 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   check_params(params, cfg, path)
   return params, cfg
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints: the whole train state (params, optimizer state, step,
+# PRNG key) plus the data iterator's state, through one orbax
+# CheckpointManager in WORKDIR/checkpoints. Saves are asynchronous; the
+# manager keeps the last `keep` steps.
+
+TRAIN_CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def make_train_manager(workdir: str, keep: int = 3,
+                       save_interval_steps: int = 1) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, save_interval_steps=save_interval_steps, create=True,
+      enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR),
+      options=options, item_names=("state", "data"))
+
+
+def save_train_state(manager: ocp.CheckpointManager, step: int, state,
+                     data_iterator=None, force: bool = False) -> bool:
+  """Starts an async save of the train state (+ data iterator) at `step`."""
+  import grain  # pylint: disable=g-import-not-at-top
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, abstract_state,
+                        data_iterator=None, step=None):
+  """Restores the latest (or given) step into arrays shaped/sharded like
+  `abstract_state`; the data iterator is restored in place."""
+  import grain  # pylint: disable=g-import-not-at-top
+  step = manager.latest_step() if step is None else step
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"]
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of a tree of jax.Arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ----------------------------------------------------------------------------
+# init_from: start a run from a converted or PyTorch checkpoint.
+
+def adapt_pretrained(pretrained: dict, src_cfg: CLIPConfig, fresh: dict,
+                     cfg: CLIPConfig, *, logit_scale: float = 0.0,
+                     source: str = "init_from") -> dict:
+  """Fits pretrained CLIP / Long-CLIP / FIX-CLIP params to the model `cfg`.
+
+  - Text positions: a 77-row table is stretched to cfg.context_length with
+    Long-CLIP's knowledge-preserved stretching (method.md §2), and the
+    two-table scheme is created or collapsed to match cfg.positional_keep.
+  - Parameters the checkpoint lacks (prompts, mask token, GTA heads) keep
+    their fresh initialisation and are listed in the log; pretrained ones
+    load unchanged. A shape mismatch is an error naming the key and both
+    shapes; pretrained keys the model lacks are dropped with a warning.
+  - logit_scale != 0 resets the temperature (Long-CLIP: ln 100).
+  """
+  from fixclip_jax import positional  # pylint: disable=g-import-not-at-top
+  text = dict(pretrained["text"])
+  pe = np.asarray(text["positional_embedding"])
+  pe_res = text.pop("positional_embedding_res", None)
+  if pe_res is not None and cfg.positional_keep is None:
+    pe = positional.combined_positional_embedding(pe, np.asarray(pe_res),
+                                                  src_cfg.positional_keep)
+    pe_res = None
+  if pe.shape[0] != cfg.context_length:
+    keep = cfg.positional_keep if cfg.positional_keep is not None else 20
+    factor = (cfg.context_length - keep) // max(pe.shape[0] - keep, 1)
+    if positional.stretched_length(pe.shape[0], keep, factor) != cfg.context_length:
+      raise ValueError(f"{source}: cannot stretch a {pe.shape[0]}-row positional "
+                       f"table to context_length {cfg.context_length}")
+    logging.info("%s: stretching text positions %d -> %d (keep=%d, factor=%d)",
+                 source, pe.shape[0], cfg.context_length, keep, factor)
+    pe = positional.stretch_positional_embedding(pe, keep, factor)
+    pe_res = None
+  text["positional_embedding"] = pe
+  if cfg.positional_keep is not None:
+    text["positional_embedding_res"] = pe if pe_res is None else np.asarray(pe_res)
+  pretrained = {**pretrained, "text": text}
+
+  flat_pre = flatten_params(pretrained)
+  flat_fresh = flatten_params(fresh)
+  merged, new = {}, []
+  for key, value in flat_fresh.items():
+    if key in flat_pre:
+      if tuple(np.shape(flat_pre[key])) != tuple(np.shape(value)):
+        raise ValueError(f"{source}: parameter {key} has shape "
+                         f"{tuple(np.shape(flat_pre[key]))} in the checkpoint, "
+                         f"model expects {tuple(np.shape(value))}")
+      merged[key] = np.asarray(flat_pre[key], np.float32)
+    else:
+      merged[key] = np.asarray(value)
+      new.append(key)
+  dropped = sorted(set(flat_pre) - set(flat_fresh))
+  if new:
+    logging.info("%s: %d new parameter(s), freshly initialised: %s",
+                 source, len(new), ", ".join(sorted(new)))
+  if dropped:
+    logging.warning("%s: %d checkpoint parameter(s) unused by this model: %s",
+                    source, len(dropped), ", ".join(dropped))
+  if logit_scale:
+    merged["logit_scale"] = np.asarray(logit_scale, np.float32)
+  return unflatten_params(merged)
+
+
+def load_pretrained(path: str, cfg: CLIPConfig, fresh: dict, *,
+                    logit_scale: float = 0.0) -> dict:
+  """init_from: any checkpoint convert.py reads, adapted to `cfg`."""
+  from fixclip_jax import convert  # pylint: disable=g-import-not-at-top
+  params, src_cfg, fmt = convert.load_any(path)
+  logging.info("init_from %s (%s): %s", path, fmt, src_cfg)
+  return adapt_pretrained(jax.device_get(params), src_cfg, jax.device_get(fresh),
+                          cfg, logit_scale=logit_scale, source=path)

@@ -1,0 +1,81 @@
+"""Every knob of a run, named once with its default (big_vision style).
+
+Config files in configs/ start from `base_config()` and change what differs;
+any knob can be overridden on the command line: `--config.optim.lr=1e-5`.
+"""
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from fixclip_jax.data import pipeline
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # --- Model (fixclip_jax/models/sizes.py): a size name + overrides.
+  c.model_name = "B/16"
+  c.model = ml_collections.ConfigDict()
+  c.model.context_length = 248            # Long-CLIP's stretched context (§2)
+  c.model.positional_keep = 20            # two-table positions; None = one table
+  c.model.num_prompts = 4                 # FIX-CLIP regional prompts per layer (§3)
+  c.model.prompt_layers = config_dict.placeholder(tuple)  # (start, stop); None = all
+  c.model.region_layout = "grid"          # grid | strips
+  c.model.mask_token = True               # learnable token for masked patches
+  c.model.gta_groups = 4                  # hierarchical groups G (0 = none)
+  c.model.gta_sigma = 1.0
+  c.dtype = "bfloat16"                    # compute dtype; params stay float32
+  c.attn_implementation = ""              # "" (XLA picks) | xla | cudnn
+  c.remat = False                         # rematerialise each residual block
+  # --- Objective (fixclip_jax/losses.py).
+  c.objective = "fixclip"                 # clip | longclip | fixclip
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.1            # Long-CLIP's value (§2)
+  c.loss.short_weight = 1.0               # L_long + w * L_short
+  c.loss.gta_weights = (0.5, 0.5)         # w_i for groups K..G (§3)
+  c.loss.gta_first_group = 3              # K
+  c.loss.pcm = False                      # primary-component matching (§2)
+  c.loss.pcm_components = 32
+  c.loss.pcm_per_device = True            # PCA per device batch, as Long-CLIP
+  c.masking = ml_collections.ConfigDict()
+  c.masking.ratio = 0.75                  # share of patches masked (short branch)
+  c.masking.mode = "replace"              # replace (mask token) | drop (MAE-style)
+  # --- Data (fixclip_jax/data/pipeline.py).
+  c.data = pipeline.default_data_config()
+  # --- Optimisation (fixclip_jax/train.py).
+  c.num_train_steps = 1000                # micro-steps (= updates * accum_steps)
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-6                       # Long-CLIP's lr for CLIP weights
+  c.optim.new_params_lr = 1e-4            # prompts, mask token, GTA heads
+  c.optim.weight_decay = 1e-2
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.warmup_steps = 200
+  c.optim.grad_clip = 1.0                 # global norm; 0 = off
+  c.optim.accum_steps = 1
+  c.optim.frozen_regex = r"text/positional_embedding"  # the frozen table (§2)
+  c.optim.new_params_regex = r".*(prompts_\d+|mask_token|/gta/.*)"
+  c.optim.no_decay_regex = (r".*(/bias|/scale|logit_scale|class_embedding|"
+                            r"positional_embedding.*|token_embedding|mask_token|prompts_\d+)")
+  # --- Distribution (fixclip_jax/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                        # -1 = all devices not used by fsdp
+  c.mesh.fsdp = 1
+  c.sharding_rules = ()                   # ((regex, spec | "replicate"), ...)
+  c.distributed = "auto"                  # auto | on | off: jax.distributed.initialize
+  # --- Initialisation (fixclip_jax/checkpoint.py).
+  c.init_from = ""                        # orbax dir | .pt/.safetensors | HF dir
+  c.init_logit_scale = math.log(100.0)    # Long-CLIP resets it to ln 100; 0 = keep
+  # --- Loop, checkpoints, metrics, evaluation.
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.eval_every = 500                      # 0 = only at the end
+  c.eval = ml_collections.ConfigDict()
+  c.eval.datasets = "synthetic"           # comma list, see evaluation/datasets.py
+  c.eval.root = ""                        # data root (synthetic: a manifest dir)
+  c.eval.batch_size = 256
+  c.eval.synthetic_num = 256              # synthetic eval set when root is ""
+  return c

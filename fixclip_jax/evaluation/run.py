@@ -1,0 +1,101 @@
+"""Evaluation mode: embed with the (sharded) model, score, write the report.
+
+`evaluate` is called by the training loop every `eval_every` steps and by
+`main --mode=eval`; it embeds each configured dataset with jitted, batch-sharded
+encoders, scores retrieval (R@K both ways) or zero-shot classification, and
+merges the results into WORKDIR/eval_results.{json,md} and the PNG plots.
+"""
+import os
+from typing import Any, Dict, List, Optional
+
+from absl import logging
+import jax
+import numpy as np
+
+from fixclip_jax import sharding
+from fixclip_jax.evaluation import datasets
+from fixclip_jax.evaluation import report
+from fixclip_jax.evaluation import retrieval
+from fixclip_jax.evaluation import zeroshot
+from fixclip_jax.models import clip
+
+# Held-out synthetic scenes use a seed the training set never uses.
+SYNTHETIC_EVAL_SEED = 10_000
+
+
+def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
+  """(images -> [B, d], texts -> [B, d]) jitted with the batch over the mesh."""
+  batch = sharding.batch_sharding(mesh)
+
+  @jax.jit
+  def _image(params, x):
+    return model.apply({"params": params}, x, method=clip.CLIP.encode_image)["embedding"]
+
+  @jax.jit
+  def _text(params, t):
+    return model.apply({"params": params}, t, method=clip.CLIP.encode_text)["embedding"]
+
+  def on_mesh(fn):
+    return lambda x: np.asarray(fn(params, jax.device_put(np.asarray(x), batch)))
+
+  return on_mesh(_image), on_mesh(_text)
+
+
+def synthetic_eval_root(workdir: str, config) -> str:
+  """Generates (once) the held-out synthetic retrieval set under WORKDIR."""
+  from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root = os.path.join(workdir, "eval_data", "synthetic")
+  if not os.path.isfile(os.path.join(root, "manifest.jsonl")):
+    if jax.process_index() == 0:
+      synthetic.make_synthetic_dataset(
+          root, config.eval.synthetic_num,
+          image_size=config.data.synthetic_image_size, seed=SYNTHETIC_EVAL_SEED)
+  return root
+
+
+def load_eval_sets(config, workdir: str) -> List[Any]:
+  """The datasets named in config.eval.datasets (comma list)."""
+  out = []
+  for name in [n.strip() for n in config.eval.datasets.split(",") if n.strip()]:
+    if name == "synthetic":
+      root = config.eval.root or synthetic_eval_root(workdir, config)
+      out.append(datasets.load_synthetic(root, which="long"))
+      out.append(datasets.load_synthetic(root, which="short"))
+    elif name.replace("_", "") in datasets.CLASSIFICATION_LOADERS:
+      out.append(datasets.load_classification(name, config.eval.root))
+    else:
+      out.append(datasets.load_dataset(name, config.eval.root))
+  return out
+
+
+def evaluate(config, model: clip.CLIP, params, mesh, tokenizer, *,
+             workdir: str, step: Optional[int] = None) -> List[Dict[str, Any]]:
+  """Scores every configured dataset; writes and returns the result rows."""
+  image_fn, text_fn = embed_fns(model, params, mesh)
+  batch_size = config.eval.batch_size
+  if batch_size % sharding.num_batch_shards(mesh):
+    raise ValueError(f"config.eval.batch_size={batch_size} must divide over "
+                     f"{sharding.num_batch_shards(mesh)} batch shards")
+  results = []
+  for ds in load_eval_sets(config, workdir):
+    if isinstance(ds, datasets.ClassificationDataset):
+      r = zeroshot.evaluate_zeroshot(ds, image_fn, text_fn, tokenizer,
+                                     batch_size, model.cfg.image_size)
+    else:
+      r = retrieval.evaluate_retrieval(ds, image_fn, text_fn, tokenizer,
+                                       batch_size, model.cfg.image_size)
+    logging.info("eval %s", r)
+    results.append(r)
+  if jax.process_index() == 0:
+    report.write_report(workdir, results, model=config.model_name, step=step)
+  return results
+
+
+def flat_metrics(results: List[Dict[str, Any]]) -> Dict[str, float]:
+  """{"eval/<protocol>/<metric>": value} for the metric writer."""
+  flat = {}
+  for r in results:
+    for k, v in r.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        flat[f"eval/{r['protocol']}/{k}"] = float(v)
+  return flat
