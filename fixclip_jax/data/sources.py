@@ -156,12 +156,13 @@ class JsonlSource(Source):
       raise ValueError(f"{where}: expected a JSON object")
     if "image" not in rec:
       raise ValueError(f"{where}: missing field 'image'")
-    out = dict(rec)
-    out["captions"] = _captions_of(rec, where)
-    out.pop("caption", None)
-    out["short_caption"] = rec.get("short_caption")
-    out["key"] = str(rec.get("key", rec["image"]))
-    out["line"] = lineno
+    # Only the fields we use are kept: manifests can have millions of lines.
+    out = {"image": rec["image"], "captions": _captions_of(rec, where),
+           "short_caption": rec.get("short_caption"),
+           "key": str(rec.get("key", rec["image"])), "line": lineno}
+    for name in ("prompt", "prompt_id"):  # MLLM prompt templates (prepare)
+      if name in rec:
+        out[name] = rec[name]
     return out
 
   def __len__(self) -> int:
