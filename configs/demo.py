@@ -16,15 +16,15 @@ def get_config():
   c.data.synthetic_num = 2048
   c.data.synthetic_image_size = 64
   c.data.image_size = 32
-  c.data.global_batch = 64
+  c.data.global_batch = 32
   c.data.short_context = 77
-  c.num_train_steps = 400
+  c.num_train_steps = 300
   c.optim.lr = 1e-3                       # from scratch, not fine-tuning
   c.optim.new_params_lr = 1e-3
   c.optim.warmup_steps = 20
-  c.log_every = 20
-  c.checkpoint_every = 200
-  c.eval_every = 200
+  c.log_every = 25
+  c.checkpoint_every = 150
+  c.eval_every = 150
   c.eval.batch_size = 64
   c.eval.synthetic_num = 256
   return c
