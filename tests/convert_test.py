@@ -155,7 +155,9 @@ class RoundTripTest(ConvertTestBase):
       model.load_state_dict(raw, strict=True)
 
   def test_orbax_model_dir_round_trip(self):
-    cfg = get_config("tiny", context_length=40, positional_keep=20)
+    # FIX-CLIP fields too: prompt_layers is a tuple, which JSON turns into a list.
+    cfg = get_config("tiny", context_length=40, positional_keep=20,
+                     num_prompts=2, prompt_layers=(0, 1))
     params = clip.init_params(cfg, jax.random.PRNGKey(3))
     checkpoint.save_model(self.path("m"), params, cfg)
     loaded, loaded_cfg = checkpoint.load_model(self.path("m"))
@@ -338,12 +340,21 @@ class BadInputTest(ConvertTestBase):
     sd["extra"] = _NotATensor()
     self._assert_fails_cleanly(self._save(sd, "evil.pt"), r"evil\.pt.*refused")
 
-  def test_params_with_no_torch_place_are_not_dropped(self):
+  def test_params_not_matching_config_are_refused(self):
     cfg = get_config("tiny")
     params = jax.device_get(clip.init_params(cfg))
     params["visual"]["extra"] = np.zeros((3,), np.float32)
     with self.assertRaisesRegex(ValueError, "unexpected 'visual/extra'"):
       convert.save_openai(self.path("x.pt"), params, cfg)
+    self.assertEqual(os.listdir(self.tmp), [])
+
+  def test_fixclip_params_are_not_silently_dropped(self):
+    # Regional prompts change the CLS feature; the CLIP layouts can't hold them.
+    cfg = get_config("tiny", num_prompts=2)
+    params = jax.device_get(clip.init_params(cfg))
+    for save in (convert.save_openai, convert.save_hf):
+      with self.assertRaisesRegex(convert.CheckpointError, "prompts_0.*no place"):
+        save(self.path("x"), params, cfg)
     self.assertEqual(os.listdir(self.tmp), [])
 
 if __name__ == "__main__":
