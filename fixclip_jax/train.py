@@ -155,7 +155,7 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation,
       return objective(out)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # CLIP clamps the temperature parameter at ln(100) after every update.

@@ -1,0 +1,164 @@
+"""Training: optimizer masks, the sharded step, NaN skipping, learning, resume."""
+import importlib.util
+import os
+import tempfile
+
+from absl.testing import absltest
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fixclip_jax import sharding
+from fixclip_jax import train
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(**overrides):
+  spec = importlib.util.spec_from_file_location(
+      "demo", os.path.join(_ROOT, "configs", "demo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.global_batch = 8
+  c.data.synthetic_num = 64
+  c.data.short_context = 77
+  c.log_every = 1
+  c.eval_every = 0
+  for key, value in overrides.items():
+    node = c
+    *parents, name = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  return c
+
+
+def random_batch(cfg, batch=8, seed=0):
+  rng = np.random.default_rng(seed)
+  text = np.zeros((batch, cfg.context_length), np.int32)
+  text[:, 0] = 49406
+  text[:, 1:40] = rng.integers(1, 49000, size=(batch, 39))
+  text[:, 40] = 49407
+  return {"image": rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)
+                              ).astype(np.float32),
+          "text_long": text, "text_short": text[:, :77].copy()}
+
+
+def one_step(config, batch_np, mesh):
+  cfg = train.model_config(config)
+  model = train.make_model(config, cfg)
+  state, shardings, tx = train.init_state(config, model, mesh)
+  before = jax.device_get(state["params"])
+  step = train.jit_train_step(
+      train.make_train_step(config, model, tx, sharding.num_batch_shards(mesh)),
+      mesh, shardings, batch_np)
+  state, metrics = step(state, sharding.global_batch(batch_np, mesh))
+  return before, jax.device_get(state["params"]), jax.device_get(metrics)
+
+
+class StepTest(absltest.TestCase):
+
+  def test_frozen_positions_bit_identical_others_change(self):
+    config = demo_config(**{"optim.warmup_steps": 0})
+    mesh = sharding.make_mesh()
+    before, after, metrics = one_step(config, random_batch(
+        train.model_config(config)), mesh)
+    self.assertEqual(int(metrics["skipped"]), 0)
+    t0, t1 = before["text"], after["text"]
+    np.testing.assert_array_equal(t0["positional_embedding"], t1["positional_embedding"])
+    np.testing.assert_array_equal(t0["positional_embedding_res"][:20],
+                                  t1["positional_embedding_res"][:20])
+    self.assertFalse(np.array_equal(t0["positional_embedding_res"][20:41],
+                                    t1["positional_embedding_res"][20:41]))
+    # Every other parameter that the batch touches moves.
+    for path in (("visual", "conv1", "kernel"), ("visual", "mask_token"),
+                 ("visual", "transformer", "prompts_0"), ("text", "gta", "ln_1", "scale"),
+                 ("text", "transformer", "resblocks_1", "mlp", "c_fc", "kernel")):
+      a, b = before, after
+      for k in path:
+        a, b = a[k], b[k]
+      self.assertFalse(np.array_equal(a, b), "/".join(path))
+
+  def test_nan_batch_is_skipped(self):
+    config = demo_config()
+    batch = random_batch(train.model_config(config))
+    batch["image"][3, 0, 0, 0] = np.nan
+    before, after, metrics = one_step(config, batch, sharding.make_mesh())
+    self.assertEqual(int(metrics["skipped"]), 1)
+    self.assertGreater(int(metrics["nonfinite_features"]), 0)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+
+  def test_sharded_step_matches_single_device(self):
+    config = demo_config()
+    batch = random_batch(train.model_config(config))
+    one = sharding.make_mesh(devices=jax.devices()[:1])
+    _, p1, m1 = one_step(config, batch, one)
+    eight = sharding.make_mesh(data=4, fsdp=2)
+    _, p8, m8 = one_step(config, batch, eight)
+    for k in ("loss", "loss_long", "loss_short", "loss_gta_2", "grad_norm"):
+      np.testing.assert_allclose(m1[k], m8[k], rtol=2e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 p1, p8)
+
+  def test_fsdp_rules_shard_big_params(self):
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    tree = {"big": jnp.zeros((1024, 512)), "small": jnp.zeros((8,)),
+            "ruled": jnp.zeros((1024, 512))}
+    specs = sharding.param_specs(tree, mesh, rules=[("ruled", "replicate")])
+    self.assertEqual(specs["big"], jax.sharding.PartitionSpec("fsdp", None))
+    self.assertEqual(specs["small"], jax.sharding.PartitionSpec())
+    self.assertEqual(specs["ruled"], jax.sharding.PartitionSpec())
+
+
+class LoopTest(absltest.TestCase):
+
+  def test_tiny_fixclip_learns_synthetic_data(self):
+    config = demo_config(**{"num_train_steps": 50, "data.global_batch": 16,
+                            "data.synthetic_num": 256, "optim.warmup_steps": 5,
+                            "checkpoint_every": 1000})
+    workdir = tempfile.mkdtemp()
+    train.train_and_evaluate(config, workdir, evaluate=False)
+    import json  # pylint: disable=g-import-not-at-top
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    self.assertLen(rows, 50)
+    for term in ("loss_long", "loss_short", "loss_gta_2"):
+      first = np.mean([r[term] for r in rows[:10]])
+      last = np.mean([r[term] for r in rows[-10:]])
+      print(f"{term}: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
+      self.assertLess(last, first - 0.1, term)
+
+  def test_preempted_run_resumes_to_the_same_state(self):
+    config = demo_config(**{"num_train_steps": 4, "checkpoint_every": 100})
+    straight = train.train_and_evaluate(config, tempfile.mkdtemp(), evaluate=False)
+
+    workdir = tempfile.mkdtemp()
+
+    class PreemptAtStep2(train.PreemptionGuard):
+      checks = 0
+
+      @property
+      def requested(self):
+        PreemptAtStep2.checks += 1
+        return PreemptAtStep2.checks >= 2
+
+      @requested.setter
+      def requested(self, value):
+        pass
+
+    original = train.PreemptionGuard
+    train.PreemptionGuard = PreemptAtStep2
+    try:
+      stopped = train.train_and_evaluate(config, workdir, evaluate=False)
+    finally:
+      train.PreemptionGuard = original
+    self.assertEqual(int(stopped["step"]), 2)
+    self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "2")))
+    resumed = train.train_and_evaluate(config, workdir, evaluate=False)
+    self.assertEqual(int(resumed["step"]), 4)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["params"]),
+                 jax.device_get(resumed["params"]))
+
+
+if __name__ == "__main__":
+  absltest.main()
