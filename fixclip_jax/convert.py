@@ -200,6 +200,52 @@ LAYOUTS = {
 }
 
 
+# --- FIX-CLIP's parameters (method.md §3) in the OpenAI layout. PyTorch CLIP
+# has no place for them, so they are written under documented extra keys:
+#   fixclip.visual.prompts.{i}            [M, w]  regional prompts of block i
+#   fixclip.visual.mask_token             [w]     the short branch's mask token
+#   fixclip.{visual,text}.gta.{g}.linear.{weight [d, w], bias [d]}
+#   fixclip.{visual,text}.gta.{g}.ln.{weight, bias}       GTA head of group g
+# Shapes give num_prompts, prompt_layers, mask_token and gta_groups back on
+# import; region_layout and gta_sigma are not stored (defaults: grid, 1.0).
+FIXCLIP_PREFIX = "fixclip."
+
+
+def fixclip_rules(cfg: CLIPConfig) -> Sequence[Rule]:
+  """The extra-key rules for cfg's FIX-CLIP parameters (none for plain CLIP)."""
+  from fixclip_jax.models import fixclip  # pylint: disable=g-import-not-at-top
+  rules = []
+  if cfg.num_prompts:
+    rules += [_rule(f"fixclip.visual.prompts.{i}", f"visual/transformer/prompts_{i}")
+              for i in range(cfg.vision_layers)
+              if fixclip.prompt_layer_active(i, cfg.prompt_layers)]
+  if cfg.mask_token:
+    rules.append(_rule("fixclip.visual.mask_token", "visual/mask_token"))
+  for tower in ("visual", "text"):
+    for g in range(cfg.gta_groups):
+      rules += _dense(f"fixclip.{tower}.gta.{g}.linear", f"{tower}/gta/linear_{g}")
+      rules += _layer_norm(f"fixclip.{tower}.gta.{g}.ln", f"{tower}/gta/ln_{g}")
+  return rules
+
+
+def strip_fixclip(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
+  """Drops prompts, mask token and GTA heads: a plain (Long-)CLIP model.
+
+  The text encoder is complete; the image encoder without its prompts is
+  CLIP's, so its features differ from the FIX-CLIP model's.
+  """
+  extra = {r.ours for r in fixclip_rules(cfg)}
+  if not extra:
+    return params, cfg
+  logging.warning("Dropping %d FIX-CLIP parameters (prompts, mask token, GTA "
+                  "heads): the image features of the written model are plain "
+                  "CLIP's", len(extra))
+  flat = {k: v for k, v in checkpoint.flatten_params(params).items()
+          if k not in extra}
+  return checkpoint.unflatten_params(flat), cfg.replace(
+      num_prompts=0, prompt_layers=None, mask_token=False, gta_groups=0)
+
+
 def rules_for(layout: str, cfg: CLIPConfig) -> Sequence[Rule]:
   """The layout's table expanded for cfg: `{i}` filled in, `when` applied."""
   if layout not in LAYOUTS:
@@ -210,6 +256,8 @@ def rules_for(layout: str, cfg: CLIPConfig) -> Sequence[Rule]:
   rules = [r for r in top if r.when is None or r.when(cfg)]
   rules += [fill(r, i) for i in range(cfg.vision_layers) for r in vision_block]
   rules += [fill(r, i) for i in range(cfg.text_layers) for r in text_block]
+  if layout == "openai":
+    rules += fixclip_rules(cfg)
   return rules
 
 
@@ -256,12 +304,14 @@ def params_to_state_dict(params: dict, cfg: CLIPConfig, layout: str) -> StateDic
   checkpoint.check_params(params, cfg, "params to export")
   flat = checkpoint.flatten_params(params)
   rules = rules_for(layout, cfg)
-  # FIX-CLIP's extra params (prompts, mask token, GTA heads) have no PyTorch
-  # CLIP counterpart; dropping them silently would change the model.
+  # HF's CLIPModel has no place for FIX-CLIP's extra params; dropping them
+  # silently would change the model (strip_fixclip / --drop_extra does it on
+  # request).
   uncovered = sorted(set(flat) - {r.ours for r in rules})
   if uncovered:
     raise CheckpointError(f"params {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''}"
-                          f" have no place in the {layout} CLIP layout")
+                          f" have no place in the {layout} CLIP layout; "
+                          "--drop_extra writes the model without them")
   sd = {}
   for rule in rules:
     value = np.asarray(jax.device_get(flat[rule.ours]), np.float32)
@@ -673,13 +723,59 @@ _ACT = flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"],
                          "Activation of an OpenAI-layout source (not stored in "
                          "the file); default quick_gelu.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
+_STRETCH = flags.DEFINE_integer(
+    "stretch", None, "Prepare for long-text training: stretch the text "
+    "positions to this many rows with Long-CLIP's knowledge-preserved "
+    "stretching (248 from 77) and create the two-table scheme (method.md §2).")
+_DROP_EXTRA = flags.DEFINE_bool(
+    "drop_extra", False, "Write without FIX-CLIP's prompts / mask token / GTA "
+    "heads: a plain Long-CLIP-layout model (text encoder complete).")
+
+
+def stretch_transform(context_length: int, keep: int = LONGCLIP_KEEP) -> ParamsTransform:
+  """params_transform for --stretch: KPS to `context_length`, two tables."""
+  from fixclip_jax import positional  # pylint: disable=g-import-not-at-top
+
+  def transform(params, cfg):
+    if cfg.context_length == context_length:
+      raise CheckpointError(f"--stretch={context_length}: the checkpoint already "
+                            f"has {context_length} text positions")
+    if cfg.positional_keep is not None:
+      params, cfg = single_position_table(params, cfg)
+    factor = (context_length - keep) // (cfg.context_length - keep)
+    if positional.stretched_length(cfg.context_length, keep, factor) != context_length:
+      raise CheckpointError(
+          f"--stretch={context_length}: not reachable from {cfg.context_length} "
+          f"rows with keep={keep} (keep + factor * (rows - keep))")
+    params = positional.stretch_text_positions(params, keep, factor, two_tables=True)
+    logging.info("Stretched text positions %d -> %d (keep=%d, factor=%d)",
+                 cfg.context_length, context_length, keep, factor)
+    return params, cfg.replace(context_length=context_length, positional_keep=keep)
+
+  return transform
+
+
+def compose(*transforms: Optional[ParamsTransform]) -> Optional[ParamsTransform]:
+  active = [t for t in transforms if t is not None]
+  if not active:
+    return None
+
+  def run(params, cfg):
+    for t in active:
+      params, cfg = t(params, cfg)
+    return params, cfg
+
+  return run
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  transform = compose(
+      stretch_transform(_STRETCH.value) if _STRETCH.value else None,
+      strip_fixclip if _DROP_EXTRA.value else None)
   convert(_SRC.value, _DST.value, _TO.value, act=_ACT.value,
-          overwrite=_OVERWRITE.value)
+          params_transform=transform, overwrite=_OVERWRITE.value)
 
 
 if __name__ == "__main__":

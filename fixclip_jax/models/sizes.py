@@ -119,12 +119,24 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
   keep = None
   if "positional_embedding_res" in shapes:
     keep = LONGCLIP_KEEP
+  vision_layers = _count_layers(keys, "visual.transformer.resblocks.")
+  # FIX-CLIP's extra keys (convert.py documents them).
+  prompt_ids = sorted(int(m.group(1)) for k in keys
+                      if (m := re.fullmatch(r"fixclip\.visual\.prompts\.(\d+)", k)))
+  num_prompts = shape(f"fixclip.visual.prompts.{prompt_ids[0]}")[0] if prompt_ids else 0
+  prompt_layers = None
+  if prompt_ids and prompt_ids != list(range(vision_layers)):
+    prompt_layers = (prompt_ids[0], prompt_ids[-1] + 1)
+    if prompt_ids != list(range(*prompt_layers)):
+      raise ValueError(f"FIX-CLIP prompts on non-contiguous layers {prompt_ids}")
+  gta_groups = len([k for k in keys
+                    if re.fullmatch(r"fixclip\.visual\.gta\.\d+\.linear\.weight", k)])
   return CLIPConfig(
       embed_dim=shape("text_projection")[1],
       image_size=grid * patch,
       patch_size=patch,
       vision_width=vw,
-      vision_layers=_count_layers(keys, "visual.transformer.resblocks."),
+      vision_layers=vision_layers,
       vision_heads=vision_heads or vw // head_dim,
       vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
       context_length=shape("positional_embedding")[0],
@@ -135,4 +147,8 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
       text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
       act=act,
       positional_keep=keep,
+      num_prompts=num_prompts,
+      prompt_layers=prompt_layers,
+      mask_token="fixclip.visual.mask_token" in shapes,
+      gta_groups=gta_groups,
   )
