@@ -13,7 +13,9 @@ Formats read (auto-detected, logged):
             `positional_embedding_res` (method.md §2).
   hf        a Hugging Face `CLIPModel` directory (config.json + weights).
   orbax     a model directory written by `checkpoint.save_model`.
-Formats written: orbax (default), openai (.pt or .safetensors), hf (directory).
+Formats written: orbax (default), openai (.pt or .safetensors; FIX-CLIP's
+extra parameters under `fixclip.*` keys), hf (directory), hf_text (the text
+encoder + CLIPTokenizer files, for diffusion pipelines).
 
   python -m fixclip_jax.convert --src=longclip-B.pt --dst=/ckpt/longclip_b16
   python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
@@ -580,6 +582,8 @@ def _format_of(sd: StateDict, path: str) -> str:
   if _is_hf_keys(sd):
     return "hf"
   if "visual.conv1.weight" in sd:
+    if any(k.startswith(FIXCLIP_PREFIX) for k in sd):
+      return "fixclip"
     return "longclip" if "positional_embedding_res" in sd else "openai"
   raise CheckpointError(
       f"{path}: unrecognised key layout (no 'visual.conv1.weight' as in OpenAI/"
@@ -688,12 +692,49 @@ def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
   logging.info("Wrote HF CLIPModel directory to %s", directory)
 
 
+def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
+                         overwrite: bool = False) -> None:
+  """The text tower alone as a HF `CLIPTextModelWithProjection` directory plus
+  its `CLIPTokenizer` files at cfg.context_length (248 for Long-/FIX-CLIP):
+  `CLIPTextModel.from_pretrained` loads it too (ignoring the projection), and
+  a diffusers pipeline takes it as `text_encoder` (plug-and-play, method.md §3).
+  """
+  from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  _refuse_existing(directory, overwrite)
+  params, cfg = single_position_table(params, cfg)
+  params, cfg = strip_fixclip(params, cfg)  # GTA heads only; text is complete
+  full = params_to_state_dict(params, cfg, "hf")
+  sd = {k: v for k, v in full.items()
+        if k.startswith("text_model.") or k == "text_projection.weight"}
+  text_config = dict(hf_config_dict(cfg)["text_config"],
+                     architectures=["CLIPTextModelWithProjection"],
+                     projection_dim=cfg.embed_dim, dtype="float32")
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  try:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(text_config, f, indent=2)
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tokenizers.ClipTokenizer(context_length=cfg.context_length).save_hf_files(tmp)
+    if os.path.exists(directory):
+      shutil.rmtree(directory)
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("Wrote HF text encoder (%d tokens) + tokenizer to %s",
+               cfg.context_length, directory)
+
+
 def save_orbax(path: str, params: dict, cfg: CLIPConfig, *,
                overwrite: bool = False) -> None:
   checkpoint.save_model(path, params, cfg, overwrite=overwrite)
 
 
-SAVERS = {"orbax": save_orbax, "openai": save_openai, "hf": save_hf}
+SAVERS = {"orbax": save_orbax, "openai": save_openai, "hf": save_hf,
+          "hf_text": save_hf_text_encoder}
 
 
 def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
@@ -718,7 +759,8 @@ def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
 _SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .pt/.bin/.safetensors, "
                            "a HF CLIPModel directory, or one of our model dirs.")
 _DST = flags.DEFINE_string("dst", None, "Where to write (must not exist).")
-_TO = flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format.")
+_TO = flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format: orbax | "
+                        "openai | hf | hf_text (text encoder + tokenizer).")
 _ACT = flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"],
                          "Activation of an OpenAI-layout source (not stored in "
                          "the file); default quick_gelu.")

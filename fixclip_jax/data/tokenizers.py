@@ -22,6 +22,7 @@ vocabulary ships inside the package and is checked against its sha256.
 import gzip
 import hashlib
 import html
+import json
 import os
 import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -270,6 +271,7 @@ class ClipTokenizer:
                + [a + b for a, b in merges] + [_SOT_TEXT, _EOT_TEXT])
     self._symbol_to_id = {s: i for i, s in enumerate(symbols)}
     self._id_to_symbol = symbols
+    self._merges = merges
     self._merge_rank = {pair: rank for rank, pair in enumerate(merges)}
     self._byte_to_char = bytes_to_unicode()
     self._char_to_byte = {c: b for b, c in self._byte_to_char.items()}
@@ -281,6 +283,24 @@ class ClipTokenizer:
     # open_clip maps to their ids without BPE.
     self._word_cache: Dict[str, Tuple[int, ...]] = {
         _SOT_TEXT: (self.sot_token_id,), _EOT_TEXT: (self.eot_token_id,)}
+
+  def save_hf_files(self, directory: str) -> None:
+    """Writes a Hugging Face `CLIPTokenizer` for this vocabulary and context:
+    vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+    (for diffusion pipelines that take our text encoder, method.md §3)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+      json.dump(self._symbol_to_id, f, ensure_ascii=False)
+    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
+    special = {"bos_token": _SOT_TEXT, "eos_token": _EOT_TEXT,
+               "unk_token": _EOT_TEXT, "pad_token": _EOT_TEXT}
+    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
+      json.dump(special, f, indent=2)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+      json.dump({"tokenizer_class": "CLIPTokenizer",
+                 "model_max_length": self.context_length,
+                 "do_lower_case": True, **special}, f, indent=2)
 
   def _bpe(self, symbols: List[str]) -> List[str]:
     """Applies merges lowest rank first until none applies.
