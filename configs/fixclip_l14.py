@@ -11,7 +11,7 @@ def get_config():
   c.data.global_batch = 1024
   c.data.num_workers = 8
   c.num_train_steps = 12000
-  c.remat = True                          # activations of 24 layers x 2 branches
+  c.remat = "full"                          # activations of 24 layers x 2 branches
   c.mesh.fsdp = -1                        # shard params/optimizer over all devices
   c.mesh.data = 1
   c.checkpoint_every = 1000

@@ -12,5 +12,5 @@ def get_config():
   spec.loader.exec_module(module)
   c = module.get_config()
   c.model_name = "L/14"
-  c.remat = True
+  c.remat = "full"
   return c

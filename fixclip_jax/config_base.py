@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gta_sigma = 1.0
   c.dtype = "bfloat16"                    # compute dtype; params stay float32
   c.attn_implementation = ""              # "" (XLA picks) | xla | cudnn
-  c.remat = False                         # rematerialise each residual block
+  c.remat = "none"                        # none | full | dots | dots_saveable
   # --- Objective (fixclip_jax/losses.py).
   c.objective = "fixclip"                 # clip | longclip | fixclip
   c.loss = ml_collections.ConfigDict()

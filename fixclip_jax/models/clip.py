@@ -32,6 +32,29 @@ Array = jax.Array
 Dtype = Any
 
 
+# Rematerialisation of each residual block (activations recomputed in the
+# backward pass): False/"none" keeps all; True/"full" saves only block inputs;
+# "dots" also keeps matmul outputs without batch dims (weights-stationary
+# products), trading memory for less recompute.
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_block(remat) -> type:
+  """ResidualBlock, wrapped in nn.remat with the named policy when asked."""
+  if remat in (False, None, "", "none"):
+    return layers.ResidualBlock
+  name = "full" if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; use none | {' | '.join(REMAT_POLICIES)}")
+  # Argument 4 (self, x, mask, bias, is_causal) picks the attention kernel.
+  return nn.remat(layers.ResidualBlock, policy=REMAT_POLICIES[name],
+                  static_argnums=(4,))
+
+
 class Transformer(nn.Module):
   """A stack of residual blocks, optionally with fresh regional prompts per layer.
 
@@ -43,7 +66,7 @@ class Transformer(nn.Module):
   act: str = "quick_gelu"
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
   num_prompts: int = 0
   prompt_layers: Optional[tuple] = None
 
@@ -56,7 +79,7 @@ class Transformer(nn.Module):
     b, _, w = x.shape
     rows = jnp.arange(b)
     pool_index = jnp.zeros((b,), jnp.int32) if pool_index is None else pool_index
-    block_cls = nn.remat(layers.ResidualBlock) if self.remat else layers.ResidualBlock
+    block_cls = remat_block(self.remat)
     m = self.num_prompts
     collected = []
     for i in range(self.num_layers):
@@ -82,7 +105,7 @@ class VisionTower(nn.Module):
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
 
   @nn.compact
   def __call__(self, images: Array, *, patch_mask: Optional[Array] = None,
@@ -149,7 +172,7 @@ class TextTower(nn.Module):
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
 
   @nn.compact
   def __call__(self, text: Array) -> dict:
@@ -193,7 +216,7 @@ class CLIP(nn.Module):
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
-  remat: bool = False
+  remat: Any = False  # see REMAT_POLICIES
 
   def setup(self):
     kw = dict(cfg=self.cfg, dtype=self.dtype,

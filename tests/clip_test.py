@@ -1,0 +1,84 @@
+"""Model options: remat policies, bf16 compute, sizes, shape errors."""
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fixclip_jax import losses
+from fixclip_jax.models import clip
+from fixclip_jax.models import fixclip
+from fixclip_jax.models import sizes
+
+
+def _batch(cfg, b=4, seed=0):
+  rng = np.random.default_rng(seed)
+  text = np.zeros((b, cfg.context_length), np.int32)
+  text[:, 0] = 49406
+  text[:, 1:30] = rng.integers(1, 49000, size=(b, 29))
+  text[:, 30] = 49407
+  images = rng.normal(size=(b, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+  return jnp.asarray(images), jnp.asarray(text)
+
+
+def _fixclip_loss(model, params, images, text):
+  masked, _ = fixclip.random_patch_mask(jax.random.PRNGKey(0), images.shape[0],
+                                        model.cfg.num_patches, 0.75)
+  out = model.apply({"params": params}, images, text, text, patch_mask=masked,
+                    method=clip.CLIP.train_outputs)
+  return losses.fixclip_objective(out, gta_weights=(0.5,), gta_first_group=2)[0]
+
+
+class CLIPOptionsTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.cfg = sizes.get_config("tiny", context_length=248, positional_keep=20,
+                               num_prompts=4, mask_token=True, gta_groups=2)
+    cls.params = clip.init_params(cls.cfg, jax.random.PRNGKey(1))
+    cls.images, cls.text = _batch(cls.cfg)
+
+  def test_remat_same_gradients(self):
+    grad = lambda m: jax.jit(jax.grad(
+        lambda p: _fixclip_loss(m, p, self.images, self.text)))(self.params)
+    want = grad(clip.CLIP(self.cfg))
+    for policy in ("full", "dots"):
+      got = grad(clip.CLIP(self.cfg, remat=policy))
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                   got, want)
+
+  def test_unknown_remat_policy(self):
+    with self.assertRaisesRegex(ValueError, "remat='some'"):
+      clip.remat_block("some")
+
+  def test_bfloat16_loss_close_to_float32(self):
+    f32 = _fixclip_loss(clip.CLIP(self.cfg), self.params, self.images, self.text)
+    bf16 = _fixclip_loss(clip.CLIP(self.cfg, dtype=jnp.bfloat16), self.params,
+                         self.images, self.text)
+    rel = abs(float(bf16) - float(f32)) / abs(float(f32))
+    print(f"FIX-CLIP loss bf16 vs f32: {float(bf16):.5f} vs {float(f32):.5f} (rel {rel:.2e})")
+    self.assertLess(rel, 1e-2)
+
+  def test_named_sizes(self):
+    b16 = sizes.get_config("B/16")
+    self.assertEqual((b16.vision_width, b16.vision_layers, b16.vision_heads,
+                      b16.embed_dim, b16.num_patches), (768, 12, 12, 512, 196))
+    l14 = sizes.get_config("L/14@336", context_length=248)
+    self.assertEqual((l14.vision_width, l14.image_size, l14.text_width,
+                      l14.context_length), (1024, 336, 768, 248))
+    with self.assertRaisesRegex(ValueError, "Unknown model size 'Q/7'"):
+      sizes.get_config("Q/7")
+
+  def test_shape_errors_name_the_problem(self):
+    model = clip.CLIP(self.cfg)
+    with self.assertRaisesRegex(ValueError, "exceeds context_length 248"):
+      model.apply({"params": self.params}, jnp.zeros((1, 300), jnp.int32),
+                  method=clip.CLIP.encode_text)
+    with self.assertRaisesRegex(ValueError, "built for 32px"):
+      model.apply({"params": self.params}, jnp.zeros((1, 64, 64, 3)),
+                  method=clip.CLIP.encode_image)
+
+
+if __name__ == "__main__":
+  absltest.main()
