@@ -283,3 +283,47 @@ def load_pretrained(path: str, cfg: CLIPConfig, fresh: dict, *,
   logging.info("init_from %s (%s): %s", path, fmt, src_cfg)
   return adapt_pretrained(jax.device_get(params), src_cfg, jax.device_get(fresh),
                           cfg, logit_scale=logit_scale, source=path)
+
+
+# ----------------------------------------------------------------------------
+# A training WORKDIR as a model source: WORKDIR/model_config.json (written at
+# the start of training) + the latest train state's params. convert.py reads
+# it like any other checkpoint, so a pod run exports with one command.
+
+def write_workdir_model_config(workdir: str, cfg: CLIPConfig) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, MODEL_CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_to_dict(cfg), f, indent=2)
+  os.replace(tmp, path)
+
+
+def is_train_workdir(path: str) -> bool:
+  return (os.path.isdir(path) and
+          os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE)) and
+          os.path.isdir(os.path.join(path, TRAIN_CHECKPOINT_SUBDIR)))
+
+
+def load_train_params(workdir: str, step=None) -> Tuple[dict, CLIPConfig]:
+  """Params (host numpy) of a training WORKDIR's latest (or given) step."""
+  cfg = load_model_config(workdir)
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR),
+      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir}: no training checkpoint in "
+                            f"{TRAIN_CHECKPOINT_SUBDIR}/")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      manager.item_metadata(step)["state"])
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), state["params"])
+  check_params(params, cfg, f"{workdir} step {step}")
+  logging.info("Loaded params of %s at step %d", workdir, step)
+  return params, cfg

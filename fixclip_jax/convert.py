@@ -13,6 +13,7 @@ Formats read (auto-detected, logged):
             `positional_embedding_res` (method.md §2).
   hf        a Hugging Face `CLIPModel` directory (config.json + weights).
   orbax     a model directory written by `checkpoint.save_model`.
+  train_workdir  a training --workdir (its latest train state's params).
 Formats written: orbax (default), openai (.pt or .safetensors; FIX-CLIP's
 extra parameters under `fixclip.*` keys), hf (directory), hf_text (the text
 encoder + CLIPTokenizer files, for diffusion pipelines).
@@ -628,6 +629,10 @@ def load_any(path: str, *, act: Optional[str] = None) -> Tuple[dict, CLIPConfig,
     logging.info("%s: detected format orbax", path)
     params, cfg = checkpoint.load_model(path)
     return params, cfg, "orbax"
+  if checkpoint.is_train_workdir(path):
+    logging.info("%s: detected format train_workdir (latest step's params)", path)
+    params, cfg = checkpoint.load_train_params(path)
+    return params, cfg, "train_workdir"
   return load_torch_checkpoint(path, act=act)
 
 

@@ -270,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"{config.model_name} takes {cfg.image_size}px images")
   train_iter = pipeline.make_train_iterator(data_config, tokenizer)
 
+  checkpoint.write_workdir_model_config(workdir, cfg)  # convert --src=WORKDIR
   manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
   resume = manager.latest_step() is not None
   params = None

@@ -158,6 +158,13 @@ class LoopTest(absltest.TestCase):
     self.assertEqual(int(resumed["step"]), 4)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["params"]),
                  jax.device_get(resumed["params"]))
+    # The workdir itself is a model source for convert.py (export after a run).
+    from fixclip_jax import convert  # pylint: disable=g-import-not-at-top
+    params, cfg, fmt = convert.load_any(workdir)
+    self.assertEqual(fmt, "train_workdir")
+    self.assertEqual(cfg, train.model_config(config))
+    jax.tree.map(np.testing.assert_array_equal, params,
+                 jax.device_get(resumed["params"]))
 
 
 if __name__ == "__main__":
