@@ -25,6 +25,7 @@ def get_config():
   c.log_every = 25
   c.checkpoint_every = 150
   c.eval_every = 150
+  c.eval_at_start = True                  # the table compares with the untrained model
   c.eval.batch_size = 64
   c.eval.synthetic_num = 256
   return c

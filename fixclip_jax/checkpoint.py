@@ -171,24 +171,33 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
 TRAIN_CHECKPOINT_SUBDIR = "checkpoints"
 
 
-def make_train_manager(workdir: str, keep: int = 3,
-                       save_interval_steps: int = 1) -> ocp.CheckpointManager:
+def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1,
+                       best_metric: str = "") -> ocp.CheckpointManager:
+  """Keeps the last `keep` steps, or with `best_metric` (an eval metric name
+  such as "eval/urban1k-.../t2i_R@1", higher is better) the best `keep` ones."""
+  best = {}
+  if best_metric:
+    best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                keep_checkpoints_without_metrics=True)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, save_interval_steps=save_interval_steps, create=True,
-      enable_async_checkpointing=True)
+      enable_async_checkpointing=True, **best)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR),
       options=options, item_names=("state", "data"))
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state,
-                     data_iterator=None, force: bool = False) -> bool:
-  """Starts an async save of the train state (+ data iterator) at `step`."""
+                     data_iterator=None, force: bool = False,
+                     metrics=None) -> bool:
+  """Starts an async save of the train state (+ data iterator) at `step`;
+  `metrics` feed the manager's best-checkpoint choice."""
   import grain  # pylint: disable=g-import-not-at-top
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force,
+                      metrics=metrics)
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state,

@@ -72,7 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  c.checkpoint_best_metric = ""           # e.g. "eval/synthetic-long/t2i_R@1"
+  c.peak_tflops = 0.0                     # per device, for MFU; 0 = by device kind
   c.eval_every = 500                      # 0 = only at the end
+  c.eval_at_start = False                 # also score the initial model (step 0)
   c.eval = ml_collections.ConfigDict()
   c.eval.datasets = "synthetic"           # comma list, see evaluation/datasets.py
   c.eval.root = ""                        # data root (synthetic: a manifest dir)

@@ -247,13 +247,34 @@ def _host_batch(batch: dict) -> dict:
   return {k: batch[k] for k in ("image", "text_long", "text_short")}
 
 
+def _write_config_copy(config, workdir: str) -> None:
+  """WORKDIR/config.json: the resolved config of this run (process 0)."""
+  if jax.process_index() != 0:
+    return
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def _progress(step: int, total: int, step_time: float, metrics: dict) -> str:
+  """One concise stdout line: step, loss, speed, ETA."""
+  eta = max(total - step, 0) * step_time
+  terms = " ".join(f"{k[5:]}={metrics[k]:.3f}" for k in sorted(metrics)
+                   if k.startswith("loss_"))
+  return (f"[{step}/{total}] loss={metrics['loss']:.4f} ({terms}) "
+          f"{metrics['images_per_s']:.1f} img/s, ETA {eta / 60:.1f} min")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate: bool = True) -> TrainState:
   """Trains config.num_train_steps micro-steps, resuming from WORKDIR if it
-  holds a checkpoint; evaluates every config.eval_every steps and at the end."""
+  holds a checkpoint; evaluates every config.eval_every steps and at the end
+  (and before the first step when config.eval_at_start)."""
   # Imported here so that the model/step import path stays free of data-only
   # dependencies (grain, tfds) for tools that only need the step.
   from fixclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from fixclip_jax import flops  # pylint: disable=g-import-not-at-top
   from fixclip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from fixclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
@@ -270,8 +291,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      f"{config.model_name} takes {cfg.image_size}px images")
   train_iter = pipeline.make_train_iterator(data_config, tokenizer)
 
+  _write_config_copy(config, workdir)
   checkpoint.write_workdir_model_config(workdir, cfg)  # convert --src=WORKDIR
-  manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
+  manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints,
+                                          best_metric=config.checkpoint_best_metric)
   resume = manager.latest_step() is not None
   params = None
   if config.init_from and not resume:
@@ -285,16 +308,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Resumed from %s at step %d", workdir, int(state["step"]))
   start = int(jax.device_get(state["step"]))
 
+  writer = metrics_lib.MetricWriter(workdir)
+  eval_metrics = {}
+
+  def run_eval(step):
+    results = eval_run.evaluate(config, model, state["params"], mesh, tokenizer,
+                                workdir=workdir, step=step)
+    flat = eval_run.flat_metrics(results)
+    writer.write(step, flat)
+    return flat
+
+  if evaluate and config.eval_at_start and start == 0:
+    eval_metrics = run_eval(0)
+
   step_fn = make_train_step(config, model, tx, sharding.num_batch_shards(mesh))
   train_step = None  # jitted on the first batch, whose structure it needs
-  writer = metrics_lib.MetricWriter(workdir)
+  flops_per_step = flops.train_step_flops(config)["total"]
+  peak = 1e12 * config.peak_tflops
+  skipped = np.zeros(len(getattr(pipeline, "SKIP_REASONS", ())), np.int64)
   images_per_step = config.data.global_batch
   eval_every = config.eval_every or config.num_train_steps
   timer_start, timer_steps = time.perf_counter(), 0
   step = start
   with PreemptionGuard() as guard:
     while step < config.num_train_steps:
-      batch = sharding.global_batch(_host_batch(next(train_iter)), mesh)
+      host = next(train_iter)
+      if "skipped" in host and skipped.size:
+        skipped += np.asarray(host["skipped"]).sum(0)
+      batch = sharding.global_batch(_host_batch(host), mesh)
       if train_step is None:
         train_step = jit_train_step(step_fn, mesh, shardings, batch)
       state, metrics = train_step(state, batch)
@@ -307,23 +348,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         metrics["images_per_s"] = images_per_step * timer_steps / elapsed
         metrics["lr"] = float(learning_rate_schedule(config.optim.lr, config)(
             step // config.optim.accum_steps))
+        metrics["logit_scale"] = float(np.log(metrics["temperature"]))
+        if peak:
+          metrics["mfu"] = flops_per_step / metrics["step_time_s"] / (
+              peak * jax.device_count())
+        for reason, count in zip(getattr(pipeline, "SKIP_REASONS", ()), skipped):
+          metrics[f"data/skipped_{reason}"] = int(count)
         if metrics["skipped"]:
           logging.warning("step %d: update skipped (%d non-finite features)",
                           step, int(metrics.get("nonfinite_features", 0)))
         writer.write(step, metrics)
+        if jax.process_index() == 0:
+          print(_progress(step, config.num_train_steps, metrics["step_time_s"],
+                          metrics), flush=True)
         timer_start, timer_steps = time.perf_counter(), 0
       preempted = guard.requested or manager.reached_preemption(step)
+      if evaluate and not preempted and (step % eval_every == 0 or
+                                         step == config.num_train_steps):
+        eval_metrics = run_eval(step)
       if (step % config.checkpoint_every == 0 or preempted or
           step == config.num_train_steps):
         checkpoint.save_train_state(manager, step, state, train_iter,
-                                    force=True)
+                                    metrics=eval_metrics or None, force=True)
       if preempted:
         logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
         break
-      if evaluate and (step % eval_every == 0 or step == config.num_train_steps):
-        results = eval_run.evaluate(config, model, state["params"], mesh,
-                                    tokenizer, workdir=workdir, step=step)
-        writer.write(step, eval_run.flat_metrics(results))
   manager.wait_until_finished()
   writer.close()
   return state
