@@ -29,6 +29,8 @@ num_processes=1
 cpu=0
 cpu_devices=0
 port=12355
+PIDS=()
+readonly STOP_GRACE_S="${LOCAL_STOP_GRACE_S:-20}"
 
 
 usage() {
@@ -81,32 +83,66 @@ process_cmd() {
   CMD=(env "${vars[@]}" "${PYTHON}" -m fixclip_jax.main "$@")
 }
 
-# Starts every process; the first failure stops the others (they would
-# otherwise wait for the coordinator until their timeout).
+# Stops every process still running: SIGTERM first (fixclip_jax.main saves a
+# checkpoint and exits between steps), SIGKILL after a grace period for those
+# blocked in a collective that waits for a peer which is gone.
+stop_processes() {
+  local pid waited
+  signal_groups TERM
+  for ((waited = 0; waited < STOP_GRACE_S; waited++)); do
+    for pid in "${PIDS[@]}"; do
+      if kill -0 "${pid}" 2>/dev/null; then
+        sleep 1
+        continue 2
+      fi
+    done
+    break
+  done
+  signal_groups KILL
+  wait || true
+}
+
+# Each process runs in its own process group (set -m below), so a signal
+# reaches whatever it started too (data loader workers, shells).
+signal_groups() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "-$1" -- "-${pid}" 2>/dev/null || true
+  done
+}
+
+# Starts every process and polls them (portable: no `wait -n PID...`); the
+# first failure stops the others, which would otherwise wait for it until
+# their distributed timeout.
 run_processes() {
-  local -a pids=()
-  local i
+  local i pid
+  set -m  # job control: one process group per background job
   for ((i = 0; i < num_processes; i++)); do
     process_cmd "${i}" "$@"
     # Output of process i is prefixed with [i] so interleaved logs stay readable.
     "${CMD[@]}" > >(sed -u "s/^/[${i}] /") 2>&1 &
-    pids+=("$!")
+    PIDS+=("$!")
   done
-  # shellcheck disable=SC2064  # expand pids now, not when the trap fires
-  trap "kill ${pids[*]} 2>/dev/null || true" INT TERM
-  local status=0 pid
-  for ((i = 0; i < num_processes; i++)); do
-    if ! wait -n "${pids[@]}"; then
-      status=1
-      echo "local.sh: a process failed; stopping the others" >&2
-      for pid in "${pids[@]}"; do
-        kill "${pid}" 2>/dev/null || true
-      done
-      break
+  set +m
+  trap 'stop_processes; exit 130' INT TERM
+  local -a alive=("${PIDS[@]}") still
+  while ((${#alive[@]} > 0)); do
+    still=()
+    for pid in "${alive[@]}"; do
+      if kill -0 "${pid}" 2>/dev/null; then
+        still+=("${pid}")
+      elif ! wait "${pid}"; then
+        echo "local.sh: process ${pid} failed; stopping the others" >&2
+        stop_processes
+        return 1
+      fi
+    done
+    alive=("${still[@]}")
+    if ((${#alive[@]} > 0)); then
+      sleep 1
     fi
   done
-  wait || true
-  return "${status}"
+  wait || true  # the output prefixers
 }
 
 main() {

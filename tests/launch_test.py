@@ -15,6 +15,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
+import time
 from typing import Dict, List, Sequence, Tuple
 
 from absl.testing import absltest
@@ -175,6 +178,50 @@ class LocalTest(absltest.TestCase):
       self.assertEqual(proc.returncode, 2, args)
       self.assertIn(message, proc.stderr)
       self.assertEqual(proc.stdout, "")
+
+  def _fake_python(self, tmp):
+    """A stand-in interpreter: reports its process id and arguments; with
+    FAIL set, process 1 fails and the others ignore SIGTERM (as a process
+    blocked in a collective would) and write their pid for the test."""
+    path = os.path.join(tmp, "fake_python")
+    with open(path, "w") as f:
+      f.write(textwrap.dedent("""\
+          #!/usr/bin/env bash
+          echo "process=${JAX_PROCESS_ID} of=${JAX_NUM_PROCESSES} args=$*"
+          if [[ -n "${FAIL:-}" ]]; then
+            if [[ "${JAX_PROCESS_ID}" == 1 ]]; then sleep 1; exit 3; fi
+            echo $$ > "%s/pid_${JAX_PROCESS_ID}"
+            trap '' TERM
+            sleep 300
+          fi
+          """ % tmp))
+    os.chmod(path, 0o755)
+    return path
+
+  def test_runs_every_process(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      proc = _run_script("local.sh", ["--num_processes=2", "--cpu", "configs/demo.py",
+                                      "/tmp/w", "--config.seed=1"],
+                         env=_clean_env(PYTHON=self._fake_python(tmp)))
+    self.assertEqual(sorted(proc.stdout.splitlines()), [
+        f"[{i}] process={i} of=2 args=-m fixclip_jax.main --config=configs/demo.py "
+        "--workdir=/tmp/w --config.seed=1" for i in range(2)])
+
+  def test_first_failure_stops_the_others(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      start = time.monotonic()
+      proc = _run_script("local.sh", ["--num_processes=3", "--cpu", "configs/demo.py",
+                                      "/tmp/w"], check=False,
+                         env=_clean_env(PYTHON=self._fake_python(tmp), FAIL=1,
+                                        LOCAL_STOP_GRACE_S=2))
+      elapsed = time.monotonic() - start
+      pids = [int(open(os.path.join(tmp, f"pid_{i}")).read()) for i in (0, 2)]
+    self.assertEqual(proc.returncode, 1)
+    self.assertIn("failed; stopping the others", proc.stderr)
+    self.assertLess(elapsed, 30)  # not the 300 s the survivors would sleep
+    for pid in pids:              # SIGTERM ignored, so they were SIGKILLed
+      with self.assertRaises(ProcessLookupError):
+        os.kill(pid, 0)
 
   def test_printed_environment_joins_two_real_processes(self):
     """The env local.sh gives each process is enough for main.py to join them."""
