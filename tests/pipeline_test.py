@@ -1,8 +1,10 @@
 """Tests for fixclip_jax.data.pipeline (grain train/eval iterators)."""
 import gc
 import io
+import json
 import os
 import shutil
+import tarfile
 import tempfile
 
 from absl import flags
@@ -150,9 +152,7 @@ class TrainIteratorTest(absltest.TestCase):
     _assert_same_batches(self, _take(fresh, 4), expected)
 
   def test_state_restore_with_worker_process(self):
-    # grain spawns workers that read absl flags: parse them when pytest runs us.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    _parse_flags()
     src = _source()
     config = _config(transform="random_resized_crop", rrc_scale=(0.3, 1.0))
     reference = pipeline.make_train_iterator(config, _tokenizer(), source=src,
@@ -180,13 +180,13 @@ class TrainIteratorTest(absltest.TestCase):
     records[5]["caption"] = "Too short."
     records[6]["image"] = b"not an image at all"
     src = sources.InMemorySource(records)
-    config = _config(num_epochs=1, global_batch=1, filter_captions=True,
-                     skip_bad_images=True)
-    kept = [int(b["index"][0]) for b in pipeline.make_train_iterator(
-        config, _tokenizer(), source=src, process_index=0, process_count=1)]
-    self.assertEqual(sorted(kept), [0, 2, 3, 4, 7])
-    config.skip_bad_images = False
-    with self.assertRaisesRegex(ValueError, "'k6'"):
+    config = _config(num_epochs=1, global_batch=1, filter_captions=True)
+    batches = list(pipeline.make_train_iterator(
+        config, _tokenizer(), source=src, process_index=0, process_count=1))
+    self.assertEqual(sorted(int(b["index"][0]) for b in batches),
+                     [0, 2, 3, 4, 7])
+    config.raise_on_bad_data = True
+    with self.assertRaisesRegex(pipeline.BadExampleError, "'k[156]'"):
       list(pipeline.make_train_iterator(config, _tokenizer(), source=src,
                                         process_index=0, process_count=1))
 
@@ -218,6 +218,235 @@ class TrainIteratorTest(absltest.TestCase):
                  "text_context", "short_caption", "filters"):
       self.assertIn(knob, c)
     captions.CaptionFilterConfig.from_mapping(c.filters.to_dict())
+
+
+def _jpeg(png: bytes) -> bytes:
+  buf = io.BytesIO()
+  Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="JPEG",
+                                                  quality=90)
+  return buf.getvalue()
+
+
+# A JSONL dataset with bad data: line number -> what is wrong with it.
+_BAD_LINES = {1: "unreadable_image", 3: "unreadable_image", 5: "missing_file",
+              7: "empty_caption", 9: "caption_too_long", 11: "caption_filter"}
+_NUM_LINES = 14
+_MAX_CHARS = 1000  # data.max_caption_chars of these tests
+
+
+def _write_bad_jsonl(root: str) -> str:
+  """14 JPEG examples; those in _BAD_LINES broken as named there."""
+  os.makedirs(os.path.join(root, "img"))
+  rng = np.random.default_rng(0)
+  lines = []
+  for i, ex in enumerate(synthetic.synthetic_examples(_NUM_LINES, 32)):
+    name = f"img/{i:02d}.jpg"
+    data = _jpeg(ex["image"])
+    caption = ex["caption"]
+    if i == 1:  # truncated: the scan data stops halfway
+      data = data[:len(data) // 2]
+    elif i == 3:  # random bytes with a .jpg name
+      data = rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
+    elif i == 7:
+      caption = ""
+    elif i == 9:  # runaway MLLM output, > _MAX_CHARS characters
+      caption = "A red circle next to a blue square. " * 40
+    elif i == 11:
+      caption = "I'm sorry, but I cannot describe the contents of this image."
+    if i != 5:  # line 5 names a file that does not exist
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(data)
+    lines.append({"image": name, "caption": caption, "key": f"k{i}"})
+  path = os.path.join(root, "manifest.jsonl")
+  with open(path, "w") as f:
+    f.write("".join(json.dumps(line) + "\n" for line in lines))
+  return path
+
+
+def _write_bad_tar(root: str) -> str:
+  """A webdataset shard: two good keys, two with non-UTF-8 captions."""
+  path = os.path.join(root, "shard-000.tar")
+  examples = synthetic.synthetic_examples(4, 32)
+  members = [
+      ("g0.jpg", _jpeg(examples[0]["image"])),
+      ("g0.txt", examples[0]["caption"].encode()),
+      ("b1.jpg", _jpeg(examples[1]["image"])),
+      ("b1.txt", b"A caption in latin-1: caf\xe9 cr\xe8me \xff"),
+      ("b2.jpg", _jpeg(examples[2]["image"])),
+      ("b2.json", b'{"caption": "bad \xc3\x28 bytes in json"}'),
+      ("g3.jpg", _jpeg(examples[3]["image"])),
+      ("g3.json", json.dumps({"caption": examples[3]["caption"]}).encode()),
+  ]
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return path
+
+
+def _parse_flags():
+  # grain spawns workers that read absl flags: parse them when pytest runs us.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class BadDataTest(absltest.TestCase):
+  """Bad data is skipped, counted per reason and logged; never stops a run."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.root = tempfile.mkdtemp()
+    cls.manifest = _write_bad_jsonl(os.path.join(cls.root, "jsonl"))
+    cls.shard = _write_bad_tar(cls.root)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root, ignore_errors=True)
+    super().tearDownClass()
+
+  def _jsonl_config(self, **overrides):
+    settings = dict(type="jsonl", path=self.manifest, filter_captions=True,
+                    max_caption_chars=_MAX_CHARS)
+    settings.update(overrides)
+    return _config(**settings)
+
+  def _expected_skips(self):
+    counts = dict.fromkeys(pipeline.SKIP_REASONS, 0)
+    for reason in _BAD_LINES.values():
+      counts[reason] += 1
+    return counts
+
+  def _one_epoch(self, config):
+    """All batches of one epoch, plus skips still pending at its end."""
+    it = pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
+                                      process_count=1)
+    batches = [{k: np.array(v) for k, v in b.items()} for b in it]
+    # Skips after the last kept example have no example to ride on.
+    pending = np.asarray(it.get_state()["pending_skips"])
+    return batches, pending
+
+  def test_jsonl_yields_good_examples_and_counts_skips(self):
+    pipeline.SKIP_LOG.reset()
+    with self.assertLogs("absl", "WARNING") as logs:
+      batches, pending = self._one_epoch(self._jsonl_config(
+          num_epochs=1, global_batch=1))
+    good = [i for i in range(_NUM_LINES) if i not in _BAD_LINES]
+    self.assertEqual(sorted(int(b["index"][0]) for b in batches), good)
+    for b in batches:
+      self.assertEqual(b["skipped"].shape, (1, len(pipeline.SKIP_REASONS)))
+      self.assertEqual(b["skipped"].dtype, np.int32)
+    total = np.sum([b["skipped"][0] for b in batches], axis=0) + pending
+    self.assertEqual(pipeline.skip_counts(total), self._expected_skips())
+    # Each skip is logged with where it happened (all are within the first
+    # SKIP_LOG_FIRST of their reason).
+    text = "\n".join(logs.output)
+    self.assertLen([l for l in logs.output if "Skipped example" in l],
+                   len(_BAD_LINES))
+    for i, reason in _BAD_LINES.items():
+      self.assertRegex(text, f"{reason}.*img/{i:02d}.jpg.*manifest.jsonl:"
+                       f"{i + 1}, key 'k{i}'")
+
+  def test_counts_ride_on_the_next_kept_example(self):
+    # Every batch's skips are those between it and the previous batch: with
+    # batches of 2, kept rows + skips per batch add up to the stream length.
+    batches, pending = self._one_epoch(self._jsonl_config(num_epochs=1,
+                                                          global_batch=2))
+    self.assertLen(batches, 4)
+    consumed = sum(2 + int(b["skipped"].sum()) for b in batches)
+    self.assertEqual(consumed + int(pending.sum()), _NUM_LINES)
+
+  def test_same_with_a_worker_process(self):
+    _parse_flags()
+    config = self._jsonl_config(num_epochs=0, global_batch=2)
+    expected = _take(pipeline.make_train_iterator(
+        config, _tokenizer(), process_index=0, process_count=1), 9)
+    self.assertGreater(sum(int(b["skipped"].sum()) for b in expected), 6)
+    config.num_workers = 1
+    it = pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
+                                      process_count=1)
+    first = _take(it, 4)
+    state = it.get_state()
+    it.close()
+    fresh = pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
+                                         process_count=1)
+    fresh.set_state(state)
+    rest = _take(fresh, 5)
+    fresh.close()
+    gc.collect()
+    _assert_same_batches(self, first + rest, expected)
+
+  def test_state_restore_with_skips(self):
+    config = self._jsonl_config(num_epochs=0, global_batch=2,
+                                transform="random_resized_crop")
+    make = lambda: pipeline.make_train_iterator(
+        config, _tokenizer(), process_index=0, process_count=1)
+    for num_before in (1, 3, 5):  # states inside epoch 1, at, after the turn
+      it = make()
+      _take(it, num_before)
+      state = it.get_state()
+      expected = _take(it, 5)
+      self.assertGreater(sum(int(b["skipped"].sum()) for b in expected), 0)
+      fresh = make()
+      fresh.set_state(state)
+      _assert_same_batches(self, _take(fresh, 5), expected)
+
+  def test_tar_shard_with_non_utf8_captions(self):
+    batches, pending = self._one_epoch(_config(
+        type="tar", path=self.shard, num_epochs=1, global_batch=1))
+    src = sources.TarSource(self.shard)
+    self.assertEqual(sorted(src.key(int(b["index"][0])) for b in batches),
+                     ["g0", "g3"])
+    total = np.sum([b["skipped"][0] for b in batches], axis=0) + pending
+    expected = dict.fromkeys(pipeline.SKIP_REASONS, 0)
+    expected["bad_caption_encoding"] = 2
+    self.assertEqual(pipeline.skip_counts(total), expected)
+
+  def test_raise_on_bad_data_names_the_file(self):
+    config = self._jsonl_config(num_epochs=1, global_batch=1,
+                                raise_on_bad_data=True, filter_captions=False)
+    with self.assertRaisesRegex(pipeline.BadExampleError,
+                                r"img/\d\d\.jpg.*manifest\.jsonl:\d+"):
+      list(pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
+                                        process_count=1))
+
+  def test_all_bad_raises_after_max_consecutive_skips(self):
+    config = self._jsonl_config(num_epochs=0, global_batch=2,
+                                image_root="/nonexistent/images",
+                                max_consecutive_skips=20)
+    it = pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
+                                      process_count=1)
+    with self.assertRaisesRegex(ValueError, r"21 bad examples in a row.*"
+                                r"/nonexistent/images/img/\d\d\.jpg"):
+      next(it)
+
+  def test_eval_pads_bad_examples(self):
+    config = self._jsonl_config(global_batch=4)
+    batches = list(pipeline.make_eval_iterator(config, _tokenizer(),
+                                               process_index=0,
+                                               process_count=1))
+    index = np.concatenate([b["index"] for b in batches]).tolist()
+    self.assertEqual(index, [-1 if i in _BAD_LINES else i
+                             for i in range(_NUM_LINES)] + [-1, -1])
+    for b in batches:
+      self.assertEqual(b["skipped"].shape, (4, len(pipeline.SKIP_REASONS)))
+      self.assertEqual(np.abs(b["skipped"]).max(), 0)
+
+
+class SkipLogTest(absltest.TestCase):
+
+  def test_first_n_then_every_kth_per_reason(self):
+    log = pipeline.SkipLog(first=2, every=3)
+    skip = lambda r: pipeline.SkippedExample(r, "some/file.jpg", "broken")
+    with self.assertLogs("absl", "WARNING") as logs:
+      logged = [log(skip("missing_file")) for _ in range(7)]
+      other = log(skip("empty_caption"))
+    # Counts 1, 2 (the first two), then 3 and 6 (every third).
+    self.assertEqual(logged, [True, True, True, False, False, True, False])
+    self.assertTrue(other)
+    self.assertLen(logs.output, 5)
+    self.assertIn("some/file.jpg", logs.output[0])
 
 
 class EvalIteratorTest(absltest.TestCase):

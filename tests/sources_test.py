@@ -128,6 +128,22 @@ class JsonlSourceTest(absltest.TestCase):
       src[2]  # pylint: disable=pointless-statement
 
 
+  def test_non_utf8_line_is_a_malformed_manifest(self):
+    root = _tempdir(self)
+    path = write_manifest(root, name="latin1.jsonl")
+    with open(path, "ab") as f:
+      f.write(b'{"image": "img/a.png", "caption": "caf\xe9"}\n')
+    with self.assertRaisesRegex(ValueError, r"latin1\.jsonl:4: line is not UTF-8"):
+      sources.JsonlSource(path)
+
+  def test_location_names_image_manifest_line_and_key(self):
+    root = _tempdir(self)
+    src = sources.JsonlSource(write_manifest(root))
+    self.assertEqual(src.location(1),
+                     f"{os.path.join(root, 'img', 'sub', 'b.png')} (manifest "
+                     f"{os.path.join(root, 'manifest.jsonl')}:2, key 'k1')")
+
+
 def write_tar(path: str, members) -> None:
   with tarfile.open(path, "w") as tar:
     for name, data in members:
@@ -188,6 +204,24 @@ class TarSourceTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"badjson\.tar:k\.json"):
       sources.TarSource(os.path.join(self.root, "badjson.tar"))
 
+  def test_non_utf8_captions_fail_the_example_not_the_shard(self):
+    shard = os.path.join(self.root, "latin1.tar")
+    write_tar(shard, [
+        ("ok.png", _png((0, 0, 0))), ("ok.txt", b"fine caption"),
+        ("t.png", _png((1, 0, 0))), ("t.txt", b"caf\xe9 cr\xe8me"),
+        ("j.png", _png((2, 0, 0))), ("j.json", b'{"caption": "\xff\xfe"}'),
+    ])
+    src = sources.TarSource(shard)
+    self.assertLen(src, 3)  # indexed; reading the bad ones raises
+    self.assertEqual(src[0]["caption"], "fine caption")
+    with self.assertRaisesRegex(sources.CaptionEncodingError,
+                                r"latin1\.tar:t\.txt: caption is not UTF-8"):
+      src[1]  # pylint: disable=pointless-statement
+    with self.assertRaisesRegex(sources.CaptionEncodingError,
+                                r"latin1\.tar:j\.json: caption is not UTF-8"):
+      src[2]  # pylint: disable=pointless-statement
+    self.assertEqual(src.location(1), f"{shard}:t")
+    self.assertEqual(src.key(2), "j")
 
 class ArrayRecordSourceTest(absltest.TestCase):
 
@@ -197,6 +231,14 @@ class ArrayRecordSourceTest(absltest.TestCase):
     self.assertEqual(sources.decode_record(rec), (header, b"\x89PNGbytes"))
     with self.assertRaisesRegex(ValueError, "magic"):
       sources.decode_record(b"XXXX" + rec[4:])
+    latin1 = sources.RECORD_MAGIC + b"\x05\x00\x00\x00caf\xe9x" + b"img"
+    with self.assertRaises(sources.CaptionEncodingError):
+      sources.decode_record(latin1)
+
+  def test_decode_caption(self):
+    self.assertEqual(sources.decode_caption("ü".encode(), "w"), "ü")
+    with self.assertRaisesRegex(sources.CaptionEncodingError, "^tfds x/y"):
+      sources.decode_caption(b"\xff", "tfds x/y")
 
   def test_reads_prepared_shards(self):
     root = _tempdir(self)

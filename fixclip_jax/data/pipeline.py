@@ -4,7 +4,8 @@ tokenise -> per-host batch -> (worker processes) -> checkpointable iterator.
 Train stream (make_train_iterator), for host p of P:
   record ids 0..N-1 -> [p::P] -> shuffle(shuffle_seed), reshuffled each epoch
   -> repeat(num_epochs) -> load example at stream position i (epoch = i //
-  per-host epoch length) -> optional drop (caption filters, bad images)
+  per-host epoch length): features, or a SkippedExample marker for bad data
+  -> CarrySkips (drops markers, counts them on the next kept example)
   -> batch(global_batch // P, drop_remainder) -> mp_prefetch(num_workers).
 Per-example randomness (caption choice, crop) is seeded by (shuffle_seed,
 epoch, record id), so a restored iterator (get_state/set_state) reproduces the
@@ -15,6 +16,28 @@ Batches (numpy, per host):
   text_long   int32   [B, C]        the caption, C = text_context (248)
   text_short  int32   [B, Cs]       short caption (see below)
   index       int32   [B]           record id in the source (-1: eval padding)
+  skipped     int32   [B, R]        bad examples skipped, R = len(SKIP_REASONS)
+
+Bad data never stops a train run (unless data.raise_on_bad_data, for
+debugging). An example is skipped, for the first problem found (reading the
+source, then the cheap caption checks, then decoding the image), when its
+image file is missing ("missing_file"), its image does
+not decode ("unreadable_image": truncated or corrupt bytes, unknown format),
+its caption is empty or blank ("empty_caption"), its caption bytes are not
+UTF-8 ("bad_caption_encoding", tar/ArrayRecord/TFDS; a non-UTF-8 JSONL line is
+a malformed manifest and fails at construction), its caption (or provided
+short caption) has more than data.max_caption_chars characters
+("caption_too_long"; truncation to the token context is normal, this catches
+runaway MLLM output), or, with data.filter_captions, a caption filter rejects
+it ("caption_filter"). Each skip is logged with its file/key (absl, the first
+SKIP_LOG_FIRST per reason and process, then every SKIP_LOG_EVERY-th) and
+counted: the count rides on the next kept example's `skipped` row, so the
+column sums of a batch's `skipped` are the examples skipped per reason since
+the previous batch of this host (with worker processes: since that worker's
+previous batch; the sum over batches is the same). The counts are iterator
+state, so get_state/set_state stay exact. More than max_consecutive_skips bad
+examples in a row raise (a wrong image_root is not bad data). Eval never
+skips: a bad example becomes a padding row (index -1) and `skipped` is zeros.
 
 Short captions (method.md §2): the data's own short caption when it has one
 and `short_caption == "provided"`, else the first sentence of the caption
@@ -28,18 +51,31 @@ parsed absl flags (app.run, or flags.FLAGS(argv) in tests) and run under an
 `if __name__ == "__main__"` guard; all map functions here are module-level
 classes, so they pickle.
 """
+import collections
 import math
-from typing import Any, Dict, Optional, Tuple
+import threading
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
+from absl import logging
 import grain
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import sources as sources_lib
 from fixclip_jax.data import transforms
 
 SHORT_CAPTION_POLICIES = ("provided", "first_sentence")
+
+# Why a train example was skipped; the columns of a batch's `skipped` array.
+SKIP_REASONS = ("unreadable_image", "missing_file", "empty_caption",
+                "bad_caption_encoding", "caption_too_long", "caption_filter")
+SKIP_LOG_FIRST = 10  # every skip is logged up to this many per reason...
+SKIP_LOG_EVERY = 1000  # ...then every this-many-th
+
+# What PIL raises for bytes it cannot decode (truncated, corrupt, unknown).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -61,12 +97,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.transform = "resize_center_crop"  # | random_resized_crop (train only)
   c.rrc_scale = (0.9, 1.0)  # random_resized_crop area share range
   c.rrc_ratio = (3 / 4, 4 / 3)  # random_resized_crop aspect ratio range
-  c.skip_bad_images = False  # drop undecodable images instead of raising
   # Text.
   c.text_context = 248  # long captions (Long-CLIP's stretched context)
   c.short_caption = "provided"  # | first_sentence
   c.short_context = 0  # 0 = text_context
   c.filter_captions = False  # drop examples failing captions.filter_reason
+  c.max_caption_chars = 20000  # longer captions are skipped (bad data)
+  # Bad data (module docstring): skipped and counted, unless this is set.
+  c.raise_on_bad_data = False  # True: raise on the first bad example (debug)
+  c.max_consecutive_skips = 1000  # more bad examples in a row raise
   c.filters = ml_collections.ConfigDict(
       {"min_words": 8, "ngram": 3, "max_repeated_ngram_ratio": 0.3,
        "max_non_alpha_ratio": 0.25, "max_word_length": 30})
@@ -100,8 +139,48 @@ def per_host_batch_size(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+class SkippedExample(NamedTuple):
+  """Stands in the stream for a bad example (see the module docstring)."""
+  reason: str  # one of SKIP_REASONS
+  where: str  # file / shard / key of the example
+  detail: str  # the error message
+
+
+class BadExampleError(ValueError):
+  """Raised instead of skipping when data.raise_on_bad_data is set."""
+
+
+class SkipLog:
+  """Rate-limited absl log of skipped examples: the first `first` per reason,
+  then every `every`-th. Thread-safe (grain's reader threads share it)."""
+
+  def __init__(self, first: int = SKIP_LOG_FIRST, every: int = SKIP_LOG_EVERY):
+    self.first, self.every = first, every
+    self.counts = collections.Counter()
+    self._lock = threading.Lock()
+
+  def reset(self):
+    with self._lock:
+      self.counts.clear()
+
+  def __call__(self, skip: SkippedExample) -> bool:
+    """Counts `skip`; logs it when due. Returns whether it was logged."""
+    with self._lock:
+      self.counts[skip.reason] += 1
+      n = self.counts[skip.reason]
+    if n > self.first and n % self.every:
+      return False
+    logging.warning("Skipped example (%s, #%d of this reason in this process)"
+                    ": %s: %s", skip.reason, n, skip.where, skip.detail)
+    return True
+
+
+# One log per process (grain worker processes each get their own).
+SKIP_LOG = SkipLog()
+
+
 class _ExampleProcessor:
-  """Example dict -> features (shared by train and eval loaders)."""
+  """Example dict -> features, or a SkippedExample (train and eval loaders)."""
 
   def __init__(self, config, tokenizer, train: bool):
     if config.short_caption not in SHORT_CAPTION_POLICIES:
@@ -117,7 +196,8 @@ class _ExampleProcessor:
     self.transform = config.transform
     self.rrc_scale = tuple(config.rrc_scale)
     self.rrc_ratio = tuple(config.rrc_ratio)
-    self.skip_bad_images = bool(config.skip_bad_images)
+    self.raise_on_bad_data = bool(config.raise_on_bad_data)
+    self.max_caption_chars = int(config.max_caption_chars)
     self.text_context = int(config.text_context)
     self.short_context = int(config.short_context) or self.text_context
     self.short_policy = config.short_caption
@@ -139,18 +219,43 @@ class _ExampleProcessor:
         img, self.image_size, rng, kind=self.transform, scale=self.rrc_scale,
         ratio=self.rrc_ratio)
 
-  def __call__(self, example, record_id: int, epoch: int
-               ) -> Optional[Dict[str, np.ndarray]]:
-    if (self.caption_filter is not None and captions_lib.filter_reason(
-        example["caption"], self.caption_filter) is not None):
-      return None
+  def caption_problem(self, example) -> Optional[Tuple[str, str]]:
+    """(skip reason, detail) for a caption that is bad data, else None."""
+    caption = example["caption"]
+    if not caption.strip():
+      return "empty_caption", "the caption is empty"
+    provided = example.get("short_caption") or ""
+    longest = max(len(caption), len(provided))
+    if longest > self.max_caption_chars:
+      return "caption_too_long", (f"{longest} characters > data."
+                                  f"max_caption_chars={self.max_caption_chars}")
+    if self.caption_filter is not None:
+      reason = captions_lib.filter_reason(caption, self.caption_filter)
+      if reason is not None:
+        return "caption_filter", f"rejected by the {reason!r} filter"
+    return None
+
+  def skip(self, reason: str, where: str, detail: str,
+           error: Optional[BaseException] = None) -> SkippedExample:
+    """The marker of a bad example; logged, or raised if so configured."""
+    if self.raise_on_bad_data:
+      raise BadExampleError(f"Bad example ({reason}) at {where}: {detail} "
+                            "(data.raise_on_bad_data=True)") from error
+    skip = SkippedExample(reason, where, detail)
+    SKIP_LOG(skip)
+    return skip
+
+  def __call__(self, example, record_id: int, epoch: int, where: str
+               ) -> Union[Dict[str, np.ndarray], SkippedExample]:
+    problem = self.caption_problem(example)
+    if problem is not None:
+      reason, detail = problem
+      return self.skip(reason, where, detail)
     try:
       image = self.image(example["image"], record_id, epoch)
-    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises
-      if self.skip_bad_images:
-        return None
-      raise ValueError(f"Cannot decode image of example {example['key']!r} "
-                       f"(record {record_id}): {e}") from e
+    except _IMAGE_ERRORS as e:
+      return self.skip("unreadable_image", where,
+                       f"cannot decode the image: {e}", e)
     return {
         "image": image.astype(np.float32),
         "text_long": self.tokenizer([example["caption"]],
@@ -160,9 +265,21 @@ class _ExampleProcessor:
         "index": np.int32(record_id),
     }
 
+  def load(self, source, record_id: int, epoch: int
+           ) -> Union[Dict[str, np.ndarray], SkippedExample]:
+    """Reads and processes one example; bad data -> SkippedExample."""
+    where = source.location(record_id)
+    try:
+      example = source.get(record_id, epoch)
+    except FileNotFoundError as e:
+      return self.skip("missing_file", where, str(e), e)
+    except sources_lib.CaptionEncodingError as e:
+      return self.skip("bad_caption_encoding", where, str(e), e)
+    return self(example, record_id, epoch, where)
+
 
 class _LoadTrainExample:
-  """(stream position, record id) -> features or None (dropped)."""
+  """(stream position, record id) -> features or SkippedExample."""
 
   def __init__(self, source, processor: _ExampleProcessor, epoch_length: int):
     self.source = source
@@ -171,8 +288,7 @@ class _LoadTrainExample:
 
   def __call__(self, position: int, record_id: int):
     epoch = position // self.epoch_length
-    example = self.source.get(int(record_id), epoch)
-    return self.processor(example, int(record_id), epoch)
+    return self.processor.load(self.source, int(record_id), epoch)
 
 
 class _LoadEvalExample:
@@ -192,31 +308,103 @@ class _LoadEvalExample:
         "text_long": np.zeros((ctx,), np.int32),
         "text_short": np.zeros((self.processor.short_context,), np.int32),
         "index": np.int32(-1),
+        "skipped": np.zeros((len(SKIP_REASONS),), np.int32),
     }
 
   def __call__(self, position: int):
     record_id = self.process_index + int(position) * self.process_count
     if record_id >= len(self.source):
       return self.padding()
-    features = self.processor(self.source.get(record_id, 0), record_id, 0)
-    return self.padding() if features is None else features
+    features = self.processor.load(self.source, record_id, 0)
+    if isinstance(features, SkippedExample):
+      return self.padding()
+    features["skipped"] = np.zeros((len(SKIP_REASONS),), np.int32)
+    return features
 
 
-def _is_kept(features) -> bool:
-  return features is not None
+class CarrySkipsIterDataset(grain.IterDataset):
+  """Drops SkippedExample markers; each kept example gets `skipped`: int32
+  [len(SKIP_REASONS)], the markers dropped since the previous kept example.
+
+  The pending counts are part of the iterator state, so a restored iterator
+  yields exactly what an uninterrupted one would. Module-level: it pickles
+  into grain's worker processes.
+  """
+
+  def __init__(self, parent: grain.IterDataset, max_consecutive_skips: int):
+    super().__init__(parent)
+    self.max_consecutive_skips = max_consecutive_skips
+
+  def __iter__(self) -> "CarrySkipsIterator":
+    return CarrySkipsIterator(self._parent.__iter__(),
+                              self.max_consecutive_skips)
+
+  def __str__(self) -> str:
+    return "CarrySkipsIterDataset"
 
 
-def _finish(ds: grain.MapDataset, config, batch_size: int, drop_remainder: bool
-            ) -> grain.IterDataset:
-  read = grain.ReadOptions(num_threads=int(config.read_threads),
-                           prefetch_buffer_size=int(config.prefetch_buffer))
-  it_ds = ds.to_iter_dataset(read).batch(batch_size,
-                                         drop_remainder=drop_remainder)
+class CarrySkipsIterator(grain.DatasetIterator):
+  """The iterator of CarrySkipsIterDataset."""
+
+  def __init__(self, parent: grain.DatasetIterator, max_consecutive_skips: int):
+    super().__init__(parent)
+    self.max_consecutive_skips = max_consecutive_skips
+    self._pending = np.zeros((len(SKIP_REASONS),), np.int32)
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    consecutive = 0
+    while True:
+      element = next(self._parent)
+      if not isinstance(element, SkippedExample):
+        break
+      self._pending[SKIP_REASONS.index(element.reason)] += 1
+      consecutive += 1
+      if consecutive > self.max_consecutive_skips:
+        counts = dict(zip(SKIP_REASONS, self._pending.tolist()))
+        raise ValueError(
+            f"{consecutive} bad examples in a row (data.max_consecutive_skips="
+            f"{self.max_consecutive_skips}), last at {element.where}: "
+            f"{element.detail}; pending skip counts {counts}. Is the data "
+            "path/image_root right?")
+    element = dict(element)
+    element["skipped"], self._pending = self._pending, np.zeros_like(
+        self._pending)
+    return element
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"parent": self._parent.get_state(),
+            "pending_skips": self._pending.tolist()}
+
+  def set_state(self, state: Dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending = np.asarray(state["pending_skips"], np.int32)
+
+  def __str__(self) -> str:
+    return "CarrySkipsIterator"
+
+
+def skip_counts(skipped: np.ndarray) -> Dict[str, int]:
+  """A batch's `skipped` [B, R] (or summed [R]) -> {reason: count}."""
+  totals = np.asarray(skipped).reshape(-1, len(SKIP_REASONS)).sum(axis=0)
+  return {reason: int(n) for reason, n in zip(SKIP_REASONS, totals)}
+
+
+def _finish(ds: Union[grain.MapDataset, grain.IterDataset], config,
+            batch_size: int, drop_remainder: bool) -> grain.IterDataset:
+  if isinstance(ds, grain.MapDataset):
+    ds = _to_iter(ds, config)
+  it_ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if config.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.num_workers),
         per_worker_buffer_size=int(config.worker_buffer_size)))
   return it_ds
+
+
+def _to_iter(ds: grain.MapDataset, config) -> grain.IterDataset:
+  read = grain.ReadOptions(num_threads=int(config.read_threads),
+                           prefetch_buffer_size=int(config.prefetch_buffer))
+  return ds.to_iter_dataset(read)
 
 
 def make_train_dataset(config, tokenizer, *, source=None,
@@ -236,8 +424,9 @@ def make_train_dataset(config, tokenizer, *, source=None,
   ds = ds.repeat(int(config.num_epochs) or None)
   processor = _ExampleProcessor(config, tokenizer, train=True)
   ds = ds.map_with_index(_LoadTrainExample(source, processor, epoch_length))
-  ds = ds.filter(_is_kept)
-  return _finish(ds, config, batch, drop_remainder=True)
+  it_ds = CarrySkipsIterDataset(_to_iter(ds, config),
+                                int(config.max_consecutive_skips))
+  return _finish(it_ds, config, batch, drop_remainder=True)
 
 
 def make_train_iterator(config, tokenizer, *, source=None,
@@ -264,8 +453,9 @@ def make_eval_dataset(config, tokenizer, *, source=None,
   """One ordered pass, eval transform, padded to whole batches (index -1).
 
   Host p gets records p, p+P, p+2P, ...; every host yields num_eval_batches
-  batches. Caption filters drop nothing here (a filtered example becomes a
-  padding row), so eval sets keep their size.
+  batches. Nothing is dropped here: a bad example or one the caption filters
+  reject becomes a padding row (bad ones are logged), so every host keeps the
+  same number of batches; `skipped` is all zeros.
   """
   process_index, process_count = _host(process_index, process_count)
   batch = per_host_batch_size(int(config.global_batch), process_count)

@@ -25,6 +25,13 @@ seeded by (seed, epoch, index), so the choice changes from epoch to epoch but
 is reproducible, and does not depend on the host count or shuffle order. The
 pipeline derives `epoch` from the position in its repeated stream
 (position // examples_per_host_epoch). `__getitem__(index)` is `get(index, 0)`.
+
+Bad examples: reading one raises, so the pipeline can skip it and count why
+(pipeline.SKIP_REASONS): a missing image file raises FileNotFoundError, a
+caption whose bytes are not UTF-8 (tar, ArrayRecord, TFDS) CaptionEncodingError;
+both messages name the file/key. `location(index)` says where an example lives
+(for skip logs) without reading it. A malformed JSONL manifest line is not a
+bad example but a broken manifest: it raises at construction, naming the line.
 """
 import glob as glob_lib
 import io
@@ -48,6 +55,18 @@ SOURCE_TYPES = ("jsonl", "tar", "array_record", "tfds", "synthetic")
 RECORD_MAGIC = b"FXC1"
 
 
+class CaptionEncodingError(ValueError):
+  """A caption (or record header) whose bytes do not decode as UTF-8."""
+
+
+def decode_caption(data: bytes, where: str) -> str:
+  """UTF-8 bytes -> str; CaptionEncodingError naming `where` otherwise."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise CaptionEncodingError(f"{where}: caption is not UTF-8 ({e})") from None
+
+
 def encode_record(header: Mapping[str, Any], image: bytes) -> bytes:
   """One ArrayRecord record: magic, header length, JSON header, image bytes."""
   head = json.dumps(dict(header), ensure_ascii=False).encode("utf-8")
@@ -60,7 +79,8 @@ def decode_record(record: bytes) -> tuple:
     raise ValueError(f"Not a fixclip record (magic {record[:4]!r}, "
                      f"expected {RECORD_MAGIC!r})")
   (n,) = struct.unpack("<I", record[4:8])
-  return json.loads(record[8:8 + n].decode("utf-8")), record[8 + n:]
+  header = decode_caption(record[8:8 + n], "record header")
+  return json.loads(header), record[8 + n:]
 
 
 def choose_caption(captions: Sequence[str], seed: int, epoch: int,
@@ -107,6 +127,10 @@ class Source:
     """The example's key without reading its image."""
     return str(index)
 
+  def location(self, index: int) -> str:
+    """Where example `index` lives (file, line, shard, key), for logs."""
+    return f"record {index} (key {self.key(index)!r})"
+
   def get(self, index: int, epoch: int = 0) -> Example:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range [0, {len(self)})")
@@ -141,13 +165,19 @@ class JsonlSource(Source):
     self.image_root = image_root or os.path.dirname(os.path.abspath(path))
     self.seed = seed
     self.records = []
-    with open(path, encoding="utf-8") as f:
+    # Binary lines, decoded one by one: a non-UTF-8 byte is a malformed line
+    # whose number the error names (text mode would fail without one).
+    with open(path, "rb") as f:
       for lineno, line in enumerate(f, start=1):
         if line.strip():
           self.records.append(self._parse_line(line, lineno))
 
-  def _parse_line(self, line: str, lineno: int) -> Dict[str, Any]:
+  def _parse_line(self, raw_line: bytes, lineno: int) -> Dict[str, Any]:
     where = f"{self.path}:{lineno}"
+    try:
+      line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{where}: line is not UTF-8 ({e})") from None
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
@@ -173,6 +203,10 @@ class JsonlSource(Source):
 
   def image_path(self, index: int) -> str:
     return os.path.join(self.image_root, self.records[index]["image"])
+
+  def location(self, index: int) -> str:
+    return (f"{self.image_path(index)} (manifest {self.path}:"
+            f"{self.records[index]['line']}, key {self.key(index)!r})")
 
   def raw(self, index: int) -> Dict[str, Any]:
     rec = dict(self.records[index])
@@ -210,7 +244,9 @@ class TarSource(Source):
   Reads use os.pread on per-process file descriptors, so grain's reader
   threads can share them and the pickled source (index only) moves cheaply to
   worker processes. Keys with no image or no caption are skipped and counted
-  in `self.skipped` (reason -> count).
+  in `self.skipped` (reason -> count). A caption file that is not UTF-8 keeps
+  its key in the index; reading that example raises CaptionEncodingError, so
+  the pipeline skips (and counts) it instead of the whole shard failing.
   """
 
   def __init__(self, paths: Union[str, Sequence[str]], seed: int = 0):
@@ -248,14 +284,20 @@ class TarSource(Source):
       rec: Dict[str, Any] = {"key": key, "short_caption": None}
       if "json" in g:
         try:
-          meta = json.loads(g["json"])
+          meta = json.loads(decode_caption(g["json"], where + ".json"))
+        except CaptionEncodingError as e:
+          meta = {}
+          rec["captions"], rec["encoding_error"] = [], str(e)
         except json.JSONDecodeError as e:
           raise ValueError(f"{where}.json: invalid JSON ({e.msg})") from None
         if "caption" in meta or "captions" in meta:
           rec["captions"] = _captions_of(meta, where + ".json")
           rec["short_caption"] = meta.get("short_caption")
       if "captions" not in rec and "txt" in g:
-        rec["captions"] = [g["txt"].decode("utf-8").strip()]
+        try:
+          rec["captions"] = [decode_caption(g["txt"], where + ".txt").strip()]
+        except CaptionEncodingError as e:
+          rec["captions"], rec["encoding_error"] = [], str(e)
       if "image" not in g or "captions" not in rec:
         reason = "missing_image" if "image" not in g else "missing_caption"
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -277,8 +319,16 @@ class TarSource(Source):
   def __len__(self) -> int:
     return len(self.entries)
 
+  def key(self, index: int) -> str:
+    return self.entries[index][3]["key"]
+
+  def location(self, index: int) -> str:
+    return f"{self.paths[self.entries[index][0]]}:{self.key(index)}"
+
   def raw(self, index: int) -> Dict[str, Any]:
     shard_index, offset, size, rec = self.entries[index]
+    if "encoding_error" in rec:
+      raise CaptionEncodingError(rec["encoding_error"])
     rec = dict(rec)
     rec["image"] = os.pread(self._fd(shard_index), size, offset)
     return rec
@@ -296,8 +346,14 @@ class ArrayRecordSource(Source):
   def __len__(self) -> int:
     return len(self._data)
 
+  def location(self, index: int) -> str:
+    return f"record {index} of {','.join(self.paths)}"
+
   def raw(self, index: int) -> Dict[str, Any]:
-    header, image = decode_record(self._data[index])
+    try:
+      header, image = decode_record(self._data[index])
+    except CaptionEncodingError as e:
+      raise CaptionEncodingError(f"{self.location(index)}: {e}") from None
     header["image"] = image
     header.setdefault("short_caption", None)
     return header
@@ -311,11 +367,11 @@ def _lookup(record: Mapping[str, Any], path: str):
   return value
 
 
-def _as_text(value) -> str:
+def _as_text(value, where: str) -> str:
   if isinstance(value, np.ndarray):
     value = value.item() if value.ndim == 0 else value.tolist()
   if isinstance(value, bytes):
-    return value.decode("utf-8")
+    return decode_caption(value, where)
   return str(value)
 
 
@@ -353,9 +409,12 @@ class TfdsSource(Source):
   def __len__(self) -> int:
     return len(self._data)
 
+  def location(self, index: int) -> str:
+    return f"tfds {self.name}/{self.split}[{index}]"
+
   def raw(self, index: int) -> Dict[str, Any]:
     record = self._data[index]
-    where = f"tfds {self.name}/{self.split}[{index}]"
+    where = self.location(index)
     try:
       image = _lookup(record, self.image_key)
       caption = _lookup(record, self.caption_key)
@@ -363,9 +422,9 @@ class TfdsSource(Source):
       raise KeyError(f"{where}: missing feature {e}") from None
     if isinstance(caption, (list, tuple)) or (
         isinstance(caption, np.ndarray) and caption.ndim > 0):
-      captions = [_as_text(c) for c in caption]
+      captions = [_as_text(c, where) for c in caption]
     else:
-      captions = [_as_text(caption)]
+      captions = [_as_text(caption, where)]
     return {"image": _as_image_bytes(image), "captions": captions,
             "short_caption": None, "key": f"{self.split}/{index}"}
 
@@ -386,6 +445,9 @@ class InMemorySource(Source):
 
   def __len__(self) -> int:
     return len(self.records)
+
+  def key(self, index: int) -> str:
+    return self.records[index]["key"]
 
   def raw(self, index: int) -> Dict[str, Any]:
     return self.records[index]
