@@ -190,6 +190,29 @@ class TrainIteratorTest(absltest.TestCase):
       list(pipeline.make_train_iterator(config, _tokenizer(), source=src,
                                         process_index=0, process_count=1))
 
+  def test_random_resized_crop_of_jpegs(self):
+    records = [{"image": _jpeg(r["image"]), "caption": r["caption"]}
+               for r in synthetic.synthetic_examples(4, 128)]
+    src = sources.InMemorySource(records)
+    config = _config(transform="random_resized_crop", rrc_scale=(0.9, 1.0),
+                     image_size=48, num_epochs=1, rrc_jpeg_draft=False)
+    exact = next(pipeline.make_train_iterator(
+        config, _tokenizer(), source=src, process_index=0, process_count=1))
+    for row, index in enumerate(exact["index"]):
+      # Crops are seeded by (shuffle_seed, epoch, record id, 1).
+      want = transforms.clip_train_transform(
+          transforms.decode_image(records[index]["image"]), 48,
+          np.random.default_rng([0, 0, int(index), 1]),
+          kind="random_resized_crop", scale=(0.9, 1.0))
+      np.testing.assert_array_equal(exact["image"][row], want)
+    config.rrc_jpeg_draft = True  # 1/2-scale decode: same crops, close pixels
+    drafted = next(pipeline.make_train_iterator(
+        config, _tokenizer(), source=src, process_index=0, process_count=1))
+    np.testing.assert_array_equal(drafted["index"], exact["index"])
+    diff = np.abs(drafted["image"] - exact["image"])
+    self.assertGreater(diff.max(), 0)
+    self.assertLess(diff.mean(), 0.05)  # normalised units (~ 3 / 255 / std)
+
   def test_jsonl_source_from_config(self):
     root = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, root, ignore_errors=True)

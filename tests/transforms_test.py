@@ -1,4 +1,6 @@
 """Tests for the train transforms in fixclip_jax.data.transforms."""
+import io
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -64,6 +66,66 @@ class RandomResizedCropTest(parameterized.TestCase):
     ref = np.asarray(img.resize((24, 24), Image.BICUBIC), np.float32) / 255.0
     ref = (ref - np.array(transforms.CLIP_MEAN)) / np.array(transforms.CLIP_STD)
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def _encoded(img, fmt, **kwargs) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _smooth_image(size, seed=0):
+  """A smooth photo-like gradient with mild noise (JPEG-friendly)."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:size, 0:size] / size
+  rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x * y)], -1) * 220 + 20
+  rgb += rng.normal(0, 4, rgb.shape)
+  return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+class DecodeRandomResizedCropTest(parameterized.TestCase):
+
+  def test_draft_factor(self):
+    self.assertEqual(transforms.jpeg_draft_factor(500, 480, 224), 2)
+    self.assertEqual(transforms.jpeg_draft_factor(447, 900, 224), 1)
+    self.assertEqual(transforms.jpeg_draft_factor(1800, 1792, 224), 8)
+    self.assertEqual(transforms.jpeg_draft_factor(900, 1000, 224), 4)
+
+  @parameterized.parameters(("PNG", True), ("JPEG", False))
+  def test_exactly_random_resized_crop_without_draft(self, fmt, draft):
+    data = _encoded(_smooth_image(160), fmt)
+    got = transforms.decode_random_resized_crop(
+        data, 32, np.random.default_rng(7), (0.5, 1.0), draft=draft)
+    want = transforms.random_resized_crop(
+        transforms.decode_image(data), 32, np.random.default_rng(7),
+        (0.5, 1.0))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  def test_jpeg_draft_is_close_and_used(self):
+    data = _encoded(_smooth_image(512), "JPEG", quality=90)
+    for seed in range(4):
+      rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+      got = np.asarray(transforms.decode_random_resized_crop(
+          data, 96, rng_a, (0.9, 1.0)), np.float32)
+      want = np.asarray(transforms.random_resized_crop(
+          transforms.decode_image(data), 96, rng_b, (0.9, 1.0)), np.float32)
+      # Same box (the rngs were used alike), decoded at 1/4 scale: a little
+      # different (so the draft path ran), close on average.
+      self.assertEqual(rng_a.integers(1 << 30), rng_b.integers(1 << 30))
+      self.assertGreater(np.abs(got - want).max(), 0)
+      self.assertLess(np.abs(got - want).mean(), 2.0)
+
+  def test_grayscale_jpeg_comes_out_rgb(self):
+    data = _encoded(_smooth_image(256).convert("L"), "JPEG")
+    out = transforms.decode_random_resized_crop(
+        data, 32, np.random.default_rng(0), (0.9, 1.0))
+    self.assertEqual((out.mode, out.size), ("RGB", (32, 32)))
+
+  def test_truncated_jpeg_raises(self):
+    data = _encoded(_smooth_image(256), "JPEG")
+    with self.assertRaises(OSError):
+      transforms.decode_random_resized_crop(
+          data[:len(data) // 2], 32, np.random.default_rng(0))
 
 
 class TrainTransformTest(absltest.TestCase):

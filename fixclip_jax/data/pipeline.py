@@ -97,6 +97,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.transform = "resize_center_crop"  # | random_resized_crop (train only)
   c.rrc_scale = (0.9, 1.0)  # random_resized_crop area share range
   c.rrc_ratio = (3 / 4, 4 / 3)  # random_resized_crop aspect ratio range
+  # random_resized_crop decodes JPEGs at 1/2..1/8 scale when the crop stays
+  # >= image_size px (transforms.decode_random_resized_crop): ~1.7x faster.
+  c.rrc_jpeg_draft = True
   # Text.
   c.text_context = 248  # long captions (Long-CLIP's stretched context)
   c.short_caption = "provided"  # | first_sentence
@@ -196,6 +199,7 @@ class _ExampleProcessor:
     self.transform = config.transform
     self.rrc_scale = tuple(config.rrc_scale)
     self.rrc_ratio = tuple(config.rrc_ratio)
+    self.rrc_jpeg_draft = bool(config.rrc_jpeg_draft)
     self.raise_on_bad_data = bool(config.raise_on_bad_data)
     self.max_caption_chars = int(config.max_caption_chars)
     self.text_context = int(config.text_context)
@@ -211,13 +215,15 @@ class _ExampleProcessor:
     return captions_lib.short_caption(example["caption"], provided)
 
   def image(self, data: bytes, record_id: int, epoch: int) -> np.ndarray:
-    img = transforms.decode_image(data)
-    if not self.train:
-      return transforms.clip_eval_transform(img, self.image_size)
-    rng = np.random.default_rng([self.seed, epoch, record_id, 1])
-    return transforms.clip_train_transform(
-        img, self.image_size, rng, kind=self.transform, scale=self.rrc_scale,
-        ratio=self.rrc_ratio)
+    if self.train and self.transform == "random_resized_crop":
+      rng = np.random.default_rng([self.seed, epoch, record_id, 1])
+      return transforms.normalize_pixels(transforms.decode_random_resized_crop(
+          data, self.image_size, rng, self.rrc_scale, self.rrc_ratio,
+          draft=self.rrc_jpeg_draft))
+    # Eval, and the train default (Long-CLIP's recipe): exact CLIP
+    # preprocessing, full-size decode.
+    return transforms.clip_eval_transform(transforms.decode_image(data),
+                                          self.image_size)
 
   def caption_problem(self, example) -> Optional[Tuple[str, str]]:
     """(skip reason, detail) for a caption that is bad data, else None."""

@@ -104,6 +104,51 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator,
                     box=(left, top, left + w, top + h))
 
 
+def jpeg_draft_factor(box_w: int, box_h: int, size: int) -> int:
+  """The largest DCT reduction (8, 4, 2 or 1) keeping a box_w x box_h crop at
+  least `size` pixels on its short side, so the crop is still downscaled."""
+  for factor in (8, 4, 2):
+    if min(box_w, box_h) >= factor * size:
+      return factor
+  return 1
+
+
+def decode_random_resized_crop(data: bytes, size: int,
+                               rng: np.random.Generator,
+                               scale: Sequence[float] = (0.08, 1.0),
+                               ratio: Sequence[float] = (3 / 4, 4 / 3),
+                               draft: bool = True) -> Image.Image:
+  """Encoded bytes -> random_resized_crop(decode_image(data), ...), faster.
+
+  The box is drawn from the full image size, exactly as random_resized_crop
+  draws it (same rng use). With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8
+  scale (libjpeg's DCT scaling, PIL's Image.draft) when the box still has at
+  least `size` pixels on its short side at that scale, and the box is mapped
+  into the smaller image. Most of both the decode and the bicubic resize
+  (whose cost grows with the box) is saved; pixels differ slightly from the
+  full-size path (a DCT-domain downscale before the bicubic one), which is
+  fine for an augmentation. Other formats, and draft=False, give exactly
+  random_resized_crop(decode_image(data), ...). Train only: the eval
+  transform always decodes at full size (CLIP's exact preprocessing).
+  """
+  img = Image.open(io.BytesIO(data))
+  width, height = img.size
+  left, top, w, h = random_resized_crop_box(width, height, rng, scale, ratio)
+  reduction = 1.0
+  factor = jpeg_draft_factor(w, h, size) if draft else 1
+  if factor > 1 and img.format == "JPEG":
+    # Asking for size // factor makes PIL pick exactly `factor`; the box it
+    # returns is the full image's extent in reduced pixels.
+    drafted = img.draft("RGB", (width // factor, height // factor))
+    if drafted is not None:
+      reduction = width / drafted[1][2]
+  img.load()
+  img = img.convert("RGB")
+  box = (left / reduction, top / reduction, (left + w) / reduction,
+         (top + h) / reduction)
+  return img.resize((size, size), Image.BICUBIC, box=box)
+
+
 def clip_train_transform(img: Image.Image, image_size: int,
                          rng: Optional[np.random.Generator] = None, *,
                          kind: str = "resize_center_crop",
