@@ -171,6 +171,11 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
 TRAIN_CHECKPOINT_SUBDIR = "checkpoints"
 
 
+def absolute(path: str) -> str:
+  """An absolute local path; URLs (gs://bucket/run) are left as they are."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1,
                        best_metric: str = "") -> ocp.CheckpointManager:
   """Keeps the last `keep` steps, or with `best_metric` (an eval metric name
@@ -183,7 +188,7 @@ def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1
       max_to_keep=keep, save_interval_steps=save_interval_steps, create=True,
       enable_async_checkpointing=True, **best)
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR),
+      os.path.join(absolute(workdir), TRAIN_CHECKPOINT_SUBDIR),
       options=options, item_names=("state", "data"))
 
 
@@ -300,14 +305,13 @@ def load_pretrained(path: str, cfg: CLIPConfig, fresh: dict, *,
 # it like any other checkpoint, so a pod run exports with one command.
 
 def write_workdir_model_config(workdir: str, cfg: CLIPConfig) -> None:
+  """WORKDIR/model_config.json (process 0); local paths or gs:// URLs."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, MODEL_CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config_to_dict(cfg), f, indent=2)
-  os.replace(tmp, path)
+  directory = epath.Path(workdir)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2))
 
 
 def is_train_workdir(path: str) -> bool:
@@ -320,7 +324,7 @@ def load_train_params(workdir: str, step=None) -> Tuple[dict, CLIPConfig]:
   """Params (host numpy) of a training WORKDIR's latest (or given) step."""
   cfg = load_model_config(workdir)
   manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), TRAIN_CHECKPOINT_SUBDIR),
+      os.path.join(absolute(workdir), TRAIN_CHECKPOINT_SUBDIR),
       item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:

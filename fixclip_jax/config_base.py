@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 200
   c.optim.grad_clip = 1.0                 # global norm; 0 = off
   c.optim.accum_steps = 1
+  c.skip_nonfinite = True                 # skip updates of NaN/Inf steps (logged)
   c.optim.frozen_regex = r"text/positional_embedding"  # the frozen table (§2)
   c.optim.new_params_regex = r".*(prompts_\d+|mask_token|/gta/.*)"
   c.optim.no_decay_regex = (r".*(/bias|/scale|logit_scale|class_embedding|"

@@ -761,22 +761,26 @@ def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
   return cfg, fmt
 
 
-_SRC = flags.DEFINE_string("src", None, "Checkpoint to read: .pt/.bin/.safetensors, "
-                           "a HF CLIPModel directory, or one of our model dirs.")
-_DST = flags.DEFINE_string("dst", None, "Where to write (must not exist).")
-_TO = flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format: orbax | "
-                        "openai | hf | hf_text (text encoder + tokenizer).")
-_ACT = flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"],
-                         "Activation of an OpenAI-layout source (not stored in "
-                         "the file); default quick_gelu.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
-_STRETCH = flags.DEFINE_integer(
-    "stretch", None, "Prepare for long-text training: stretch the text "
-    "positions to this many rows with Long-CLIP's knowledge-preserved "
-    "stretching (248 from 77) and create the two-table scheme (method.md §2).")
-_DROP_EXTRA = flags.DEFINE_bool(
-    "drop_extra", False, "Write without FIX-CLIP's prompts / mask token / GTA "
-    "heads: a plain Long-CLIP-layout model (text encoder complete).")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program: no clash on import)."""
+  flags.DEFINE_string("src", None, "Checkpoint to read: .pt/.bin/.safetensors, a HF "
+                      "CLIPModel directory, one of our model dirs or a training workdir.")
+  flags.DEFINE_string("dst", None, "Where to write (must not exist).")
+  flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format: orbax | openai | "
+                    "hf | hf_text (text encoder + tokenizer).")
+  flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"], "Activation of an "
+                    "OpenAI-layout source (not stored in the file); default quick_gelu.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
+  flags.DEFINE_integer(
+      "stretch", None, "Prepare for long-text training: stretch the text "
+      "positions to this many rows with Long-CLIP's knowledge-preserved "
+      "stretching (248 from 77) and create the two-table scheme (method.md §2).")
+  flags.DEFINE_bool(
+      "drop_extra", False, "Write without FIX-CLIP's prompts / mask token / GTA "
+      "heads: a plain Long-CLIP-layout model (text encoder complete).")
 
 
 def stretch_transform(context_length: int, keep: int = LONGCLIP_KEEP) -> ParamsTransform:
@@ -819,12 +823,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   transform = compose(
-      stretch_transform(_STRETCH.value) if _STRETCH.value else None,
-      strip_fixclip if _DROP_EXTRA.value else None)
-  convert(_SRC.value, _DST.value, _TO.value, act=_ACT.value,
-          params_transform=transform, overwrite=_OVERWRITE.value)
+      stretch_transform(FLAGS.stretch) if FLAGS.stretch else None,
+      strip_fixclip if FLAGS.drop_extra else None)
+  convert(FLAGS.src, FLAGS.dst, FLAGS.to, act=FLAGS.act,
+          params_transform=transform, overwrite=FLAGS.overwrite)
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["src", "dst"])
   app.run(main)

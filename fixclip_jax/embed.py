@@ -175,28 +175,34 @@ def save_npz(path: str, result: Dict[str, np.ndarray]) -> None:
     raise
 
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory "
-                                  "(checkpoint.save_model / convert output).")
-_TEXTS = flags.DEFINE_string("texts", None, "Text file, one text per line.")
-_IMAGES = flags.DEFINE_string("images", None, "Image directory or glob pattern.")
-_OUT = flags.DEFINE_string("out", None, "Output .npz file.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Rows per model call.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program: no clash on import)."""
+  flags.DEFINE_string("checkpoint", None, "Model directory "
+                      "(checkpoint.save_model / convert output).")
+  flags.DEFINE_string("texts", None, "Text file, one text per line.")
+  flags.DEFINE_string("images", None, "Image directory or glob pattern.")
+  flags.DEFINE_string("out", None, "Output .npz file.")
+  flags.DEFINE_integer("batch_size", 64, "Rows per model call.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _TEXTS.value and not _IMAGES.value:
+  if not FLAGS.texts and not FLAGS.images:
     raise app.UsageError("Give --texts and/or --images")
-  texts = read_texts(_TEXTS.value) if _TEXTS.value else []
-  paths = list_images(_IMAGES.value) if _IMAGES.value else []
-  result = embed(_CHECKPOINT.value, texts, paths, _BATCH_SIZE.value)
-  save_npz(_OUT.value, result)
+  texts = read_texts(FLAGS.texts) if FLAGS.texts else []
+  paths = list_images(FLAGS.images) if FLAGS.images else []
+  result = embed(FLAGS.checkpoint, texts, paths, FLAGS.batch_size)
+  save_npz(FLAGS.out, result)
   logging.info("Wrote %s: %d text and %d image features (%d images skipped)",
-               _OUT.value, len(result["text_features"]),
+               FLAGS.out, len(result["text_features"]),
                len(result["image_features"]), len(result["skipped_images"]))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["checkpoint", "out"])
   app.run(main)

@@ -28,6 +28,8 @@ _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 def _is_multi_process() -> bool:
   if any(os.environ.get(v) for v in _MULTI_PROCESS_ENV):
     return True
+  if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    return True
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
     return True
   # TPU pods: more than one worker host.
@@ -35,9 +37,20 @@ def _is_multi_process() -> bool:
 
 
 def maybe_initialize_distributed(mode: str) -> None:
-  """jax.distributed.initialize() on multi-host runs (TPU pods, SLURM nodes)."""
+  """jax.distributed.initialize() on multi-host runs (TPU pods, SLURM nodes,
+  launch/local.sh).
+
+  JAX reads the coordinator address and local device ids from the
+  environment itself, but not the process count and id outside SLURM/TPU:
+  launch/local.sh sets JAX_NUM_PROCESSES and JAX_PROCESS_ID for them.
+  """
   if mode == "on" or (mode == "auto" and _is_multi_process()):
-    jax.distributed.initialize()
+    kwargs = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def main(argv):

@@ -4,6 +4,7 @@ import os
 from typing import Mapping
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -16,8 +17,9 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    directory = epath.Path(workdir)  # local path or gs:// URL
+    directory.mkdir(parents=True, exist_ok=True)
+    self._file = (directory / "metrics.jsonl").open("a")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top

@@ -24,7 +24,7 @@ from fixclip_jax.models import fixclip
 from fixclip_jax.models import sizes
 
 Array = jax.Array
-TrainState = Dict[str, Any]  # {"params", "opt_state", "step", "rng"}
+TrainState = Dict[str, Any]  # {"params", "opt_state", "step", "rng", "num_skipped"}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -160,17 +160,20 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation,
     params = optax.apply_updates(state["params"], updates)
     # CLIP clamps the temperature parameter at ln(100) after every update.
     params["logit_scale"] = jnp.minimum(params["logit_scale"], losses.MAX_LOGIT_SCALE)
-    # A batch with NaN/Inf features or gradients is skipped, not applied.
+    # A batch with NaN/Inf features or gradients is skipped, not applied
+    # (config.skip_nonfinite; off = apply it anyway, for debugging).
     bad = ((terms.get("nonfinite_features", 0) > 0) | ~jnp.isfinite(loss) |
-           ~jnp.isfinite(grad_norm))
+           ~jnp.isfinite(grad_norm)) & config.skip_nonfinite
     keep_old = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(bad, o, n), new, old)
+    num_skipped = state["num_skipped"] + bad.astype(jnp.int32)
     new_state = {"params": keep_old(params, state["params"]),
                  "opt_state": keep_old(opt_state, state["opt_state"]),
-                 "step": state["step"] + 1, "rng": state["rng"]}
+                 "step": state["step"] + 1, "rng": state["rng"],
+                 "num_skipped": num_skipped}
     metrics = dict(terms, loss=loss, grad_norm=grad_norm,
                    temperature=losses.temperature(params["logit_scale"]),
-                   skipped=bad.astype(jnp.int32))
+                   skipped=bad.astype(jnp.int32), skipped_total=num_skipped)
     return new_state, metrics
 
   return step_fn
@@ -200,7 +203,8 @@ def init_state(config, model: clip.CLIP, mesh, params: Optional[Any] = None,
 
   def make(params):
     return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+            "step": jnp.zeros((), jnp.int32), "rng": state_rng,
+            "num_skipped": jnp.zeros((), jnp.int32)}
 
   shapes = jax.eval_shape(make, params)
   shardings = state_shardings(shapes, mesh, config)
@@ -249,12 +253,12 @@ def _host_batch(batch: dict) -> dict:
 
 def _write_config_copy(config, workdir: str) -> None:
   """WORKDIR/config.json: the resolved config of this run (process 0)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return
-  import os  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  directory = epath.Path(workdir)  # local path or gs:// URL
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def _progress(step: int, total: int, step_time: float, metrics: dict) -> str:
@@ -330,6 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   eval_every = config.eval_every or config.num_train_steps
   timer_start, timer_steps = time.perf_counter(), 0
   step = start
+  skipped_logged, last_logged = int(jax.device_get(state["num_skipped"])), start
   with PreemptionGuard() as guard:
     while step < config.num_train_steps:
       host = next(train_iter)
@@ -354,9 +359,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               peak * jax.device_count())
         for reason, count in zip(getattr(pipeline, "SKIP_REASONS", ()), skipped):
           metrics[f"data/skipped_{reason}"] = int(count)
-        if metrics["skipped"]:
-          logging.warning("step %d: update skipped (%d non-finite features)",
-                          step, int(metrics.get("nonfinite_features", 0)))
+        if metrics["skipped_total"] > skipped_logged:
+          logging.warning(
+              "%d update(s) skipped for NaN/Inf between steps %d and %d (this "
+              "step: %d non-finite feature values); %d skipped in total",
+              metrics["skipped_total"] - skipped_logged, last_logged + 1, step,
+              int(metrics.get("nonfinite_features", 0)), metrics["skipped_total"])
+          skipped_logged = int(metrics["skipped_total"])
+        last_logged = step
         writer.write(step, metrics)
         if jax.process_index() == 0:
           print(_progress(step, config.num_train_steps, metrics["step_time_s"],

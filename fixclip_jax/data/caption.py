@@ -825,39 +825,44 @@ def _run_pool(todo: Sequence[ImageItem], client: ChatClient, settings: _Settings
 # ---------------------------------------------------------------------------
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("images", None, "Directory (recursive) or JSONL manifest with 'image'.")
-flags.DEFINE_string("image_root", None, "Root for relative manifest paths "
-                    "(default: the manifest's directory).")
-flags.DEFINE_enum("image_paths", "relative_to_out", ["relative_to_out", "as_input"],
-                  "'image' in the output: relative to the output's folder (trains with "
-                  "no image_root) or as in the input (manifest field / path under DIR).")
-flags.DEFINE_string("out", None, "Output JSONL manifest (appended to; resumable).")
-flags.DEFINE_string("endpoint", None, "OpenAI-compatible base URL, e.g. http://host:8000/v1.")
-flags.DEFINE_string("model", None, "Model name as served.")
-flags.DEFINE_string("prompts", None, "File of prompts, one per line (default: built-in 20).")
-flags.DEFINE_integer("concurrency", 16, "Requests in flight.")
-flags.DEFINE_float("timeout", 120.0, "Seconds per request.")
-flags.DEFINE_integer("max_retries", 5, "Retries on timeouts, resets, 429 and 5xx.")
-flags.DEFINE_enum("short", "first_sentence", ["first_sentence", "model"],
-                  "Short caption: the first sentence, or a second one-sentence request.")
-flags.DEFINE_string("api_key_env", None, "Environment variable holding the API key.")
-flags.DEFINE_integer("seed", 0, "Fixes the prompt of each image (with its path).")
-flags.DEFINE_integer("max_tokens", 512, "max_tokens of the caption request.")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature.")
-flags.DEFINE_string("extra_body", None, "JSON object merged into each request, e.g. "
-                    "'{\"repetition_penalty\": 1.05}'.")
-flags.DEFINE_integer("retry_rejected", 2, "Retries of a filtered-out caption with "
-                     "another prompt.")
-flags.DEFINE_bool("filter", True, "Apply the caption filters (captions.filter_reason).")
-flags.DEFINE_string("filter_config", None, "JSON object of CaptionFilterConfig fields "
-                    "overriding the defaults, e.g. '{\"min_words\": 20}'.")
-flags.DEFINE_integer("max_side", 1344, "Downscale larger images before upload (0: never).")
-flags.DEFINE_integer("fsync_every", 100, "fsync the output every this many lines.")
-flags.DEFINE_bool("retry_failed", False, "Also retry images that earlier runs recorded "
-                  "as unreadable, rejected or api_error.")
-flags.DEFINE_integer("max_consecutive_failures", 100, "Stop after this many images in a "
-                     "row fail on server errors (0: never).")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so that importing
+  this module next to other CLIs never clashes)."""
+  flags.DEFINE_string("images", None, "Directory (recursive) or JSONL manifest with 'image'.")
+  flags.DEFINE_string("image_root", None, "Root for relative manifest paths "
+                      "(default: the manifest's directory).")
+  flags.DEFINE_enum("image_paths", "relative_to_out", ["relative_to_out", "as_input"],
+                    "'image' in the output: relative to the output's folder (trains with "
+                    "no image_root) or as in the input (manifest field / path under DIR).")
+  flags.DEFINE_string("out", None, "Output JSONL manifest (appended to; resumable).")
+  flags.DEFINE_string("endpoint", None, "OpenAI-compatible base URL, e.g. http://host:8000/v1.")
+  flags.DEFINE_string("model", None, "Model name as served.")
+  flags.DEFINE_string("prompts", None, "File of prompts, one per line (default: built-in 20).")
+  flags.DEFINE_integer("concurrency", 16, "Requests in flight.")
+  flags.DEFINE_float("timeout", 120.0, "Seconds per request.")
+  flags.DEFINE_integer("max_retries", 5, "Retries on timeouts, resets, 429 and 5xx.")
+  flags.DEFINE_enum("short", "first_sentence", ["first_sentence", "model"],
+                    "Short caption: the first sentence, or a second one-sentence request.")
+  flags.DEFINE_string("api_key_env", None, "Environment variable holding the API key.")
+  flags.DEFINE_integer("seed", 0, "Fixes the prompt of each image (with its path).")
+  flags.DEFINE_integer("max_tokens", 512, "max_tokens of the caption request.")
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature.")
+  flags.DEFINE_string("extra_body", None, "JSON object merged into each request, e.g. "
+                      "'{\"repetition_penalty\": 1.05}'.")
+  flags.DEFINE_integer("retry_rejected", 2, "Retries of a filtered-out caption with "
+                       "another prompt.")
+  flags.DEFINE_bool("filter", True, "Apply the caption filters (captions.filter_reason).")
+  flags.DEFINE_string("filter_config", None, "JSON object of CaptionFilterConfig fields "
+                      "overriding the defaults, e.g. '{\"min_words\": 20}'.")
+  flags.DEFINE_integer("max_side", 1344, "Downscale larger images before upload (0: never).")
+  flags.DEFINE_integer("fsync_every", 100, "fsync the output every this many lines.")
+  flags.DEFINE_bool("retry_failed", False, "Also retry images that earlier runs recorded "
+                    "as unreadable, rejected or api_error.")
+  flags.DEFINE_integer("max_consecutive_failures", 100, "Stop after this many images in a "
+                       "row fail on server errors (0: never).")
+  flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -919,4 +924,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

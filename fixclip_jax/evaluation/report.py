@@ -21,9 +21,9 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+# Figures are built without pyplot, so importing this module never changes the
+# caller's matplotlib backend (notebooks keep their inline plots).
+from matplotlib.figure import Figure
 
 JSON_NAME = "eval_results.json"
 MARKDOWN_NAME = "eval_results.md"
@@ -36,7 +36,14 @@ METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
 
 
 def atomic_write(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temp file + rename (never half-written)."""
+  """Writes `data` to `path` through a temp file + rename (never half-written).
+
+  Object stores (gs://...) replace an object whole, so a URL is written directly.
+  """
+  if "://" in path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(path).write_bytes(data)
+    return
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path),
                              suffix=".tmp")
@@ -52,10 +59,11 @@ def atomic_write(path: str, data: bytes) -> None:
 
 def read_results(workdir: str) -> List[Dict[str, Any]]:
   """The results list in workdir/eval_results.json ([] when there is none)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, JSON_NAME)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return []
-  with open(path, "r", encoding="utf-8") as f:
+  with epath.Path(path).open("r") as f:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:
@@ -126,7 +134,6 @@ def markdown_table(results: Sequence[Dict[str, Any]]) -> str:
 def _png_bytes(fig) -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-  plt.close(fig)
   return buf.getvalue()
 
 
@@ -148,7 +155,8 @@ def recall_bars_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
     return None
   rows = sorted(latest.values(), key=_sort_key)
   metrics = [m for m in metric_columns(rows) if "_R@" in m]
-  fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows) * len(metrics) / 3), 4))
+  fig = Figure(figsize=(max(6, 1.2 * len(rows) * len(metrics) / 3), 4))
+  ax = fig.subplots()
   width = 0.8 / len(metrics)
   for j, m in enumerate(metrics):
     xs = [i + j * width for i in range(len(rows))]
@@ -172,7 +180,8 @@ def history_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
     series.setdefault((r.get("model"), _label(r)), []).append(r)
   if not series:
     return None
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  fig = Figure(figsize=(11, 4))
+  axes = fig.subplots(1, 2, sharey=True)
   for ax, metric in zip(axes, ("i2t_R@1", "t2i_R@1")):
     for (model, label), rows in sorted(series.items(), key=str):
       rows = sorted(rows, key=lambda r: r["step"])
@@ -204,7 +213,8 @@ def write_report(workdir: str, results: Sequence[Dict[str, Any]],
       r["step"] = int(r["step"])
     _validate(r)
     new.append(r)
-  os.makedirs(workdir, exist_ok=True)
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
   merged = merge_results(read_results(workdir), new)
   json_bytes = json.dumps({"results": merged}, indent=1).encode("utf-8")
   md_bytes = markdown_table(merged).encode("utf-8")

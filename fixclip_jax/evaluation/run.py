@@ -6,6 +6,7 @@ encoders, scores retrieval (R@K both ways) or zero-shot classification, and
 merges the results into WORKDIR/eval_results.{json,md} and the PNG plots.
 """
 import os
+import tempfile
 from typing import Any, Dict, List, Optional
 
 from absl import logging
@@ -44,12 +45,19 @@ def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
 def synthetic_eval_root(workdir: str, config) -> str:
   """Generates (once) the held-out synthetic retrieval set under WORKDIR."""
   from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  root = os.path.join(workdir, "eval_data", "synthetic")
+  # Images are written with PIL, so a remote workdir (gs://) caches them locally.
+  base = (os.path.join(tempfile.gettempdir(), "fixclip_eval_data")
+          if "://" in workdir else os.path.join(workdir, "eval_data"))
+  root = os.path.join(base, f"synthetic_{config.eval.synthetic_num}_"
+                            f"{config.data.synthetic_image_size}px")
   if not os.path.isfile(os.path.join(root, "manifest.jsonl")):
     if jax.process_index() == 0:
       synthetic.make_synthetic_dataset(
           root, config.eval.synthetic_num,
           image_size=config.data.synthetic_image_size, seed=SYNTHETIC_EVAL_SEED)
+    if jax.process_count() > 1:  # the others read what process 0 wrote
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("fixclip_synthetic_eval_data")
   return root
 
 
