@@ -377,6 +377,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
     peak_tflops: per-device peak for MFU; default from PEAK_BF16_TFLOPS by
       device kind ("n/a" on CPU and unknown devices).
     compare_torch: also time open_clip's PyTorch step (see module docstring).
+      On GPU, start JAX with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI
+      does) so that PyTorch finds memory in the same process.
     eval_steps: timed eval batches (default `steps`; 0 = skip eval).
     devices: devices of the mesh (default all, as training).
     json_path: also write the result there (atomically).
@@ -409,12 +411,16 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       "num_devices": int(mesh.size),
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "versions": _versions(),
+      # Environment that changes timings (OMP_WAIT_POLICY: see BENCHMARKS.md).
+      "env": {k: os.environ.get(k, "") for k in (
+          "XLA_FLAGS", "OMP_WAIT_POLICY", "OMP_NUM_THREADS",
+          "XLA_PYTHON_CLIENT_PREALLOCATE")},
       "config": config_name,
       "model_name": config.model_name,
       "objective": config.objective,
       "masking_mode": config.masking.mode if config.objective == "fixclip" else NA,
       "dtype": config.dtype,
-      "remat": bool(config.remat),
+      "remat": str(config.remat),
       "batch": b,
       "image_size": ours.cfg.image_size,
       "text_lengths": list(flops_lib.text_lengths(config)),
@@ -475,6 +481,7 @@ def format_table(r: dict) -> str:
       ("device", f"{r['device_kind']} x{r['num_devices']} ({r['platform']})"),
       ("versions", ", ".join(f"{k} {v}" for k, v in r["versions"].items())),
       ("date", r["date"]),
+      ("env", ", ".join(f"{k}={v}" for k, v in r["env"].items() if v) or "-"),
       ("config", f"{r['config']} {r['model_name']} objective={r['objective']} "
                  f"masking={r['masking_mode']} dtype={r['dtype']} remat={r['remat']}"),
       ("batch / image / text", f"{r['batch']} / {r['image_size']}px / "
@@ -535,6 +542,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
+  if _TORCH.value:
+    # JAX's GPU client grabs 75% of the memory at start-up by default, which
+    # would leave open_clip too little; read when the backend starts (below).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   result = run_benchmark(_CONFIG.value, batch=_BATCH.value, steps=_STEPS.value,
                          warmup=_WARMUP.value, peak_tflops=_PEAK.value,
                          compare_torch=_TORCH.value, eval_steps=_EVAL_STEPS.value,

@@ -23,6 +23,9 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
     vision layer with regional prompts runs on `num_prompts` more tokens.
     GTA heads are counted for the branches whose group features enter the loss
     (raw image and long text, fixclip only).
+  * Rematerialisation (config.remat) is not counted: these are model FLOPs
+    (MFU), not hardware FLOPs; XLA's cost analysis does count the recomputed
+    forward.
   * Long-CLIP's primary-component matching (PCM, method.md §2) is ignored: its
     SVD works on a [B/S, d] matrix per device (O(B d^2) ~ 0.3 GFLOP at B=256,
     d=512, < 0.01% of a B/16 step) and runs in cuSOLVER/LAPACK, not in matmul
