@@ -128,6 +128,34 @@ class DecodeRandomResizedCropTest(parameterized.TestCase):
           data[:len(data) // 2], 32, np.random.default_rng(0))
 
 
+class NormalizeAndEvalTransformTest(absltest.TestCase):
+
+  def test_normalize_is_the_broadcast_formula_bit_for_bit(self):
+    rng = np.random.default_rng(0)
+    mean = np.asarray(transforms.CLIP_MEAN, np.float32)
+    std = np.asarray(transforms.CLIP_STD, np.float32)
+    for shape in ((224, 224, 3), (7, 5, 3), (1, 1, 3)):
+      pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+      want = (pixels.astype(np.float32) / np.float32(255) - mean) / std
+      for given in (pixels, Image.fromarray(pixels)):
+        got = transforms.normalize_pixels(given)
+        self.assertEqual(got.dtype, np.float32)
+        np.testing.assert_array_equal(got, want)
+    floats = rng.random((4, 4, 3)).astype(np.float32)
+    copy = floats.copy()
+    transforms.normalize_pixels(floats)
+    np.testing.assert_array_equal(floats, copy)  # input left alone
+
+  def test_eval_transform_equals_open_clip_preprocess(self):
+    from open_clip.transform import image_transform  # pylint: disable=g-import-not-at-top
+    preprocess = image_transform(32, is_train=False)  # PyTorch/torchvision
+    for w, h in ((90, 70), (48, 120), (32, 32)):
+      img = _noise_image(w, h, seed=w)
+      want = preprocess(img).permute(1, 2, 0).numpy()
+      np.testing.assert_allclose(transforms.clip_eval_transform(img, 32), want,
+                                 rtol=0, atol=1e-6)
+
+
 class TrainTransformTest(absltest.TestCase):
 
   def test_resize_center_crop_is_eval_transform(self):

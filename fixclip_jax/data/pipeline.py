@@ -263,7 +263,7 @@ class _ExampleProcessor:
       return self.skip("unreadable_image", where,
                        f"cannot decode the image: {e}", e)
     return {
-        "image": image.astype(np.float32),
+        "image": np.asarray(image, np.float32),  # no copy if float32
         "text_long": self.tokenizer([example["caption"]],
                                     self.text_context)[0].astype(np.int32),
         "text_short": self.tokenizer([self.short_text(example)],

@@ -44,9 +44,24 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def normalize_pixels(img: Union[Image.Image, np.ndarray]) -> np.ndarray:
-  """uint8 HWC (or PIL) -> float32 HWC normalised with CLIP's mean/std."""
-  x = np.asarray(img, dtype=np.float32) / 255.0
-  return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+  """uint8 HWC (or PIL) -> float32 HWC normalised with CLIP's mean/std.
+
+  (x / 255 - mean) / std in float32. For HxWx3 input the ops run in place
+  on an [H, W*3] view against mean/std tiled W times: the same operations on
+  the same values (bit-identical), ~10x faster than numpy broadcasting a
+  3-long channel axis, whose inner loops are 3 elements long.
+  """
+  x = np.array(img, dtype=np.float32)  # a fresh C-contiguous copy
+  mean = np.asarray(CLIP_MEAN, np.float32)
+  std = np.asarray(CLIP_STD, np.float32)
+  if x.ndim != 3 or x.shape[-1] != 3:
+    return (x / 255.0 - mean) / std
+  height, width, _ = x.shape
+  rows = x.reshape(height, width * 3)  # a view: the ops below fill x
+  rows /= np.float32(255.0)
+  rows -= np.tile(mean, width)
+  rows /= np.tile(std, width)
+  return x
 
 
 def clip_eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
