@@ -40,34 +40,7 @@ from fixclip_jax import sharding
 from fixclip_jax import train
 from fixclip_jax.models import clip
 
-# bf16 dense peak TFLOP/s per device (vendor data sheets; no sparsity). The
-# first substring contained in the lower-cased `device_kind` wins, so the more
-# specific names come first ("tpu v5 lite" before "tpu v5").
-PEAK_BF16_TFLOPS = (
-    ("h100 pcie", 756.0),
-    ("h100 nvl", 835.0),
-    ("h100", 989.0),       # SXM; "NVIDIA H100 80GB HBM3"
-    ("h200", 989.0),       # same tensor cores as H100 SXM, more/faster memory
-    ("a100", 312.0),
-    ("tpu v4", 275.0),
-    ("tpu v5 lite", 197.0),  # v5e
-    ("tpu v5e", 197.0),
-    ("tpu v5p", 459.0),
-    ("tpu v5", 459.0),       # v5p reports "TPU v5"
-    ("tpu v6 lite", 918.0),  # v6e (Trillium)
-    ("tpu v6e", 918.0),
-)
-
 NA = "n/a"
-
-
-def peak_tflops_for(device_kind: str) -> Optional[float]:
-  """bf16 dense peak of one device from PEAK_BF16_TFLOPS, None if unknown."""
-  kind = device_kind.lower()
-  for name, tflops in PEAK_BF16_TFLOPS:
-    if name in kind:
-      return tflops
-  return None
 
 
 # ----------------------------------------------------------------------------
@@ -374,7 +347,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
   Args:
     config: a training config; `batch` overrides config.data.global_batch.
     steps, warmup: timed and untimed steps (each timed step is blocked on).
-    peak_tflops: per-device peak for MFU; default from PEAK_BF16_TFLOPS by
+    peak_tflops: per-device peak for MFU; default from flops.PEAK_BF16_TFLOPS by
       device kind ("n/a" on CPU and unknown devices).
     compare_torch: also time open_clip's PyTorch step (see module docstring).
       On GPU, start JAX with XLA_PYTHON_CLIENT_PREALLOCATE=false (the CLI
@@ -400,7 +373,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
   analytic = flops_lib.train_step_flops(config)
   device = mesh.devices.flat[0]
   if peak_tflops is None:
-    peak_tflops = peak_tflops_for(device.device_kind)
+    peak_tflops = flops_lib.peak_tflops_for(device.device_kind)
   achieved = analytic["total"] / step_time["median"] / 1e12         # TFLOP/s
   xla = ours.xla_flops_per_device
   result = {
@@ -524,35 +497,41 @@ def format_table(r: dict) -> str:
 # ----------------------------------------------------------------------------
 # CLI.
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (e.g. configs/demo.py).", lock_config=True)
-_BATCH = flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
-_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Timed eval batches "
-                                   "(default --steps; 0 = skip).")
-_JSON = flags.DEFINE_string("json", None, "Also write the result as JSON here.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU "
-                           "(default: bf16 dense peak by device kind).")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time open_clip's PyTorch step.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program: no clash on import)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Training config file (e.g. configs/demo.py).", lock_config=True)
+  flags.DEFINE_integer("batch", None, "Global batch (default: the config's).")
+  flags.DEFINE_integer("steps", 20, "Timed steps.")
+  flags.DEFINE_integer("warmup", 3, "Untimed steps first.")
+  flags.DEFINE_integer("eval_steps", None, "Timed eval batches "
+                       "(default --steps; 0 = skip).")
+  flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+  flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU "
+                     "(default: bf16 dense peak by device kind).")
+  flags.DEFINE_bool("torch", False, "Also time open_clip's PyTorch step.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  if FLAGS.config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
-  if _TORCH.value:
+  if FLAGS.torch:
     # JAX's GPU client grabs 75% of the memory at start-up by default, which
     # would leave open_clip too little; read when the backend starts (below).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  result = run_benchmark(_CONFIG.value, batch=_BATCH.value, steps=_STEPS.value,
-                         warmup=_WARMUP.value, peak_tflops=_PEAK.value,
-                         compare_torch=_TORCH.value, eval_steps=_EVAL_STEPS.value,
-                         json_path=_JSON.value,
+  result = run_benchmark(FLAGS.config, batch=FLAGS.batch, steps=FLAGS.steps,
+                         warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
+                         compare_torch=FLAGS.torch, eval_steps=_EVALFLAGS.steps,
+                         json_path=FLAGS.json,
                          config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
   print(format_table(result))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

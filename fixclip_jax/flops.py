@@ -203,3 +203,34 @@ def embed_flops(cfg: sizes.CLIPConfig, num_images: int = 0, num_texts: int = 0,
   texts = (text_tower_flops(cfg, num_texts, t) +
            projection_flops(num_texts, cfg.text_width, cfg.embed_dim))
   return {"images": images, "texts": texts, "total": images + texts}
+
+
+# ----------------------------------------------------------------------------
+# Device peaks, for MFU (bench.py and the training metrics).
+
+# bf16 dense peak TFLOP/s per device (vendor data sheets; no sparsity). The
+# first substring contained in the lower-cased `device_kind` wins, so the more
+# specific names come first ("tpu v5 lite" before "tpu v5").
+PEAK_BF16_TFLOPS = (
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),       # SXM; "NVIDIA H100 80GB HBM3"
+    ("h200", 989.0),       # same tensor cores as H100 SXM, more/faster memory
+    ("a100", 312.0),
+    ("tpu v4", 275.0),
+    ("tpu v5 lite", 197.0),  # v5e
+    ("tpu v5e", 197.0),
+    ("tpu v5p", 459.0),
+    ("tpu v5", 459.0),       # v5p reports "TPU v5"
+    ("tpu v6 lite", 918.0),  # v6e (Trillium)
+    ("tpu v6e", 918.0),
+)
+
+
+def peak_tflops_for(device_kind: str) -> Optional[float]:
+  """bf16 dense peak of one device from PEAK_BF16_TFLOPS, None if unknown."""
+  kind = device_kind.lower()
+  for name, tflops in PEAK_BF16_TFLOPS:
+    if name in kind:
+      return tflops
+  return None

@@ -149,9 +149,12 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state["rng"], state["step"])
     masks = image_masks(config, rng, batch["image"].shape[0], num_patches)
 
+    # The clip objective has no short branch: do not pay for its text pass.
+    text_short = None if config.objective == "clip" else batch["text_short"]
+
     def loss_fn(params):
       out = model.apply({"params": params}, batch["image"], batch["text_long"],
-                        batch["text_short"], method=clip.CLIP.train_outputs, **masks)
+                        text_short, method=clip.CLIP.train_outputs, **masks)
       return objective(out)
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -328,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step_fn = make_train_step(config, model, tx, sharding.num_batch_shards(mesh))
   train_step = None  # jitted on the first batch, whose structure it needs
   flops_per_step = flops.train_step_flops(config)["total"]
-  peak = 1e12 * config.peak_tflops
+  peak = 1e12 * (config.peak_tflops or
+                 flops.peak_tflops_for(jax.devices()[0].device_kind) or 0.0)
   skipped = np.zeros(len(getattr(pipeline, "SKIP_REASONS", ())), np.int64)
   images_per_step = config.data.global_batch
   eval_every = config.eval_every or config.num_train_steps

@@ -31,16 +31,16 @@ def positive(x):
 class PeakTableTest(absltest.TestCase):
 
   def test_device_kinds(self):
-    self.assertEqual(bench.peak_tflops_for("NVIDIA H100 80GB HBM3"), 989.0)
-    self.assertEqual(bench.peak_tflops_for("NVIDIA H100 PCIe"), 756.0)
-    self.assertEqual(bench.peak_tflops_for("NVIDIA H200"), 989.0)
-    self.assertEqual(bench.peak_tflops_for("NVIDIA A100-SXM4-80GB"), 312.0)
-    self.assertEqual(bench.peak_tflops_for("TPU v4"), 275.0)
-    self.assertEqual(bench.peak_tflops_for("TPU v5 lite"), 197.0)
-    self.assertEqual(bench.peak_tflops_for("TPU v5"), 459.0)
-    self.assertEqual(bench.peak_tflops_for("TPU v5p"), 459.0)
-    self.assertEqual(bench.peak_tflops_for("TPU v6 lite"), 918.0)
-    self.assertIsNone(bench.peak_tflops_for("cpu"))
+    self.assertEqual(flops.peak_tflops_for("NVIDIA H100 80GB HBM3"), 989.0)
+    self.assertEqual(flops.peak_tflops_for("NVIDIA H100 PCIe"), 756.0)
+    self.assertEqual(flops.peak_tflops_for("NVIDIA H200"), 989.0)
+    self.assertEqual(flops.peak_tflops_for("NVIDIA A100-SXM4-80GB"), 312.0)
+    self.assertEqual(flops.peak_tflops_for("TPU v4"), 275.0)
+    self.assertEqual(flops.peak_tflops_for("TPU v5 lite"), 197.0)
+    self.assertEqual(flops.peak_tflops_for("TPU v5"), 459.0)
+    self.assertEqual(flops.peak_tflops_for("TPU v5p"), 459.0)
+    self.assertEqual(flops.peak_tflops_for("TPU v6 lite"), 918.0)
+    self.assertIsNone(flops.peak_tflops_for("cpu"))
 
 
 class SyntheticBatchTest(absltest.TestCase):

@@ -237,19 +237,22 @@ class CLIP(nn.Module):
     return {"image": self.visual(images), "text": self.text(text),
             "logit_scale": self.logit_scale}
 
-  def train_outputs(self, images, text_long, text_short, patch_mask=None,
+  def train_outputs(self, images, text_long, text_short=None, patch_mask=None,
                     keep_index=None):
     """Every branch an objective may use, in one apply (losses.py's input).
 
     "image": raw images; "image_masked": the masked short branch when a
     patch_mask or keep_index is given; "text_long" / "text_short": the two
-    captions (one text-tower pass when both have the same length).
+    captions (one text-tower pass when both have the same length; no short
+    branch when text_short is None).
     """
     out = {"image": self.visual(images), "logit_scale": self.logit_scale}
     if patch_mask is not None or keep_index is not None:
       out["image_masked"] = self.visual(images, patch_mask=patch_mask,
                                         keep_index=keep_index)
-    if text_long.shape[1] == text_short.shape[1]:
+    if text_short is None:  # objectives without a short branch (clip)
+      out["text_long"] = self.text(text_long)
+    elif text_long.shape[1] == text_short.shape[1]:
       both = self.text(jnp.concatenate([text_long, text_short], axis=0))
       out["text_long"], out["text_short"] = _split_tower_batch(both, text_long.shape[0])
     else:
