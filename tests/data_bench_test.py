@@ -57,15 +57,16 @@ class RunBenchTest(absltest.TestCase):
     # grain spawns workers that read absl flags: parse them under pytest.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    result = bench.run_bench(num=8, image_size=32, num_workers=(0, 1),
-                             render_size=96, jpeg_draft=(True, False),
+    # 48 images of 128 px: enough CPU time for /proc's 10 ms ticks.
+    result = bench.run_bench(num=48, image_size=32, num_workers=(0, 1),
+                             render_size=128, jpeg_draft=(True, False),
                              batch=4, num_files=6, stage_images=4)
     self.assertLen(result["rows"], 4)
     self.assertEqual([(r["num_workers"], r["jpeg_draft"])
                       for r in result["rows"]],
                      [(0, True), (0, False), (1, True), (1, False)])
     for row in result["rows"]:
-      self.assertEqual(row["images"], 8)
+      self.assertEqual(row["images"], 48)
       for key in ("seconds", "images_per_s", "images_per_s_per_process",
                   "cpu_s", "images_per_cpu_s"):
         self.assertGreater(row[key], 0, msg=key)

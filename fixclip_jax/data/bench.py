@@ -176,6 +176,8 @@ def measure_pipeline(config, tokenizer, num: int) -> Dict[str, Any]:
   images = num_batches * batch
   processes = max(1, int(config.num_workers))
   cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+  # /proc counts clock ticks (10 ms): a shorter window gives no usable rate.
+  enough_cpu = cpu is not None and cpu >= 5 / os.sysconf("SC_CLK_TCK")
   return {
       "num_workers": int(config.num_workers),
       "read_threads": int(config.read_threads),
@@ -186,7 +188,7 @@ def measure_pipeline(config, tokenizer, num: int) -> Dict[str, Any]:
       "images_per_s": images / seconds,
       "images_per_s_per_process": images / seconds / processes,
       "cpu_s": cpu,
-      "images_per_cpu_s": images / cpu if cpu else None,
+      "images_per_cpu_s": images / cpu if enough_cpu else None,
       "load_avg_1m": [load0, os.getloadavg()[0]],
   }
 
