@@ -110,6 +110,7 @@ class ConvertTestBase(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     torch.set_grad_enabled(False)
+    cls.addClassCleanup(torch.set_grad_enabled, True)  # other test files need grad
     config_dir = tempfile.mkdtemp()
     with open(os.path.join(config_dir, _OPEN_CLIP_NAME + ".json"), "w") as f:
       # Head width 64 in both towers, as `config_from_shapes` assumes.

@@ -87,6 +87,7 @@ class OpenClipParityTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     torch.set_grad_enabled(False)
+    cls.addClassCleanup(torch.set_grad_enabled, True)  # other test files need grad
     cls._config_dir = tempfile.mkdtemp()
     for quick_gelu in (True, False):
       name = f"fixclip-test-tiny-{'quickgelu' if quick_gelu else 'gelu'}"
@@ -146,6 +147,7 @@ class HuggingFaceParityTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     torch.set_grad_enabled(False)
+    cls.addClassCleanup(torch.set_grad_enabled, True)  # other test files need grad
 
   @parameterized.parameters("quick_gelu", "gelu")
   def test_tiny_clip_model(self, act):
