@@ -166,6 +166,12 @@ class LoopTest(absltest.TestCase):
       train.PreemptionGuard = original
     self.assertEqual(int(stopped["step"]), 2)
     self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "2")))
+    # A save killed mid-write leaves only orbax's temporary directory, which
+    # is never taken for a checkpoint: the rerun resumes from step 2.
+    junk = os.path.join(workdir, "checkpoints", "3.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(junk, "state"))
+    with open(os.path.join(junk, "state", "half_written"), "wb") as f:
+      f.write(b"\0" * 100)
     resumed = train.train_and_evaluate(config, workdir, evaluate=False)
     self.assertEqual(int(resumed["step"]), 4)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["params"]),
