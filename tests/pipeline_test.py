@@ -238,7 +238,9 @@ class TrainIteratorTest(absltest.TestCase):
     c = pipeline.default_data_config()
     for knob in ("type", "path", "image_root", "image_size", "global_batch",
                  "shuffle_seed", "num_workers", "transform", "rrc_scale",
-                 "text_context", "short_caption", "filters"):
+                 "text_context", "short_caption", "filters",
+                 "max_caption_chars", "raise_on_bad_data",
+                 "max_consecutive_skips", "rrc_jpeg_draft"):
       self.assertIn(knob, c)
     captions.CaptionFilterConfig.from_mapping(c.filters.to_dict())
 

@@ -21,9 +21,9 @@ Batches (numpy, per host):
 Bad data never stops a train run (unless data.raise_on_bad_data, for
 debugging). An example is skipped, for the first problem found (reading the
 source, then the cheap caption checks, then decoding the image), when its
-image file is missing ("missing_file"), its image does
-not decode ("unreadable_image": truncated or corrupt bytes, unknown format),
-its caption is empty or blank ("empty_caption"), its caption bytes are not
+image file is missing ("missing_file"), its image does not decode
+("unreadable_image": truncated or corrupt bytes, unknown format), its
+caption is empty or blank ("empty_caption"), its caption bytes are not
 UTF-8 ("bad_caption_encoding", tar/ArrayRecord/TFDS; a non-UTF-8 JSONL line is
 a malformed manifest and fails at construction), its caption (or provided
 short caption) has more than data.max_caption_chars characters
@@ -34,8 +34,10 @@ SKIP_LOG_FIRST per reason and process, then every SKIP_LOG_EVERY-th) and
 counted: the count rides on the next kept example's `skipped` row, so the
 column sums of a batch's `skipped` are the examples skipped per reason since
 the previous batch of this host (with worker processes: since that worker's
-previous batch; the sum over batches is the same). The counts are iterator
-state, so get_state/set_state stay exact. More than max_consecutive_skips bad
+previous batch; the sum over batches is the same). At the end of a finite
+stream (num_epochs > 0) skips riding on the dropped remainder, or after the
+last kept example, are only logged. The pending counts are iterator state,
+so get_state/set_state stay exact. More than max_consecutive_skips bad
 examples in a row raise (a wrong image_root is not bad data). Eval never
 skips: a bad example becomes a padding row (index -1) and `skipped` is zeros.
 
@@ -105,13 +107,13 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.short_caption = "provided"  # | first_sentence
   c.short_context = 0  # 0 = text_context
   c.filter_captions = False  # drop examples failing captions.filter_reason
-  c.max_caption_chars = 20000  # longer captions are skipped (bad data)
-  # Bad data (module docstring): skipped and counted, unless this is set.
-  c.raise_on_bad_data = False  # True: raise on the first bad example (debug)
-  c.max_consecutive_skips = 1000  # more bad examples in a row raise
   c.filters = ml_collections.ConfigDict(
       {"min_words": 8, "ngram": 3, "max_repeated_ngram_ratio": 0.3,
        "max_non_alpha_ratio": 0.25, "max_word_length": 30})
+  c.max_caption_chars = 20000  # longer captions are bad data (skipped)
+  # Bad data (module docstring) is skipped and counted, unless this is set.
+  c.raise_on_bad_data = False  # True: raise on the first bad example (debug)
+  c.max_consecutive_skips = 1000  # more bad examples in a row raise
   # Order and batching.
   c.global_batch = 256  # split evenly over hosts
   c.shuffle_seed = 0
