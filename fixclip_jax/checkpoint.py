@@ -11,6 +11,7 @@ directory alone:
 `save_model` writes into a temporary directory next to DIR and renames it
 into place, so a failed or interrupted save never leaves a half-written DIR.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -107,10 +108,21 @@ def check_params(params: dict, cfg: CLIPConfig, source: str) -> None:
                      + "; ".join(problems))
 
 
-def _tmp_dir_next_to(path: str) -> str:
+@contextlib.contextmanager
+def atomic_directory(path: str):
+  """Yields a temporary directory next to `path`, renamed to `path` when the
+  block succeeds and deleted when it fails: never a half-written `path`."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def save_model(path: str, params: dict, cfg: CLIPConfig, *,
@@ -121,18 +133,11 @@ def save_model(path: str, params: dict, cfg: CLIPConfig, *,
     raise FileExistsError(f"{path} already exists; not overwriting it")
   check_params(params, cfg, f"save_model({path})")
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
-  tmp = _tmp_dir_next_to(path)
-  try:
+  with atomic_directory(path) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), host)
     with open(os.path.join(tmp, MODEL_CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(cfg), f, indent=2)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   logging.info("Saved model checkpoint to %s", path)
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -680,21 +679,17 @@ def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
   _refuse_existing(directory, overwrite)
   sd = params_to_hf_state_dict(params, cfg)
   _, cfg = single_position_table(params, cfg)
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(hf_config_dict(cfg), f, indent=2)
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  with checkpoint.atomic_directory(directory) as tmp:
+    _write_hf_weights(tmp, hf_config_dict(cfg), sd)
   logging.info("Wrote HF CLIPModel directory to %s", directory)
+
+
+def _write_hf_weights(directory: str, config: dict, sd: StateDict) -> None:
+  """config.json + model.safetensors, the save_pretrained layout."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
 
 def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
@@ -714,21 +709,9 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   text_config = dict(hf_config_dict(cfg)["text_config"],
                      architectures=["CLIPTextModelWithProjection"],
                      projection_dim=cfg.embed_dim, dtype="float32")
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(text_config, f, indent=2)
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  with checkpoint.atomic_directory(directory) as tmp:
+    _write_hf_weights(tmp, text_config, sd)
     tokenizers.ClipTokenizer(context_length=cfg.context_length).save_hf_files(tmp)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   logging.info("Wrote HF text encoder (%d tokens) + tokenizer to %s",
                cfg.context_length, directory)
 

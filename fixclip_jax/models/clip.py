@@ -99,6 +99,18 @@ class Transformer(nn.Module):
     return x, jnp.stack(collected)                                   # [L, B, w]
 
 
+def _tower_outputs(cfg: CLIPConfig, dtype, proj, pooled, tokens, layer_tokens) -> dict:
+  """The tower dict of the module docstring; called inside a tower's compact
+  __call__, so the GTA heads become that tower's "gta" submodule."""
+  emb = pooled @ proj.astype(dtype)                                  # [B, d]
+  out = {"embedding": emb.astype(jnp.float32), "pooled": pooled,
+         "tokens": tokens, "layer_tokens": layer_tokens}
+  if cfg.gta_groups:
+    out["gta"] = fixclip.GTAHeads(cfg.gta_groups, cfg.embed_dim, cfg.gta_sigma,
+                                  dtype, name="gta")(layer_tokens)
+  return out
+
+
 class VisionTower(nn.Module):
   """ViT as in OpenAI CLIP: conv1 (no bias), CLS, positions, ln_pre, blocks,
   ln_post, proj; plus FIX-CLIP's regional prompts, mask token and GTA heads."""
@@ -158,13 +170,7 @@ class VisionTower(nn.Module):
     x = layers.LayerNorm(self.dtype, name="ln_post")(x)
     pooled = x[:, 0]                                                 # [B, w]
     proj = self.param("proj", nn.initializers.normal(scale), (w, c.embed_dim))
-    emb = pooled @ proj.astype(self.dtype)                           # [B, d]
-    out = {"embedding": emb.astype(jnp.float32), "pooled": pooled,
-           "tokens": x, "layer_tokens": layer_tokens}
-    if c.gta_groups:
-      out["gta"] = fixclip.GTAHeads(c.gta_groups, c.embed_dim, c.gta_sigma,
-                                    self.dtype, name="gta")(layer_tokens)
-    return out
+    return _tower_outputs(c, self.dtype, proj, pooled, x, layer_tokens)
 
 
 class TextTower(nn.Module):
@@ -202,13 +208,7 @@ class TextTower(nn.Module):
     pooled = x[jnp.arange(b), eot]                                   # [B, w]
     proj = self.param("text_projection", nn.initializers.normal(w ** -0.5),
                       (w, c.embed_dim))
-    emb = pooled @ proj.astype(self.dtype)                           # [B, d]
-    out = {"embedding": emb.astype(jnp.float32), "pooled": pooled,
-           "tokens": x, "layer_tokens": layer_tokens}
-    if c.gta_groups:
-      out["gta"] = fixclip.GTAHeads(c.gta_groups, c.embed_dim, c.gta_sigma,
-                                    self.dtype, name="gta")(layer_tokens)
-    return out
+    return _tower_outputs(c, self.dtype, proj, pooled, x, layer_tokens)
 
 
 class CLIP(nn.Module):
