@@ -37,7 +37,16 @@ def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
     return model.apply({"params": params}, t, method=clip.CLIP.encode_text)["embedding"]
 
   def on_mesh(fn):
-    return lambda x: np.asarray(fn(params, jax.device_put(np.asarray(x), batch)))
+    # Every host holds the whole eval batch: each fills its own devices' rows,
+    # and every host gets all the embeddings back (multi-host safe).
+    def run(x):
+      x = np.asarray(x)
+      out = fn(params, jax.make_array_from_callback(x.shape, batch, lambda i: x[i]))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+      return np.asarray(out)
+    return run
 
   return on_mesh(_image), on_mesh(_text)
 
