@@ -41,6 +41,8 @@ def model_config(config: ml_collections.ConfigDict) -> sizes.CLIPConfig:
 
 
 def make_model(config, cfg: sizes.CLIPConfig) -> clip.CLIP:
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}")
   return clip.CLIP(cfg, dtype=DTYPES[config.dtype],
                    attn_implementation=config.get("attn_implementation") or None,
                    remat=config.remat)
