@@ -21,6 +21,7 @@ import threading
 import time
 
 from absl.testing import absltest
+import numpy as np
 from PIL import Image
 
 from fixclip_jax.data import caption as caption_lib
@@ -432,6 +433,23 @@ class CaptionTest(absltest.TestCase):
     self.assertEqual(records["../sub/img_02.png"]["short_caption"], short_answer(2))
     self.assertEqual(server.chat_hits, 6)  # a caption and a short request per image
     self.assertEqual(json.loads(proc.stdout)["captioned"], 3)
+
+    # The manifest feeds the training pipeline unchanged.
+    from fixclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+    data = pipeline.default_data_config()
+    data.type, data.path = "jsonl", self.out
+    data.image_size, data.global_batch, data.read_threads = 16, 3, 1
+    tok = tokenizers.ClipTokenizer(context_length=data.text_context)
+    batch = next(pipeline.make_train_iterator(data, tok, process_index=0,
+                                              process_count=1))
+    self.assertEqual(batch["image"].shape, (3, 16, 16, 3))
+    lines = read_jsonl(self.out)
+    for row, index in enumerate(batch["index"]):
+      np.testing.assert_array_equal(batch["text_long"][row],
+                                    tok([lines[index]["caption"]])[0])
+      np.testing.assert_array_equal(batch["text_short"][row],
+                                    tok([lines[index]["short_caption"]])[0])
 
   def test_bad_api_key_and_unknown_model_fail_before_captioning(self):
     server = self.start_server()
