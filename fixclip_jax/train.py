@@ -266,6 +266,14 @@ def _write_config_copy(config, workdir: str) -> None:
   (directory / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+def _sum_over_hosts(counts: np.ndarray) -> np.ndarray:
+  """Per-host counters summed over all processes (a collective: call on all)."""
+  if jax.process_count() == 1:
+    return counts
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+
+
 def _progress(step: int, total: int, step_time: float, metrics: dict) -> str:
   """One concise stdout line: step, loss, speed, ETA."""
   eta = max(total - step, 0) * step_time
@@ -335,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   flops_per_step = flops.train_step_flops(config)["total"]
   peak = 1e12 * (config.peak_tflops or
                  flops.peak_tflops_for(jax.devices()[0].device_kind) or 0.0)
-  skipped = np.zeros(len(getattr(pipeline, "SKIP_REASONS", ())), np.int64)
+  skipped = np.zeros(len(pipeline.SKIP_REASONS), np.int64)  # this host, this run
   images_per_step = config.data.global_batch
   eval_every = config.eval_every or config.num_train_steps
   timer_start, timer_steps = time.perf_counter(), 0
@@ -344,8 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with PreemptionGuard() as guard:
     while step < config.num_train_steps:
       host = next(train_iter)
-      if "skipped" in host and skipped.size:
-        skipped += np.asarray(host["skipped"]).sum(0)
+      skipped += np.asarray(host["skipped"]).sum(0)
       batch = sharding.global_batch(_host_batch(host), mesh)
       if train_step is None:
         train_step = jit_train_step(step_fn, mesh, shardings, batch)
@@ -363,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if peak:
           metrics["mfu"] = flops_per_step / metrics["step_time_s"] / (
               peak * jax.device_count())
-        for reason, count in zip(getattr(pipeline, "SKIP_REASONS", ()), skipped):
+        for reason, count in zip(pipeline.SKIP_REASONS, _sum_over_hosts(skipped)):
           metrics[f"data/skipped_{reason}"] = int(count)
         if metrics["skipped_total"] > skipped_logged:
           logging.warning(

@@ -134,6 +134,9 @@ class LoopTest(absltest.TestCase):
     import json  # pylint: disable=g-import-not-at-top
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     self.assertLen(rows, 50)
+    # Data-skip counters reach the metrics (synthetic data skips nothing).
+    self.assertEqual(rows[-1]["data/skipped_unreadable_image"], 0)
+    self.assertEqual(rows[-1]["skipped_total"], 0)
     for term in ("loss_long", "loss_short", "loss_gta_2"):
       first = np.mean([r[term] for r in rows[:10]])
       last = np.mean([r[term] for r in rows[-10:]])
