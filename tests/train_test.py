@@ -143,6 +143,26 @@ class LoopTest(absltest.TestCase):
       print(f"{term}: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
       self.assertLess(last, first - 0.1, term)
 
+  def test_bad_examples_are_skipped_and_counted_in_metrics(self):
+    from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    root = os.path.join(tempfile.mkdtemp(), "data")
+    manifest = synthetic.make_synthetic_dataset(root, 24, image_size=32)
+    os.remove(os.path.join(root, "images", "000003.png"))            # missing file
+    with open(os.path.join(root, "images", "000005.png"), "wb") as f:
+      f.write(b"\x89PNG\r\n\x1a\n truncated")                      # unreadable
+    config = demo_config(**{"data.type": "jsonl", "data.path": manifest,
+                            "num_train_steps": 6, "checkpoint_every": 1000})
+    workdir = tempfile.mkdtemp()
+    train.train_and_evaluate(config, workdir, evaluate=False)
+    import json  # pylint: disable=g-import-not-at-top
+    rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    # 6 batches of 8 = 48 kept examples = two whole epochs of the 22 good ones
+    # and a bit: each bad example was met twice (a third time at most).
+    last = rows[-1]
+    for reason in ("missing_file", "unreadable_image"):
+      self.assertBetween(last[f"data/skipped_{reason}"], 2, 3)
+    self.assertEqual(last["data/skipped_empty_caption"], 0)
+
   def test_preempted_run_resumes_to_the_same_state(self):
     config = demo_config(**{"num_train_steps": 4, "checkpoint_every": 100})
     straight = train.train_and_evaluate(config, tempfile.mkdtemp(), evaluate=False)
