@@ -7,6 +7,7 @@ inserts the all-gathers (with gradient) that PyTorch implementations write by
 hand.
 """
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -17,7 +18,7 @@ from fixclip_jax.models.layers import normalize
 
 Array = jax.Array
 
-MAX_LOGIT_SCALE = float(jnp.log(100.0))  # CLIP clips exp(logit_scale) at 100.
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips exp(logit_scale) at 100.
 
 
 def temperature(logit_scale: Array) -> Array:
