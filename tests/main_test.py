@@ -55,6 +55,21 @@ def _tfevent_scalars(directory):
 
 class MainTest(absltest.TestCase):
 
+  def test_imports_start_no_jax_backend(self):
+    # jax.distributed.initialize() must run before any JAX computation; main.py
+    # calls it after the config file and before the training modules load.
+    code = ("import importlib.util\n"
+            "spec = importlib.util.spec_from_file_location('c', 'configs/fixclip_b16.py')\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "m.get_config()\n"
+            "import fixclip_jax.main, fixclip_jax.train, fixclip_jax.convert\n"
+            "import fixclip_jax.evaluation.run, fixclip_jax.bench\n"
+            "from jax._src import xla_bridge\n"
+            "print('backends', len(xla_bridge._backends))\n")
+    out = _run([sys.executable, "-c", code])
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    self.assertIn("backends 0", out.stdout)
+
   def test_wrong_config_key_and_type_name_the_key(self):
     tmp = tempfile.mkdtemp()
     bad_key = _run(_main(tmp, "--config.optim.lrr=0.1"))
