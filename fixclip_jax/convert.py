@@ -384,7 +384,9 @@ def hf_config_dict(cfg: CLIPConfig) -> dict:
       max_position_embeddings=cfg.context_length,
       # Our model pools at argmax(ids); with EOT the largest id, HF's rule
       # (first position of eos_token_id) picks the same token.
-      bos_token_id=cfg.vocab_size - 2, eos_token_id=cfg.vocab_size - 1,
+      bos_token_id=cfg.vocab_size - 2,
+      eos_token_id=(cfg.vocab_size - 1 if cfg.eot_token_id is None
+                    else cfg.eot_token_id),
       pad_token_id=1, **common)
   vision = dict(
       model_type="clip_vision_model", hidden_size=cfg.vision_width,

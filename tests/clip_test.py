@@ -60,6 +60,22 @@ class CLIPOptionsTest(parameterized.TestCase):
     print(f"FIX-CLIP loss bf16 vs f32: {float(bf16):.5f} vs {float(f32):.5f} (rel {rel:.2e})")
     self.assertLess(rel, 1e-2)
 
+  def test_pooling_at_a_configured_eot_id(self):
+    # A SentencePiece-style vocabulary: eos = 2, a small id, so argmax would
+    # pool at the largest ordinary token instead.
+    base = sizes.get_config("tiny")
+    cfg = base.replace(eot_token_id=2)
+    params = clip.init_params(base)
+    text = np.zeros((2, 77), np.int32)
+    text[0, :6] = [1, 900, 40000, 7, 2, 0]
+    text[1, :4] = [1, 30000, 5, 2]
+    out = clip.CLIP(cfg).apply({"params": params}, jnp.asarray(text),
+                               method=clip.CLIP.encode_text)
+    np.testing.assert_array_equal(out["pooled"], out["tokens"][jnp.arange(2), jnp.array([4, 3])])
+    argmax = clip.CLIP(base).apply({"params": params}, jnp.asarray(text),
+                                   method=clip.CLIP.encode_text)
+    self.assertFalse(np.allclose(argmax["pooled"], out["pooled"]))
+
   def test_named_sizes(self):
     b16 = sizes.get_config("B/16")
     self.assertEqual((b16.vision_width, b16.vision_layers, b16.vision_heads,

@@ -174,7 +174,8 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-  """Causal text transformer pooled at the EOT token (the largest id)."""
+  """Causal text transformer pooled at the EOT token: the largest id (CLIP's
+  BPE), or the first cfg.eot_token_id (e.g. a SentencePiece eos)."""
   cfg: CLIPConfig
   dtype: Dtype = jnp.float32
   attn_implementation: Optional[str] = None
@@ -199,7 +200,10 @@ class TextTower(nn.Module):
                            nn.initializers.normal(0.01), (c.context_length, w))
       pos = combined_positional_embedding(pos, pos_res, c.positional_keep)
     x = (jnp.take(tok, text, axis=0) + pos[:t]).astype(self.dtype)   # [B, T, w]
-    eot = jnp.argmax(text, axis=-1)                                  # [B]
+    if c.eot_token_id is None:
+      eot = jnp.argmax(text, axis=-1)                                # [B]
+    else:
+      eot = jnp.argmax(text == c.eot_token_id, axis=-1)              # [B]
     x, layer_tokens = Transformer(
         c.text_layers, c.text_heads, c.text_mlp_dim, c.act, self.dtype,
         self.attn_implementation, self.remat, name="transformer")(

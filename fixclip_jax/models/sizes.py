@@ -33,6 +33,9 @@ class CLIPConfig:
   text_mlp_dim: int = 2048
   # "quick_gelu" (OpenAI weights) or "gelu" (open_clip's non-quickgelu models).
   act: str = "quick_gelu"
+  # Text pooling: None = at argmax(ids) (CLIP's EOT is the largest id); an id =
+  # at its first occurrence (SentencePiece vocabularies, whose eos is small).
+  eot_token_id: Optional[int] = None
   # Long-CLIP two-table positional scheme (method.md §2): None = one table;
   # k = a frozen `positional_embedding` for rows < k and a trainable
   # `positional_embedding_res` for rows >= k.
