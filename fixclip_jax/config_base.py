@@ -3,7 +3,9 @@
 Config files in configs/ start from `base_config()` and change what differs;
 any knob can be overridden on the command line: `--config.optim.lr=1e-5`.
 """
+import importlib.util
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -83,3 +85,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 256
   c.eval.synthetic_num = 256              # synthetic eval set when root is ""
   return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """get_config() of a config file, loaded by path as --config does."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No config file at {path}")
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f"fixclip_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

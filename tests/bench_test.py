@@ -1,6 +1,5 @@
 """bench.py: a short benchmark of the tiny demo config, with the open_clip
 comparison, on all (8 virtual CPU) devices as training would use them."""
-import importlib.util
 import json
 import math
 import os
@@ -11,17 +10,16 @@ import jax
 import numpy as np
 
 from fixclip_jax import bench
+from fixclip_jax import config_base
 from fixclip_jax import flops
 from fixclip_jax import train
 from fixclip_jax.models import clip
 
 
 def demo_config():
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/demo.py's get_config(), loaded by path as --config does."""
+  return config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
 
 
 def positive(x):

@@ -1,7 +1,6 @@
 """flops.py: hand-counted toys, and agreement with XLA's own FLOP count of the
 compiled train step (tiny demo config and a B/32-width config, every objective).
 """
-import importlib.util
 import os
 
 from absl.testing import absltest
@@ -19,11 +18,8 @@ from fixclip_jax.models import clip
 
 def demo_config():
   """configs/demo.py's get_config(), loaded by path as --config does."""
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  spec = importlib.util.spec_from_file_location("demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_base.load_config_file(
+      os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
 
 
 def matmul_flops(*mkn):

@@ -1,5 +1,4 @@
 """Training: optimizer masks, the sharded step, NaN skipping, learning, resume."""
-import importlib.util
 import os
 import tempfile
 
@@ -8,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fixclip_jax import config_base
 from fixclip_jax import sharding
 from fixclip_jax import train
 
@@ -15,11 +15,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_config(**overrides):
-  spec = importlib.util.spec_from_file_location(
-      "demo", os.path.join(_ROOT, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = config_base.load_config_file(os.path.join(_ROOT, "configs", "demo.py"))
   c.data.global_batch = 8
   c.data.synthetic_num = 64
   c.data.short_context = 77
