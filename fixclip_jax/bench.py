@@ -30,7 +30,6 @@ from typing import Any, Callable, Dict, Optional
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -526,7 +525,7 @@ def main(argv):
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   result = run_benchmark(FLAGS.config, batch=FLAGS.batch, steps=FLAGS.steps,
                          warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
-                         compare_torch=FLAGS.torch, eval_steps=_EVALFLAGS.steps,
+                         compare_torch=FLAGS.torch, eval_steps=FLAGS.eval_steps,
                          json_path=FLAGS.json,
                          config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
   print(format_table(result))

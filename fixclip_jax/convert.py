@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import pickle
-import re
 import tempfile
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -440,7 +439,6 @@ def config_from_hf(hf: dict, source: str = "config.json") -> CLIPConfig:
 # Reading PyTorch files.
 
 def _tensor_to_numpy(t):
-  import torch  # pylint: disable=g-import-not-at-top
   t = t.detach().cpu()
   if t.is_floating_point():
     t = t.float()  # numpy has no bfloat16; our params are float32 anyway

@@ -6,7 +6,7 @@ One home for distribution (DEVELOPERS.md): a `jax.sharding.Mesh` with axes
 the fsdp size, small tensors replicated), and batches split along both axes.
 """
 import re
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P

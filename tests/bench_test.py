@@ -3,6 +3,8 @@ comparison, on all (8 virtual CPU) devices as training would use them."""
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -112,6 +114,19 @@ class RunBenchmarkTest(absltest.TestCase):
     self.assertIsInstance(torch_step.model, open_clip.CLIP)
     torch_step()                                             # one real step runs
     torch_step()
+
+  def test_cli_writes_json(self):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = os.path.join(tempfile.mkdtemp(), "bench.json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fixclip_jax.bench", "--config=configs/demo.py",
+         "--config.data.global_batch=8", "--steps=1", "--warmup=1",
+         "--eval_steps=1", f"--json={out}"],
+        cwd=root, capture_output=True, text=True, timeout=600)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    result = json.load(open(out))
+    self.assertIn("| images/s |", proc.stdout)
+    self.assertEqual(result["batch"], 8)
 
   def test_bad_arguments(self):
     with self.assertRaisesRegex(ValueError, "steps"):

@@ -33,7 +33,7 @@ import platform
 import shutil
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -69,30 +69,19 @@ def write_bench_dataset(dst: str, num: int, render_size: int = 512,
   """
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r}; known: {FORMATS}")
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst):
-    raise FileExistsError(f"{dst}: already exists")
-  tmp = tempfile.mkdtemp(dir=os.path.dirname(dst), prefix=".data-bench-")
-  try:
-    os.makedirs(os.path.join(tmp, "images"))
-    ext = "jpg" if fmt == "jpeg" else "png"
-    lines = []
+  ext = "jpg" if fmt == "jpeg" else "png"
+  kwargs = {"quality": 90} if fmt == "jpeg" else {}
+
+  def records():
     for i in range(num):
       ex = _noisy_scene(i, render_size, seed)
-      name = f"images/{i:06d}.{ext}"
-      kwargs = {"quality": 90} if fmt == "jpeg" else {}
-      Image.fromarray(ex["pixels"]).save(os.path.join(tmp, name),
-                                         format=fmt.upper(), **kwargs)
-      lines.append(json.dumps({"image": name, "caption": ex["caption"],
-                               "short_caption": ex["short_caption"],
-                               "key": ex["key"]}))
-    with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
-      f.write("\n".join(lines) + "\n")
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return os.path.join(dst, "manifest.jsonl")
+      buf = io.BytesIO()
+      Image.fromarray(ex["pixels"]).save(buf, format=fmt.upper(), **kwargs)
+      yield (f"images/{i:06d}.{ext}", buf.getvalue(),
+             {"caption": ex["caption"], "short_caption": ex["short_caption"],
+              "key": ex["key"]})
+
+  return synthetic.write_manifest_dataset(dst, records())
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -199,12 +199,13 @@ def synthetic_examples(num: int, image_size: int = 64, seed: int = 0,
           for i in range(num)]
 
 
-def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
-                           seed: int = 0, num_objects: int = 4) -> str:
-  """Writes DST/images/*.png and DST/manifest.jsonl; returns the manifest path.
+def write_manifest_dataset(dst: str, records: Iterable[Tuple[str, bytes, Dict[str, Any]]]
+                           ) -> str:
+  """Writes DST/<name> image files + DST/manifest.jsonl; returns the manifest.
 
-  Written to a temporary folder next to DST and renamed at the end; DST must
-  not exist yet.
+  records: (relative image name, encoded image bytes, the manifest line's other
+  fields). Built in a temporary folder next to DST and renamed at the end;
+  DST must not exist yet.
   """
   dst = os.path.abspath(dst)
   if os.path.exists(dst):
@@ -213,17 +214,12 @@ def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
   try:
-    os.makedirs(os.path.join(tmp, "images"))
     lines = []
-    for i in range(num):
-      ex = synthetic_example(i, image_size, seed, num_objects)
-      rel = os.path.join("images", f"{ex['key']}.png")
-      with open(os.path.join(tmp, rel), "wb") as f:
-        f.write(ex["image"])
-      lines.append(json.dumps({
-          "image": rel, "caption": ex["caption"],
-          "short_caption": ex["short_caption"], "key": ex["key"],
-          "scene": ex["scene"]}))
+    for name, data, fields in records:
+      os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(data)
+      lines.append(json.dumps({"image": name, **fields}))
     with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
       f.write("\n".join(lines) + "\n")
     os.rename(tmp, dst)
@@ -231,6 +227,22 @@ def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return os.path.join(dst, "manifest.jsonl")
+
+
+def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
+                           seed: int = 0, num_objects: int = 4) -> str:
+  """Writes DST/images/*.png and DST/manifest.jsonl; returns the manifest path.
+
+  DST must not exist yet (see write_manifest_dataset).
+  """
+  def records():
+    for i in range(num):
+      ex = synthetic_example(i, image_size, seed, num_objects)
+      yield (os.path.join("images", f"{ex['key']}.png"), ex["image"],
+             {"caption": ex["caption"], "short_caption": ex["short_caption"],
+              "key": ex["key"], "scene": ex["scene"]})
+
+  return write_manifest_dataset(dst, records())
 
 
 def define_flags():

@@ -17,7 +17,7 @@ batch size B (the last partial batch is zero-padded and its padded rows
 dropped), so a jitted function compiles once.
 """
 import concurrent.futures
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
 
