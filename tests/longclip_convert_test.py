@@ -2,6 +2,8 @@
 --stretch, FIX-CLIP extra keys, --drop_extra, init_from (method.md §2, §3)."""
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 from absl import logging
@@ -100,6 +102,27 @@ class LongCLIPCheckpointTest(absltest.TestCase):
       convert.convert(dst, os.path.join(self.tmp, "again"), "orbax",
                       params_transform=convert.stretch_transform(248))
     self.assertFalse(os.path.exists(os.path.join(self.tmp, "again")))
+
+
+  def test_cli_stretch_then_export(self):
+    cfg77 = sizes.get_config("tiny")
+    params = jax.device_get(clip.init_params(cfg77))
+    src = os.path.join(self.tmp, "cli_src.pt")
+    convert.save_openai(src, params, cfg77, overwrite=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "fixclip_jax.convert", *args],
+                                       cwd=root, capture_output=True, text=True, timeout=300)
+    dst = os.path.join(self.tmp, "cli_248")
+    proc = run(f"--src={src}", f"--dst={dst}", "--stretch=248")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertEqual(checkpoint.load_model_config(dst).context_length, 248)
+    out = os.path.join(self.tmp, "cli_248.pt")
+    proc = run(f"--src={dst}", f"--dst={out}", "--to=openai")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn("positional_embedding_res", torch.load(out, weights_only=True))
+    proc = run(f"--src={dst}", f"--dst={out}", "--to=openai")  # exists: refused
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("already exists", proc.stderr)
 
 
 class FixCLIPCheckpointTest(absltest.TestCase):
