@@ -1,6 +1,9 @@
-"""Long-CLIP B/16 as published (method.md §2): KPS to 248 positions, PCM on
-the short branch, L_long + L_short, AdamW lr 1e-6, wd 1e-2 on all parameters,
-200 warmup steps + cosine, global batch 2048, label smoothing 0.1, no augmentation.
+"""Long-CLIP B/16 as published (docs/method.md §2; official train/train.py and
+model/model_longclip.py): KPS to 248 positions, PCM on the short branch (per
+128 images), L_long + L_short, label smoothing 0.1, logit scale reset to ln 100
+and never capped, AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8),
+lr 1e-6, wd 1e-2 on all parameters, no gradient clipping, 200 warmup steps +
+cosine, global batch 2048, no augmentation.
 """
 from fixclip_jax import config_base
 
@@ -14,7 +17,15 @@ def get_config():
   c.model.gta_groups = 0
   c.loss.pcm = True
   c.loss.pcm_components = 32
+  c.loss.pcm_group_size = 128             # Long-CLIP: PCA per GPU of 128
   c.loss.short_weight = 1.0
+  c.loss.max_logit_scale = None           # Long-CLIP never caps the temperature
+  c.optim.b1 = 0.9                        # torch.optim.AdamW defaults
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-2
+  c.optim.grad_clip = 0.0                 # no clipping
+  c.optim.warmup_steps = 200
   c.optim.no_decay_regex = ""             # Long-CLIP decays every parameter
   c.optim.new_params_regex = ""
   c.data.type = "array_record"
@@ -23,7 +34,9 @@ def get_config():
   c.data.short_caption = "first_sentence"
   c.data.global_batch = 2048
   c.data.num_workers = 8
-  c.num_train_steps = 600                 # ~1 epoch of ShareGPT4V 1.2M
+  # 6 epochs (Long-CLIP's recommendation) of 1.2M pairs at batch 2048:
+  # 6 * 1_200_000 / 2048 = 3515.6 -> 3516 steps.
+  c.num_train_steps = 3516
   c.checkpoint_every = 200
   c.eval_every = 200
   c.eval.datasets = "urban1k,sharegpt4v_1k,coco_val2017"

@@ -10,7 +10,9 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from fixclip_jax.data import pipeline
+# Only the caption-filter thresholds: captions.py imports nothing heavy, so
+# configs load without the data pipeline's grain/PIL.
+from fixclip_jax.data import captions
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,12 +41,55 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.gta_first_group = 3              # K
   c.loss.pcm = False                      # primary-component matching (§2)
   c.loss.pcm_components = 32
-  c.loss.pcm_per_device = True            # PCA per device batch, as Long-CLIP
+  c.loss.pcm_group_size = 128             # rows per PCA (Long-CLIP: 128 per GPU)
+  c.loss.max_logit_scale = math.log(100.0)  # cap on logit_scale; None = none (Long-CLIP)
   c.masking = ml_collections.ConfigDict()
   c.masking.ratio = 0.75                  # share of patches masked (short branch)
   c.masking.mode = "replace"              # replace (mask token) | drop (MAE-style)
-  # --- Data (fixclip_jax/data/pipeline.py).
-  c.data = pipeline.default_data_config()
+  # --- Data (fixclip_jax/data/pipeline.py reads config.data).
+  c.data = ml_collections.ConfigDict()
+  # Where the examples come from (data/sources.py, make_source).
+  c.data.type = "jsonl"                   # jsonl | tar | array_record | tfds | synthetic
+  c.data.path = ""                        # manifest | shard glob/folder/comma list | tfds name
+  c.data.image_root = ""                  # jsonl: root of relative image paths ("" = manifest dir)
+  c.data.tfds_split = "train"
+  c.data.tfds_data_dir = ""
+  c.data.tfds_image_key = "image"
+  c.data.tfds_caption_key = "caption"     # "/"-path into nested features
+  c.data.synthetic_num = 1024             # type=synthetic: scenes rendered in memory
+  c.data.synthetic_image_size = 64
+  c.data.synthetic_seed = 0
+  # Images (data/transforms.py).
+  c.data.image_size = 224
+  c.data.transform = "resize_center_crop"  # | random_resized_crop (train only)
+  c.data.rrc_scale = (0.9, 1.0)           # random_resized_crop area share range
+  c.data.rrc_ratio = (3 / 4, 4 / 3)       # random_resized_crop aspect ratio range
+  # random_resized_crop decodes JPEGs at 1/2..1/8 scale when the crop stays
+  # >= image_size px (transforms.decode_random_resized_crop): ~1.7x faster.
+  c.data.rrc_jpeg_draft = True
+  # Text (data/tokenizers.py, data/captions.py).
+  # "clip" (CLIP's BPE) | path to a SentencePiece .model file; with the latter
+  # set model.vocab_size and model.eot_token_id (its eos id) to match.
+  c.data.tokenizer = "clip"
+  c.data.text_context = 248               # long captions (Long-CLIP's stretched context)
+  c.data.short_caption = "provided"       # | first_sentence
+  c.data.short_context = 0                # 0 = text_context
+  c.data.filter_captions = False          # drop examples failing captions.filter_reason
+  # Thresholds of those filters; the defaults are captions.CaptionFilterConfig's.
+  c.data.filters = ml_collections.ConfigDict(captions.filter_thresholds())
+  c.data.max_caption_chars = 20000        # longer captions are bad data (skipped)
+  # Bad data (pipeline.py docstring) is skipped and counted, unless this is set.
+  c.data.raise_on_bad_data = False        # True: raise on the first bad example (debug)
+  c.data.max_consecutive_skips = 1000     # more bad examples in a row raise
+  # Order and batching.
+  c.data.global_batch = 256               # split evenly over hosts
+  c.data.shuffle_seed = 0
+  c.data.num_epochs = 0                   # 0 = repeat forever
+  # Throughput.
+  c.data.num_workers = 0                  # grain worker processes (0 = in this process)
+  c.data.worker_buffer_size = 2           # batches each worker prepares ahead
+  c.data.read_threads = 4                 # threads loading examples in each process
+  c.data.prefetch_buffer = 64             # examples those threads keep ready
   # --- Optimisation (fixclip_jax/train.py).
   c.num_train_steps = 1000                # micro-steps (= updates * accum_steps)
   c.optim = ml_collections.ConfigDict()

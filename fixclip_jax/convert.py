@@ -22,11 +22,12 @@ encoder + CLIPTokenizer files, for diffusion pipelines).
   python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
 """
 import dataclasses
+import io
 import json
 import os
 import pickle
-import tempfile
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import re
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -34,10 +35,20 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import numpy as safetensors_numpy
 
 from fixclip_jax import checkpoint
-from fixclip_jax.models.sizes import CLIPConfig, LONGCLIP_KEEP, config_from_shapes
-from fixclip_jax.positional import combined_positional_embedding
+from fixclip_jax import fileio
+from fixclip_jax import positional
+from fixclip_jax.data import tokenizers
+from fixclip_jax.models import fixclip
+from fixclip_jax.models.sizes import CLIPConfig
+from fixclip_jax.params import check_params
+from fixclip_jax.params import flatten_params
+from fixclip_jax.params import param_shapes
+from fixclip_jax.params import unflatten_params
+
+LONGCLIP_KEEP = positional.LONGCLIP_KEEP
 
 StateDict = Dict[str, np.ndarray]
 ParamsTransform = Callable[[dict, CLIPConfig], Tuple[dict, CLIPConfig]]
@@ -214,7 +225,6 @@ FIXCLIP_PREFIX = "fixclip."
 
 def fixclip_rules(cfg: CLIPConfig) -> Sequence[Rule]:
   """The extra-key rules for cfg's FIX-CLIP parameters (none for plain CLIP)."""
-  from fixclip_jax.models import fixclip  # pylint: disable=g-import-not-at-top
   rules = []
   if cfg.num_prompts:
     rules += [_rule(f"fixclip.visual.prompts.{i}", f"visual/transformer/prompts_{i}")
@@ -229,6 +239,76 @@ def fixclip_rules(cfg: CLIPConfig) -> Sequence[Rule]:
   return rules
 
 
+def _count_layers(keys: Sequence[str], prefix: str) -> int:
+  pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+  ids = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+  if ids != set(range(len(ids))):
+    raise ValueError(f"Non-contiguous layer indices under {prefix!r}: {sorted(ids)}")
+  return len(ids)
+
+
+def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
+                       head_dim: int = 64, act: str = "quick_gelu",
+                       vision_heads: Optional[int] = None,
+                       text_heads: Optional[int] = None) -> CLIPConfig:
+  """Infers a CLIPConfig from an OpenAI-layout state dict's {key: shape}.
+
+  Head counts are not visible in shapes; like OpenAI's `build_model` we take
+  width // head_dim unless given. A `positional_embedding_res` key means
+  Long-CLIP's two tables split at LONGCLIP_KEEP; `fixclip.*` keys give the
+  FIX-CLIP sizes (see FIXCLIP_PREFIX above).
+  """
+  def shape(key):
+    if key not in shapes:
+      raise KeyError(f"State dict has no key {key!r}, needed to infer the "
+                     "architecture (is this an OpenAI/open_clip CLIP state dict?)")
+    return tuple(shapes[key])
+
+  keys = list(shapes)
+  vw, _, patch, _ = shape("visual.conv1.weight")
+  n_pos = shape("visual.positional_embedding")[0]
+  grid = round((n_pos - 1) ** 0.5)
+  if grid * grid + 1 != n_pos:
+    raise ValueError(f"visual.positional_embedding has {n_pos} rows, not 1 + a square")
+  tw = shape("ln_final.weight")[0]
+  keep = None
+  if "positional_embedding_res" in shapes:
+    keep = LONGCLIP_KEEP
+  vision_layers = _count_layers(keys, "visual.transformer.resblocks.")
+  # FIX-CLIP's extra keys (documented above).
+  prompt_ids = sorted(int(m.group(1)) for k in keys
+                      if (m := re.fullmatch(r"fixclip\.visual\.prompts\.(\d+)", k)))
+  num_prompts = shape(f"fixclip.visual.prompts.{prompt_ids[0]}")[0] if prompt_ids else 0
+  prompt_layers = None
+  if prompt_ids and prompt_ids != list(range(vision_layers)):
+    prompt_layers = (prompt_ids[0], prompt_ids[-1] + 1)
+    if prompt_ids != list(range(*prompt_layers)):
+      raise ValueError(f"FIX-CLIP prompts on non-contiguous layers {prompt_ids}")
+  gta_groups = len([k for k in keys
+                    if re.fullmatch(r"fixclip\.visual\.gta\.\d+\.linear\.weight", k)])
+  return CLIPConfig(
+      embed_dim=shape("text_projection")[1],
+      image_size=grid * patch,
+      patch_size=patch,
+      vision_width=vw,
+      vision_layers=vision_layers,
+      vision_heads=vision_heads or vw // head_dim,
+      vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+      context_length=shape("positional_embedding")[0],
+      vocab_size=shape("token_embedding.weight")[0],
+      text_width=tw,
+      text_layers=_count_layers(keys, "transformer.resblocks."),
+      text_heads=text_heads or tw // head_dim,
+      text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+      act=act,
+      positional_keep=keep,
+      num_prompts=num_prompts,
+      prompt_layers=prompt_layers,
+      mask_token="fixclip.visual.mask_token" in shapes,
+      gta_groups=gta_groups,
+  )
+
+
 def strip_fixclip(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
   """Drops prompts, mask token and GTA heads: a plain (Long-)CLIP model.
 
@@ -241,9 +321,9 @@ def strip_fixclip(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
   logging.warning("Dropping %d FIX-CLIP parameters (prompts, mask token, GTA "
                   "heads): the image features of the written model are plain "
                   "CLIP's", len(extra))
-  flat = {k: v for k, v in checkpoint.flatten_params(params).items()
+  flat = {k: v for k, v in flatten_params(params).items()
           if k not in extra}
-  return checkpoint.unflatten_params(flat), cfg.replace(
+  return unflatten_params(flat), cfg.replace(
       num_prompts=0, prompt_layers=None, mask_token=False, gta_groups=0)
 
 
@@ -264,7 +344,7 @@ def rules_for(layout: str, cfg: CLIPConfig) -> Sequence[Rule]:
 
 def torch_shapes(layout: str, cfg: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
   """{PyTorch key: shape} that a state dict of this layout must have for cfg."""
-  ours = checkpoint.flatten_params(checkpoint.param_shapes(cfg))
+  ours = flatten_params(param_shapes(cfg))
   shapes = {}
   for rule in rules_for(layout, cfg):
     spec = jax.ShapeDtypeStruct(ours[rule.ours], jnp.float32)
@@ -297,13 +377,13 @@ def state_dict_to_params(sd: StateDict, cfg: CLIPConfig, layout: str,
   for rule in rules_for(layout, cfg):
     value = rule.transform.to_ours(*[sd[k] for k in rule.torch_keys])
     flat[rule.ours] = np.array(value, dtype=np.float32, order="C")  # keeps 0-d
-  return checkpoint.unflatten_params(flat)
+  return unflatten_params(flat)
 
 
 def params_to_state_dict(params: dict, cfg: CLIPConfig, layout: str) -> StateDict:
   """Our params -> {PyTorch key: float32 array} in the given layout."""
-  checkpoint.check_params(params, cfg, "params to export")
-  flat = checkpoint.flatten_params(params)
+  check_params(params, cfg, "params to export")
+  flat = flatten_params(params)
   rules = rules_for(layout, cfg)
   # HF's CLIPModel has no place for FIX-CLIP's extra params; dropping them
   # silently would change the model (strip_fixclip / --drop_extra does it on
@@ -331,14 +411,13 @@ def params_to_openai_state_dict(params: dict, cfg: CLIPConfig) -> StateDict:
 
 
 def single_position_table(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
-  """Folds Long-CLIP's two tables into the one the model adds (method.md §2)."""
+  """Folds Long-CLIP's two tables into the one the model adds (docs/method.md §2)."""
   if cfg.positional_keep is None:
     return params, cfg
-  text = dict(params["text"])
-  res = np.asarray(text.pop("positional_embedding_res"))
-  text["positional_embedding"] = combined_positional_embedding(
-      np.asarray(text["positional_embedding"]), res, cfg.positional_keep)
-  return {**params, "text": text}, cfg.replace(positional_keep=None)
+  params = positional.fit_text_positions(
+      jax.device_get(params), src_length=cfg.context_length,
+      src_keep=cfg.positional_keep, length=cfg.context_length, keep=None)
+  return params, cfg.replace(positional_keep=None)
 
 
 def params_to_hf_state_dict(params: dict, cfg: CLIPConfig) -> StateDict:
@@ -445,10 +524,15 @@ def _tensor_to_numpy(t):
   return t.numpy()
 
 
+def _local_or_bytes(path: str):
+  """A local path as it is (torch maps it); a URL's bytes in memory."""
+  return io.BytesIO(fileio.path(path).read_bytes()) if fileio.is_url(path) else path
+
+
 def _torch_load(path: str):
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     msg = str(e)
     if "Unsupported global" in msg or "GLOBAL" in msg:
@@ -466,9 +550,10 @@ def _torch_load(path: str):
 
 
 def _safetensors_load(path: str) -> StateDict:
-  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  # safetensors' torch reader keeps bfloat16, which numpy lacks.
+  from safetensors.torch import load as load_bytes  # pylint: disable=g-import-not-at-top  # optional: torch
   try:
-    tensors = load_file(path, device="cpu")
+    tensors = load_bytes(fileio.path(path).read_bytes())
   except Exception as e:
     raise CheckpointError(f"{path}: could not read the safetensors file "
                           f"(truncated or corrupt?): {type(e).__name__}: {e}") from e
@@ -477,7 +562,7 @@ def _safetensors_load(path: str) -> StateDict:
 
 def _unwrap(obj, path: str) -> StateDict:
   """torch.load result -> flat {key: array}: nested state_dict, module. prefix."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
   if isinstance(obj, dict):
     for wrapper in ("state_dict", "model_state_dict", "model"):
       if isinstance(obj.get(wrapper), dict):
@@ -499,7 +584,7 @@ def _unwrap(obj, path: str) -> StateDict:
 
 def read_state_dict(path: str) -> StateDict:
   """A .pt/.pth/.bin/.safetensors file -> {key: numpy array} (floats as float32)."""
-  if not os.path.isfile(path):
+  if not fileio.isfile(path):
     raise FileNotFoundError(f"No such checkpoint file: {path}")
   if path.endswith(".safetensors"):
     sd = _safetensors_load(path)
@@ -515,15 +600,14 @@ def _read_hf_weights(directory: str) -> StateDict:
   """The weights of a save_pretrained directory (single or sharded)."""
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index = os.path.join(directory, index_name)
-    if os.path.isfile(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    if fileio.isfile(index):
+      shards = sorted(set(json.loads(fileio.read_text(index))["weight_map"].values()))
       sd = {}
       for shard in shards:
         sd.update(read_state_dict(os.path.join(directory, shard)))
       return sd
   for name in ("model.safetensors", "pytorch_model.bin"):
-    if os.path.isfile(os.path.join(directory, name)):
+    if fileio.isfile(os.path.join(directory, name)):
       return read_state_dict(os.path.join(directory, name))
   raise CheckpointError(f"{directory}: HF directory has config.json but no "
                         "model.safetensors / pytorch_model.bin")
@@ -543,8 +627,7 @@ def _is_hf_keys(sd: StateDict) -> bool:
 def _load_hf_dir(directory: str) -> Tuple[dict, CLIPConfig]:
   config_file = os.path.join(directory, "config.json")
   try:
-    with open(config_file) as f:
-      hf = json.load(f)
+    hf = json.loads(fileio.read_text(config_file))
   except json.JSONDecodeError as e:
     raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
   cfg = config_from_hf(hf, config_file)
@@ -568,10 +651,10 @@ def _load_openai(sd: StateDict, path: str, act: Optional[str]) -> Tuple[dict, CL
 
 def detect_format(path: str) -> str:
   """'orbax' | 'hf' | 'openai' | 'longclip' without converting anything."""
-  if os.path.isdir(path):
+  if fileio.isdir(path):
     if checkpoint.is_model_dir(path):
       return "orbax"
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if fileio.isfile(os.path.join(path, "config.json")):
       return "hf"
     raise CheckpointError(f"{path}: directory is neither one of our model "
                           "checkpoints nor a HF CLIPModel (no config.json)")
@@ -602,8 +685,8 @@ def load_torch_checkpoint(path: str, *, act: Optional[str] = None
   Returns:
     (params as numpy float32, CLIPConfig, format name).
   """
-  if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, "config.json")):
+  if fileio.isdir(path):
+    if not fileio.isfile(os.path.join(path, "config.json")):
       raise CheckpointError(f"{path}: a directory, but not a HF CLIPModel "
                             "directory (no config.json)")
     logging.info("%s: detected format hf (CLIPModel directory)", path)
@@ -613,7 +696,7 @@ def load_torch_checkpoint(path: str, *, act: Optional[str] = None
   fmt = _format_of(sd, path)
   logging.info("%s: detected format %s", path, fmt)
   if fmt == "hf":
-    if not os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
+    if not fileio.isfile(os.path.join(os.path.dirname(path), "config.json")):
       raise CheckpointError(f"{path}: HF-layout weights without a config.json "
                             "next to them; pass the save_pretrained directory")
     params, cfg = _load_hf_dir(os.path.dirname(path) or ".")
@@ -639,57 +722,41 @@ def load_any(path: str, *, act: Optional[str] = None) -> Tuple[dict, CLIPConfig,
 # Writing PyTorch files. Everything goes to a temporary path next to the
 # destination and is renamed into place, so failures leave nothing behind.
 
-def _refuse_existing(path: str, overwrite: bool):
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} already exists; not overwriting it")
-
-
 def _write_tensors(path: str, sd: StateDict, as_safetensors: bool) -> None:
-  """One file: safetensors, or torch.save of a plain dict of tensors."""
+  """One local file: safetensors, or torch.save of a plain dict of tensors."""
   if as_safetensors:
-    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-    save_file(sd, path, metadata={"format": "pt"})
+    safetensors_numpy.save_file(sd, path, metadata={"format": "pt"})
   else:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top  # optional: .pt output only
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
 
 
 def save_openai(path: str, params: dict, cfg: CLIPConfig, *,
                 overwrite: bool = False) -> None:
   """OpenAI-layout .pt (plain dict of tensors) or .safetensors."""
-  _refuse_existing(path, overwrite)
+  fileio.refuse_existing(path, overwrite)
   sd = params_to_openai_state_dict(params, cfg)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  os.close(fd)
-  try:
+  with fileio.atomic_file(path, overwrite=overwrite) as tmp:
     _write_tensors(tmp, sd, as_safetensors=path.endswith(".safetensors"))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   logging.info("Wrote OpenAI-layout checkpoint (%d tensors) to %s", len(sd), path)
 
 
 def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
             overwrite: bool = False) -> None:
   """A transformers `CLIPModel.from_pretrained`-loadable directory."""
-  _refuse_existing(directory, overwrite)
+  fileio.refuse_existing(directory, overwrite)
   sd = params_to_hf_state_dict(params, cfg)
   _, cfg = single_position_table(params, cfg)
-  with checkpoint.atomic_directory(directory) as tmp:
+  with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
     _write_hf_weights(tmp, hf_config_dict(cfg), sd)
   logging.info("Wrote HF CLIPModel directory to %s", directory)
 
 
 def _write_hf_weights(directory: str, config: dict, sd: StateDict) -> None:
   """config.json + model.safetensors, the save_pretrained layout."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  fileio.atomic_write(os.path.join(directory, "config.json"),
+                      json.dumps(config, indent=2))
+  _write_tensors(os.path.join(directory, "model.safetensors"), sd, as_safetensors=True)
 
 
 def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
@@ -699,8 +766,7 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   `CLIPTextModel.from_pretrained` loads it too (ignoring the projection), and
   a diffusers pipeline takes it as `text_encoder` (plug-and-play, method.md §3).
   """
-  from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-  _refuse_existing(directory, overwrite)
+  fileio.refuse_existing(directory, overwrite)
   params, cfg = single_position_table(params, cfg)
   params, cfg = strip_fixclip(params, cfg)  # GTA heads only; text is complete
   full = params_to_state_dict(params, cfg, "hf")
@@ -709,7 +775,7 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   text_config = dict(hf_config_dict(cfg)["text_config"],
                      architectures=["CLIPTextModelWithProjection"],
                      projection_dim=cfg.embed_dim, dtype="float32")
-  with checkpoint.atomic_directory(directory) as tmp:
+  with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
     _write_hf_weights(tmp, text_config, sd)
     tokenizers.ClipTokenizer(context_length=cfg.context_length).save_hf_files(tmp)
   logging.info("Wrote HF text encoder (%d tokens) + tokenizer to %s",
@@ -735,7 +801,7 @@ def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
   """
   if to not in SAVERS:
     raise ValueError(f"--to={to!r}: must be one of {sorted(SAVERS)}")
-  _refuse_existing(dst, overwrite)
+  fileio.refuse_existing(dst, overwrite)
   params, cfg, fmt = load_any(src, act=act)
   if params_transform is not None:
     params, cfg = params_transform(params, cfg)
@@ -768,22 +834,18 @@ def define_flags():
 
 def stretch_transform(context_length: int, keep: int = LONGCLIP_KEEP) -> ParamsTransform:
   """params_transform for --stretch: KPS to `context_length`, two tables."""
-  from fixclip_jax import positional  # pylint: disable=g-import-not-at-top
 
   def transform(params, cfg):
     if cfg.context_length == context_length:
       raise CheckpointError(f"--stretch={context_length}: the checkpoint already "
                             f"has {context_length} text positions")
-    if cfg.positional_keep is not None:
-      params, cfg = single_position_table(params, cfg)
-    factor = (context_length - keep) // (cfg.context_length - keep)
-    if positional.stretched_length(cfg.context_length, keep, factor) != context_length:
-      raise CheckpointError(
-          f"--stretch={context_length}: not reachable from {cfg.context_length} "
-          f"rows with keep={keep} (keep + factor * (rows - keep))")
-    params = positional.stretch_text_positions(params, keep, factor, two_tables=True)
-    logging.info("Stretched text positions %d -> %d (keep=%d, factor=%d)",
-                 cfg.context_length, context_length, keep, factor)
+    try:
+      params = positional.fit_text_positions(
+          jax.device_get(params), src_length=cfg.context_length,
+          src_keep=cfg.positional_keep, length=context_length, keep=keep,
+          source=f"--stretch={context_length}")
+    except ValueError as e:
+      raise CheckpointError(str(e)) from e
     return params, cfg.replace(context_length=context_length, positional_keep=keep)
 
   return transform

@@ -1,7 +1,8 @@
 """Text and image features from one of our model checkpoints.
 
   python -m fixclip_jax.embed --checkpoint=/ckpt/longclip_b16 \
-      --texts=captions.txt --images='photos/*.jpg' --out=features.npz
+      --texts=captions.txt --images='photos/*.jpg' --out=features.npz \
+      [--tokenizer=clip | --tokenizer=/path/spm.model]
 
 The .npz holds L2-normalised float32 `text_features` [N, d] and
 `image_features` [M, d], the `texts` (one per non-blank line of --texts) and
@@ -9,12 +10,13 @@ The .npz holds L2-normalised float32 `text_features` [N, d] and
 (files that could not be decoded; each is also logged as a warning).
 
 Batches always have --batch_size rows (the last is zero-padded and its padded
-rows dropped), so each tower compiles once.
+rows dropped), so each tower compiles once. --tokenizer is what the model was
+trained with (config.data.tokenizer); it must fit the model's vocab_size and
+eot_token_id (tokenizers.check_model_compatible).
 """
 import concurrent.futures
 import glob
 import os
-import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
@@ -24,7 +26,9 @@ import jax
 import numpy as np
 
 from fixclip_jax import checkpoint as ckpt_lib
+from fixclip_jax import fileio
 from fixclip_jax.data import tokenizers
+from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
 from fixclip_jax.models import clip
 
@@ -53,7 +57,7 @@ def _try_load(path: str, image_size: int) -> Optional[np.ndarray]:
   """[S, S, 3] CLIP pixels, or None (with a warning) if the file can't be read."""
   try:
     return retrieval.load_pixels(path, image_size)
-  except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three
+  except transforms.DECODE_ERRORS as e:
     logging.warning("Skipping unreadable image %s: %s", path, e)
     return None
 
@@ -107,8 +111,11 @@ def _stack(parts):
 
 
 def embed(checkpoint: str, texts: Sequence[str] = (),
-          image_paths: Sequence[str] = (), batch_size: int = 64) -> Dict[str, np.ndarray]:
+          image_paths: Sequence[str] = (), batch_size: int = 64,
+          tokenizer: str = "clip") -> Dict[str, np.ndarray]:
   """Features of texts and images under the model in `checkpoint` (our orbax dir).
+
+  `tokenizer`: "clip" or a SentencePiece .model path (tokenizers.get_tokenizer).
 
   Returns a dict of numpy arrays: text_features [N, d], image_features [M, d]
   (L2-normalised float32; rows follow `texts` / the readable `image_paths`),
@@ -119,12 +126,11 @@ def embed(checkpoint: str, texts: Sequence[str] = (),
   params, cfg = ckpt_lib.load_model(checkpoint)
   logging.info("Loaded %s: %s", checkpoint, cfg)
   image_fn, text_fn = _tower_fns(params, cfg)
-  tokenizer = tokenizers.ClipTokenizer(context_length=cfg.context_length)
-  if tokenizer.vocab_size != cfg.vocab_size:
-    raise ValueError(f"{checkpoint}: model vocab_size {cfg.vocab_size} != CLIP "
-                     f"tokenizer's {tokenizer.vocab_size}")
+  tok = tokenizers.get_tokenizer(tokenizer, context_length=cfg.context_length)
+  tokenizers.check_model_compatible(tok, cfg.vocab_size, cfg.eot_token_id,
+                                    f"{checkpoint} with --tokenizer={tokenizer}")
 
-  text_features = embed_texts(texts, text_fn, tokenizer, batch_size)
+  text_features = embed_texts(texts, text_fn, tok, batch_size)
   image_features, kept, skipped = embed_image_files(
       list(image_paths), image_fn, batch_size, cfg.image_size)
   d = cfg.embed_dim
@@ -161,18 +167,10 @@ def list_images(spec: str) -> List[str]:
 
 
 def save_npz(path: str, result: Dict[str, np.ndarray]) -> None:
-  """Writes to a temporary file next to `path`, then renames it into place."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
+  """Writes the .npz atomically (a local path or a URL)."""
+  with fileio.atomic_file(path) as tmp:
+    with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz"
       np.savez(f, **result)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 FLAGS = flags.FLAGS
@@ -186,6 +184,8 @@ def define_flags():
   flags.DEFINE_string("images", None, "Image directory or glob pattern.")
   flags.DEFINE_string("out", None, "Output .npz file.")
   flags.DEFINE_integer("batch_size", 64, "Rows per model call.")
+  flags.DEFINE_string("tokenizer", "clip", "'clip' (CLIP's BPE) or the path "
+                      "of the SentencePiece .model the model was trained with.")
 
 
 def main(argv):
@@ -195,7 +195,8 @@ def main(argv):
     raise app.UsageError("Give --texts and/or --images")
   texts = read_texts(FLAGS.texts) if FLAGS.texts else []
   paths = list_images(FLAGS.images) if FLAGS.images else []
-  result = embed(FLAGS.checkpoint, texts, paths, FLAGS.batch_size)
+  result = embed(FLAGS.checkpoint, texts, paths, FLAGS.batch_size,
+                 FLAGS.tokenizer)
   save_npz(FLAGS.out, result)
   logging.info("Wrote %s: %d text and %d image features (%d images skipped)",
                FLAGS.out, len(result["text_features"]),

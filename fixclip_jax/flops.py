@@ -14,15 +14,14 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
     matmuls of the same size (gradient w.r.t. each input). This slightly
     over-counts the patch embedding (no gradient w.r.t. the pixels is needed);
     the convention keeps MFU comparable across codebases.
-  * Only what the objective uses is counted (objective-aware; method.md §2-3):
-      clip:     image (raw)                 + long text
-      longclip: image (raw)                 + long text + short text
-      fixclip:  image (raw) + image (masked) + long text + short text
-    The masked branch runs at full length with masking.mode="replace" (masked
+  * Only what the objective uses is counted, as its spec (losses.OBJECTIVES)
+    says: the raw image and long text always; the short text when it reads the
+    short caption (longclip, fixclip); the masked image when it reads it
+    (fixclip). The masked branch runs at full length with masking.mode="replace" (masked
     patches become the mask token) and at 1 + kept patches with "drop". Every
     vision layer with regional prompts runs on `num_prompts` more tokens.
     GTA heads are counted for the branches whose group features enter the loss
-    (raw image and long text, fixclip only).
+    (raw image and long text) of objectives that read them (fixclip).
   * Rematerialisation (config.remat) is not counted: these are model FLOPs
     (MFU), not hardware FLOPs; XLA's cost analysis does count the recomputed
     forward.
@@ -35,6 +34,7 @@ All numbers are per *global* batch (config.data.global_batch), as Python ints.
 """
 from typing import Dict, Optional
 
+from fixclip_jax import losses
 from fixclip_jax.models import fixclip
 from fixclip_jax.models import sizes
 
@@ -113,12 +113,6 @@ def logits_flops(batch: int, embed_dim: int) -> int:
 # ----------------------------------------------------------------------------
 # Configs -> shapes.
 
-def _model_config(config) -> sizes.CLIPConfig:
-  # Imported here: train.py pulls in optax & co, which pure FLOP maths doesn't need.
-  from fixclip_jax import train  # pylint: disable=g-import-not-at-top
-  return train.model_config(config)
-
-
 def text_lengths(config) -> tuple:
   """(long, short) caption lengths of a train batch, as the data pipeline makes."""
   long_len = int(config.data.text_context)
@@ -152,18 +146,16 @@ def train_step_flops(config, batch: Optional[int] = None) -> Dict[str, int]:
     logits: contrastive similarity matrices (forward);
     forward: their sum; backward: 2 x forward; total: forward + backward.
   """
-  cfg = _model_config(config)
+  cfg = sizes.model_config(config)
   b = int(config.data.global_batch if batch is None else batch)
-  objective = config.objective
-  if objective not in ("clip", "longclip", "fixclip"):
-    raise ValueError(f"config.objective={objective!r}; use clip | longclip | fixclip")
+  objective = losses.get_objective(config.objective)
   long_len, short_len = text_lengths(config)
   if max(long_len, short_len) > cfg.context_length:
     raise ValueError(f"config.data text lengths ({long_len}, {short_len}) exceed "
                      f"config.model.context_length={cfg.context_length}")
   d = cfg.embed_dim
-  uses_short = objective in ("longclip", "fixclip")
-  uses_masked = objective == "fixclip"
+  uses_short = objective.short_caption
+  uses_masked = objective.masked_image
   parts = {
       "vision_raw": vision_tower_flops(cfg, b),
       "vision_masked": (vision_tower_flops(cfg, b, kept_patches(config, cfg))
@@ -176,7 +168,7 @@ def train_step_flops(config, batch: Optional[int] = None) -> Dict[str, int]:
   heads = (image_passes * projection_flops(b, cfg.vision_width, d) +
            text_passes * projection_flops(b, cfg.text_width, d))
   num_logits = 1 + int(uses_short)
-  if objective == "fixclip" and cfg.gta_groups:
+  if objective.gta and cfg.gta_groups:
     heads += gta_head_flops(b, cfg.vision_layers, cfg.vision_width,
                             cfg.gta_groups, d)
     heads += gta_head_flops(b, cfg.text_layers, cfg.text_width, cfg.gta_groups, d)
@@ -192,7 +184,7 @@ def embed_flops(cfg: sizes.CLIPConfig, num_images: int = 0, num_texts: int = 0,
                 text_length: Optional[int] = None) -> Dict[str, int]:
   """Forward FLOPs of embedding images and texts for evaluation.
 
-  cfg: the model's CLIPConfig (train.model_config(config)); text_length defaults
+  cfg: the model's CLIPConfig (sizes.model_config(config)); text_length defaults
   to cfg.context_length. Images include the regional prompts (the vision tower
   always runs them); GTA heads are not run for embeddings.
   Returns {"images", "texts", "total"}.

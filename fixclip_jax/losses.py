@@ -1,14 +1,17 @@
-"""Contrastive objectives: CLIP, Long-CLIP (method.md §2) and FIX-CLIP (§3).
+"""Contrastive objectives: CLIP, Long-CLIP (docs/method.md §2) and FIX-CLIP (§3).
 
 Every objective takes the model's outputs as a dict and returns
 `(loss, terms)` where `terms` holds each term separately for logging. Losses are
 written over the *global* batch: under `jax.jit` with batch-sharded inputs, XLA
 inserts the all-gathers (with gradient) that PyTorch implementations write by
-hand.
+hand. The official Long-CLIP forward (model/model_longclip.py, `forward` and
+`PCA`) computes per GPU the rows of the same global logits matrices; the mean
+of its per-GPU losses is the global-batch loss computed here.
 """
+import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +24,38 @@ Array = jax.Array
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips exp(logit_scale) at 100.
 
 
-def temperature(logit_scale: Array) -> Array:
-  """exp(logit_scale) clipped at 100, the multiplier of cosine similarities."""
-  return jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), MAX_LOGIT_SCALE))
+def clamp_logit_scale(logit_scale: Array, max_logit_scale: Optional[float]) -> Array:
+  """logit_scale capped at max_logit_scale (None = not capped, as Long-CLIP).
+
+  Below and *at* the cap the value and its gradient pass unchanged
+  (jnp.minimum would halve the gradient at the tie, where Long-CLIP's reset
+  to ln 100 puts it); above the cap the gradient is 0.
+  """
+  logit_scale = logit_scale.astype(jnp.float32)
+  if max_logit_scale is None:
+    return logit_scale
+  return jnp.where(logit_scale > max_logit_scale,
+                   jnp.asarray(max_logit_scale, jnp.float32), logit_scale)
+
+
+def temperature(logit_scale: Array,
+                max_logit_scale: Optional[float] = MAX_LOGIT_SCALE) -> Array:
+  """exp(logit_scale), capped as clamp_logit_scale: the similarity multiplier."""
+  return jnp.exp(clamp_logit_scale(logit_scale, max_logit_scale))
 
 
 def infonce(zimg: Array, ztxt: Array, logit_scale: Array,
             label_smoothing: float = 0.0) -> Array:
-  """Symmetric InfoNCE between matching rows of two [B, d] feature batches.
+  """Symmetric InfoNCE between matching rows of two prepared [B, d] batches.
 
-  Features are L2-normalised here. Cross-entropy with label smoothing as
-  Long-CLIP trains (method.md §2: 0.1), averaged over both directions.
+  The features enter the logits `exp(logit_scale) * zimg @ ztxt^T` as they are:
+  callers L2-normalise them (and Long-CLIP's PCA reconstruction is used
+  unnormalised, docs/method.md §2). logit_scale is used as given (the train
+  step applies config.loss.max_logit_scale). Cross-entropy with label
+  smoothing (Long-CLIP: 0.1), averaged over both directions.
   """
-  zimg, ztxt = normalize(zimg), normalize(ztxt)
-  logits = temperature(logit_scale) * zimg @ ztxt.T                 # [B, B]
+  logits = jnp.exp(logit_scale.astype(jnp.float32)) * (
+      zimg.astype(jnp.float32) @ ztxt.astype(jnp.float32).T)        # [B, B]
   n = logits.shape[0]
   labels = optax.smooth_labels(jnp.eye(n, dtype=jnp.float32), label_smoothing)
   i2t = optax.softmax_cross_entropy(logits, labels).mean()
@@ -94,18 +115,23 @@ def pca_reconstruct(x: Array, num_components: int = 32) -> Array:
   return _project_top_components(x32 - mean, k) + mean
 
 
-def pca_reconstruct_per_shard(x: Array, num_components: int = 32,
-                              num_shards: int = 1) -> Array:
-  """PCA per device-local batch, as Long-CLIP does on each GPU (method.md §2).
+def pca_reconstruct_groups(x: Array, num_components: int = 32,
+                           group_size: int = 128) -> Array:
+  """PCA per group of `group_size` consecutive rows (docs/method.md §2).
 
-  The global batch [B, d] is split into `num_shards` contiguous groups (the
-  data-parallel shards, so with a batch sharded over them every SVD stays on
-  its own device) and each is reconstructed from its own components.
+  Long-CLIP reconstructs each GPU's 128 features from their own components.
+  Here the group size is a knob independent of the device count: the global
+  batch [B, d] is split into B / group_size contiguous groups (one group of B
+  when B <= group_size). With the batch sharded contiguously over devices, a
+  group stays on one device whenever the per-device batch is a multiple of
+  group_size.
   """
   b, d = x.shape
-  if b % num_shards:
-    raise ValueError(f"Batch {b} is not divisible into {num_shards} PCA shards")
-  groups = x.reshape(num_shards, b // num_shards, d)                 # [S, B/S, d]
+  group = min(group_size, b)
+  if b % group:
+    raise ValueError(f"loss.pcm_group_size={group_size} does not divide the "
+                     f"batch of {b}")
+  groups = x.reshape(b // group, group, d)                          # [G, g, d]
   recon = jax.vmap(lambda g: pca_reconstruct(g, num_components))(groups)
   return recon.reshape(b, d)
 
@@ -126,27 +152,31 @@ def zero_nonfinite(x: Array) -> Array:
 
 def clip_objective(out: dict, *, label_smoothing: float = 0.0) -> tuple:
   """Plain CLIP fine-tuning: InfoNCE(image, text_long)."""
-  l = infonce(out["image"]["embedding"], out["text_long"]["embedding"],
-              out["logit_scale"], label_smoothing)
+  l = infonce(normalize(out["image"]["embedding"]),
+              normalize(out["text_long"]["embedding"]), out["logit_scale"],
+              label_smoothing)
   return l, {"loss_clip": l}
 
 
 def longclip_objective(out: dict, *, short_weight: float = 1.0,
                        label_smoothing: float = 0.1, pcm: bool = True,
-                       pcm_components: int = 32, pcm_shards: int = 1) -> tuple:
-  """Long-CLIP: L_long + w_short * L_short (method.md §2).
+                       pcm_components: int = 32, pcm_group_size: int = 128) -> tuple:
+  """Long-CLIP: L_long + w_short * L_short (docs/method.md §2).
 
   out: {"image": {"embedding": [B, d]}, "text_long": ..., "text_short": ...,
         "logit_scale": ()}. L_long contrasts the full image feature with the long
-  caption; L_short contrasts its primary components (PCM) with the short one.
+  caption; L_short contrasts its primary components (PCM: the PCA
+  reconstruction, not renormalised) with the short one.
   """
   img = normalize(out["image"]["embedding"])
   nonfinite = count_nonfinite(img)
   img = zero_nonfinite(img)
-  coarse = pca_reconstruct_per_shard(img, pcm_components, pcm_shards) if pcm else img
+  coarse = pca_reconstruct_groups(img, pcm_components, pcm_group_size) if pcm else img
   scale = out["logit_scale"]
-  l_long = infonce(img, out["text_long"]["embedding"], scale, label_smoothing)
-  l_short = infonce(coarse, out["text_short"]["embedding"], scale, label_smoothing)
+  l_long = infonce(img, normalize(out["text_long"]["embedding"]), scale,
+                   label_smoothing)
+  l_short = infonce(coarse, normalize(out["text_short"]["embedding"]), scale,
+                    label_smoothing)
   loss = l_long + short_weight * l_short
   return loss, {"loss_long": l_long, "loss_short": l_short,
                 "nonfinite_features": nonfinite}
@@ -154,15 +184,17 @@ def longclip_objective(out: dict, *, short_weight: float = 1.0,
 
 def gta_losses(image_groups: Array, text_groups: Array, logit_scale: Array,
                first_group: int, label_smoothing: float = 0.0) -> Array:
-  """InfoNCE per hierarchical group i = first_group..G (1-based, method.md §3).
+  """InfoNCE per hierarchical group i = first_group..G (1-based, docs/method.md §3).
 
-  image_groups/text_groups: [G, B, d'] group middle features. Returns [G-K+1].
+  image_groups/text_groups: [G, B, d'] group middle features (L2-normalised
+  here). Returns [G-K+1].
   """
   g = image_groups.shape[0]
   if not 1 <= first_group <= g:
     raise ValueError(f"gta first_group={first_group} must be in [1, {g}]")
   sel = slice(first_group - 1, g)
-  return jax.vmap(lambda zi, zt: infonce(zi, zt, logit_scale, label_smoothing))(
+  return jax.vmap(lambda zi, zt: infonce(normalize(zi), normalize(zt), logit_scale,
+                                         label_smoothing))(
       image_groups[sel], text_groups[sel])
 
 
@@ -170,8 +202,8 @@ def fixclip_objective(out: dict, *, short_weight: float = 1.0,
                       gta_weights: Sequence[float] = (0.5, 0.5),
                       gta_first_group: int = 3, label_smoothing: float = 0.0,
                       pcm: bool = False, pcm_components: int = 32,
-                      pcm_shards: int = 1) -> tuple:
-  """FIX-CLIP: L_long + w_short L_short + sum_{i=K..G} w_i L_mi (method.md §3).
+                      pcm_group_size: int = 128) -> tuple:
+  """FIX-CLIP: L_long + w_short L_short + sum_{i=K..G} w_i L_mi (docs/method.md §3).
 
   out: {"image": raw-image tower dict (with "gta": [G, B, d']),
         "image_masked": masked-image tower dict, "text_long": long-caption tower
@@ -186,9 +218,10 @@ def fixclip_objective(out: dict, *, short_weight: float = 1.0,
   nonfinite = count_nonfinite(img, img_masked)
   img, img_masked = zero_nonfinite(img), zero_nonfinite(img_masked)
   if pcm:
-    img_masked = pca_reconstruct_per_shard(img_masked, pcm_components, pcm_shards)
-  l_long = infonce(img, out["text_long"]["embedding"], scale, label_smoothing)
-  l_short = infonce(img_masked, out["text_short"]["embedding"], scale,
+    img_masked = pca_reconstruct_groups(img_masked, pcm_components, pcm_group_size)
+  l_long = infonce(img, normalize(out["text_long"]["embedding"]), scale,
+                   label_smoothing)
+  l_short = infonce(img_masked, normalize(out["text_short"]["embedding"]), scale,
                     label_smoothing)
   terms = {"loss_long": l_long, "loss_short": l_short,
            "nonfinite_features": nonfinite}
@@ -207,8 +240,56 @@ def fixclip_objective(out: dict, *, short_weight: float = 1.0,
   return loss, terms
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Everything the rest of the code needs to know about an objective.
+
+  The train step, flops.py and the benchmark read these fields; none of them
+  compares objective names. Adding an objective is one `OBJECTIVES` entry.
+
+  loss_fn: (model outputs dict, **kwargs) -> (loss, {term: value}).
+  config_args: names of `config.loss` fields passed to loss_fn as keywords.
+  short_caption: runs the text tower on the short caption ("text_short").
+  masked_image: runs the vision tower a second time on the masked image
+    ("image_masked", config.masking).
+  gta: reads the GTA heads' group features ("gta" in the tower dicts).
+  pcm: can contrast PCA reconstructions (config.loss.pcm, pcm_components,
+    pcm_group_size among its config_args).
+  """
+  loss_fn: Callable[..., Tuple[Array, dict]]
+  config_args: Tuple[str, ...] = ()
+  short_caption: bool = False
+  masked_image: bool = False
+  gta: bool = False
+  pcm: bool = False
+
+  def bind(self, loss_config) -> Callable:
+    """loss_fn with its config.loss arguments: (outputs) -> (loss, terms)."""
+    kwargs = {}
+    for name in self.config_args:
+      value = loss_config[name]
+      kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return functools.partial(self.loss_fn, **kwargs)
+
+
 OBJECTIVES = {
-    "clip": clip_objective,
-    "longclip": longclip_objective,
-    "fixclip": fixclip_objective,
+    "clip": Objective(clip_objective, ("label_smoothing",)),
+    "longclip": Objective(
+        longclip_objective,
+        ("short_weight", "label_smoothing", "pcm", "pcm_components",
+         "pcm_group_size"),
+        short_caption=True, pcm=True),
+    "fixclip": Objective(
+        fixclip_objective,
+        ("short_weight", "gta_weights", "gta_first_group", "label_smoothing",
+         "pcm", "pcm_components", "pcm_group_size"),
+        short_caption=True, masked_image=True, gta=True, pcm=True),
 }
+
+
+def get_objective(name: str) -> Objective:
+  """OBJECTIVES[name]; an unknown name is an error listing the known ones."""
+  if name not in OBJECTIVES:
+    raise ValueError(f"config.objective={name!r}; use one of "
+                     f"{' | '.join(sorted(OBJECTIVES))}")
+  return OBJECTIVES[name]

@@ -13,6 +13,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from fixclip_jax import train
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/demo.py", "Config file with get_config().",
     lock_config=True)
@@ -63,7 +65,6 @@ def main(argv):
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
   logging.info("Config:\n%s", config)
-  from fixclip_jax import train  # pylint: disable=g-import-not-at-top
   if _MODE.value == "eval":
     train.evaluate_checkpoint(config, workdir)
   else:

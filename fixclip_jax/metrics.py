@@ -4,9 +4,11 @@ import os
 from typing import Mapping
 
 from absl import logging
-from etils import epath
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+
+from fixclip_jax import fileio
 
 
 class MetricWriter:
@@ -17,15 +19,12 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    directory = epath.Path(workdir)  # local path or gs:// URL
+    directory = fileio.path(workdir)  # local path or gs:// URL
     directory.mkdir(parents=True, exist_ok=True)
+    # Appended line by line (not rewritten), so not through fileio's atomic writes.
     self._file = (directory / "metrics.jsonl").open("a")
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        logging.warning("tensorboardX not installed: metrics go to metrics.jsonl only")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -71,9 +71,36 @@ def param_specs(params: Any, mesh: Mesh,
 
 
 def shardings_for(tree: Any, mesh: Mesh, rules=()) -> Any:
-  """NamedShardings for a params/optimizer-state tree (scalars replicated)."""
+  """NamedShardings for a params-like tree (scalars replicated)."""
   specs = param_specs(tree, mesh, rules)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules=(), params_key: str = "params"
+                    ) -> Any:
+  """NamedShardings for a train state {params, opt_state, ...}.
+
+  Rules match parameter paths as the params tree names them
+  ("visual/transformer/resblocks_3/mlp/c_fc/kernel"), whatever the state
+  calls the subtree. Optimizer leaves that mirror a parameter (Adam's moments,
+  whose paths end with the parameter's path) get that parameter's spec, so
+  moments live where their parameter lives; other leaves are replicated or
+  FSDP-sharded by size.
+  """
+  param_spec = {path_str(p): (np.shape(x), s) for (p, x), s in zip(
+      jax.tree_util.tree_flatten_with_path(state[params_key])[0],
+      jax.tree.leaves(param_specs(state[params_key], mesh, rules)))}
+  fsdp_size = mesh.shape["fsdp"]
+
+  def spec_for(path, leaf):
+    keys = path_str(path).split("/")
+    for start in range(len(keys)):
+      match = param_spec.get("/".join(keys[start:]))
+      if match is not None and match[0] == np.shape(leaf):
+        return NamedSharding(mesh, match[1])
+    return NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp_size))
+
+  return jax.tree_util.tree_map_with_path(spec_for, state)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

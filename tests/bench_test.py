@@ -1,4 +1,4 @@
-"""bench.py: a short benchmark of the tiny demo config, with the open_clip
+"""tools/bench.py: a short benchmark of the tiny demo config, with the open_clip
 comparison, on all (8 virtual CPU) devices as training would use them."""
 import json
 import math
@@ -11,11 +11,11 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from fixclip_jax import bench
 from fixclip_jax import config_base
 from fixclip_jax import flops
-from fixclip_jax import train
 from fixclip_jax.models import clip
+from fixclip_jax.models import sizes
+from fixclip_jax.tools import bench
 
 
 def demo_config():
@@ -47,7 +47,7 @@ class SyntheticBatchTest(absltest.TestCase):
 
   def test_shapes_and_eot(self):
     c = demo_config()
-    cfg = train.model_config(c)
+    cfg = sizes.model_config(c)
     b = bench.synthetic_batch(c, cfg, 4)
     self.assertEqual(b["image"].shape, (4, 32, 32, 3))
     self.assertEqual(b["text_long"].shape, (4, 248))
@@ -56,6 +56,20 @@ class SyntheticBatchTest(absltest.TestCase):
       self.assertEqual(t.dtype, np.int32)
       # The EOT (largest id) is where the towers pool: exactly one per row.
       np.testing.assert_array_equal((t == cfg.vocab_size - 1).sum(1), 1)
+
+
+class MaskingModeTest(absltest.TestCase):
+
+  def test_reported_only_for_objectives_that_mask(self):
+    c = demo_config()
+    c.masking.mode = "drop"
+    self.assertEqual(bench.masking_mode(c), "drop")          # fixclip masks
+    for name in ("clip", "longclip"):
+      c.objective = name
+      self.assertEqual(bench.masking_mode(c), "n/a")
+    c.objective = "nope"
+    with self.assertRaisesRegex(ValueError, "nope"):
+      bench.masking_mode(c)
 
 
 class RunBenchmarkTest(absltest.TestCase):
@@ -89,11 +103,12 @@ class RunBenchmarkTest(absltest.TestCase):
     # The step is partitioned over the devices; cost_analysis x devices must
     # land near the analytic count (replicated optimizer work makes it larger).
     self.assertBetween(r["xla_over_analytic"], 0.9, 1.3)
-    # The twin's short-caption pass must be dead code: XLA ~ one text pass.
+    # The twin runs no short-caption pass: XLA ~ one text pass.
     self.assertBetween(r["twin_xla_flops_per_step"] / r["twin_analytic_flops_per_step"],
                        0.9, 1.3)
     self.assertEqual(r["peak_memory_bytes"], "n/a")          # CPU has no stats
     self.assertEqual(r["torch_precision"], "float32")
+    self.assertEqual(r["masking_mode"], demo_config().masking.mode)
     table = bench.format_table(r)
     for row in ("| step time |", "| MFU |", "| twin / open_clip step time |",
                 "| eval texts/s |"):
@@ -102,7 +117,7 @@ class RunBenchmarkTest(absltest.TestCase):
   def test_open_clip_model_matches_our_size(self):
     import open_clip  # pylint: disable=g-import-not-at-top
     twin_config = bench.plain_clip_twin(demo_config())
-    cfg = train.model_config(twin_config)
+    cfg = sizes.model_config(twin_config)
     host = bench.synthetic_batch(twin_config, cfg, 2)
     torch_step = bench.TorchTrainStep(twin_config, cfg, host)
     ours = jax.eval_shape(lambda: clip.init_params(cfg))
@@ -119,7 +134,7 @@ class RunBenchmarkTest(absltest.TestCase):
     root = os.path.join(os.path.dirname(__file__), "..")
     out = os.path.join(tempfile.mkdtemp(), "bench.json")
     proc = subprocess.run(
-        [sys.executable, "-m", "fixclip_jax.bench", "--config=configs/demo.py",
+        [sys.executable, "-m", "fixclip_jax.tools.bench", "--config=configs/demo.py",
          "--config.data.global_batch=8", "--steps=1", "--warmup=1",
          "--eval_steps=1", f"--json={out}"],
         cwd=root, capture_output=True, text=True, timeout=600)

@@ -24,8 +24,11 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
-from fixclip_jax.data import caption as caption_lib
+from fixclip_jax import config_base
 from fixclip_jax.data import captions as captions_lib
+from fixclip_jax.data import pipeline
+from fixclip_jax.data import tokenizers
+from fixclip_jax.tools import caption as caption_lib
 
 PROMPTS = caption_lib.DEFAULT_PROMPTS
 MODEL = "fake-llava"
@@ -354,7 +357,7 @@ class CaptionTest(absltest.TestCase):
   def test_resume_after_real_kill(self):
     server = self.start_server(delay=0.1)
     write_images(self.dir, 30)
-    command = [sys.executable, "-m", "fixclip_jax.data.caption", f"--images={self.dir}",
+    command = [sys.executable, "-m", "fixclip_jax.tools.caption", f"--images={self.dir}",
                f"--out={self.out}", f"--endpoint={server.endpoint}", f"--model={MODEL}",
                "--concurrency=4", "--fsync_every=1", "--noprogress"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,7 +401,7 @@ class CaptionTest(absltest.TestCase):
     write_images(self.dir, 2)
     endpoint = f"http://127.0.0.1:{closed_port()}/v1"
     proc = subprocess.run(
-        [sys.executable, "-m", "fixclip_jax.data.caption", f"--images={self.dir}",
+        [sys.executable, "-m", "fixclip_jax.tools.caption", f"--images={self.dir}",
          f"--out={self.out}", f"--endpoint={endpoint}", f"--model={MODEL}",
          "--noprogress"],
         capture_output=True, text=True, timeout=60,
@@ -419,7 +422,7 @@ class CaptionTest(absltest.TestCase):
     self.addCleanup(os.environ.pop, "FAKE_KEY_FOR_TEST")
     server.required_key = "secret"
     proc = subprocess.run(
-        [sys.executable, "-m", "fixclip_jax.data.caption", f"--images={self.dir}",
+        [sys.executable, "-m", "fixclip_jax.tools.caption", f"--images={self.dir}",
          f"--out={self.out}", f"--endpoint={server.endpoint}", f"--model={MODEL}",
          "--api_key_env=FAKE_KEY_FOR_TEST", "--short=model", "--noprogress"],
         capture_output=True, text=True, timeout=60,
@@ -435,9 +438,7 @@ class CaptionTest(absltest.TestCase):
     self.assertEqual(json.loads(proc.stdout)["captioned"], 3)
 
     # The manifest feeds the training pipeline unchanged.
-    from fixclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
-    data = pipeline.default_data_config()
+    data = config_base.base_config().data
     data.type, data.path = "jsonl", self.out
     data.image_size, data.global_batch, data.read_threads = 16, 3, 1
     tok = tokenizers.ClipTokenizer(context_length=data.text_context)

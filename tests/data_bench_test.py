@@ -1,18 +1,21 @@
-"""Tests for fixclip_jax.data.bench (input pipeline throughput)."""
+"""Tests for fixclip_jax.tools.data_bench (input pipeline throughput)."""
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 from absl import flags
 from absl.testing import absltest
-from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 
-from fixclip_jax.data import bench
 from fixclip_jax.data import sources
+from fixclip_jax.tools import data_bench as bench
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _tempdir(test: absltest.TestCase) -> str:
@@ -90,21 +93,33 @@ class RunBenchTest(absltest.TestCase):
     self.assertGreater(bench.process_tree_cpu_s(), before)
 
 
+def _run_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "fixclip_jax.tools.data_bench", *args],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 class MainTest(absltest.TestCase):
 
-  @flagsaver.flagsaver
+  def test_importing_defines_no_flags(self):
+    # Its flags (--batch, --json, ...) would clash with tools.bench's.
+    self.assertNotIn("jpeg_draft", flags.FLAGS)
+    self.assertNotIn("render_size", flags.FLAGS)
+
   def test_cli_prints_the_table_and_writes_json(self):
     path = os.path.join(_tempdir(self), "out", "bench.json")
-    flags.FLAGS(["bench", "--num=4", "--image_size=32", "--num_workers=0",
-                 "--render_size=64", "--batch=2", "--num_files=2",
-                 f"--json={path}"])
-    bench.main(["bench"])
+    proc = _run_cli("--num=4", "--image_size=32", "--num_workers=0",
+                    "--render_size=64", "--batch=2", "--num_files=2",
+                    f"--json={path}")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn("| workers |", proc.stdout)
     with open(path) as f:
       result = json.load(f)
     self.assertEqual(result["rows"][0]["images"], 4)
-    flags.FLAGS(["bench", "--jpeg_draft=maybe"])
-    with self.assertRaisesRegex(Exception, "maybe"):
-      bench.main(["bench"])
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["bench.json"])
+    bad = _run_cli("--jpeg_draft=maybe")
+    self.assertNotEqual(bad.returncode, 0)
+    self.assertIn("maybe", bad.stderr)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 from PIL import Image
+import sentencepiece
 
 from fixclip_jax import checkpoint
 from fixclip_jax import embed
@@ -110,6 +111,30 @@ class EmbedTest(absltest.TestCase):
       self.assertEqual([os.path.basename(p) for p in npz["skipped_images"]],
                        ["b_broken.png"])
     self.assertEqual([n for n in os.listdir(self.tmp) if n.startswith(".")], [])
+
+  def test_sentencepiece_tokenizer(self):
+    prefix = os.path.join(self.tmp, "spm")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_TEXTS * 20), model_prefix=prefix,
+        vocab_size=40, minloglevel=2, hard_vocab_limit=False)
+    sp = tokenizers.get_tokenizer(prefix + ".model", context_length=77)
+    cfg = self.cfg.replace(vocab_size=sp.vocab_size,
+                           eot_token_id=sp.eot_token_id)
+    params = jax.device_get(clip.init_params(cfg, jax.random.PRNGKey(2)))
+    ckpt = os.path.join(self.tmp, "ckpt_sp")
+    checkpoint.save_model(ckpt, params, cfg)
+    result = embed.embed(ckpt, _TEXTS, [], batch_size=2,
+                         tokenizer=prefix + ".model")
+    out = clip.CLIP(cfg).apply({"params": params}, sp(_TEXTS),
+                               method=clip.CLIP.encode_text)
+    np.testing.assert_allclose(result["text_features"],
+                               clip.normalize(out["embedding"]), atol=2e-6)
+    # The CLIP-vocabulary model pools at argmax: a SentencePiece eos is not it.
+    with self.assertRaisesRegex(ValueError, r"ckpt with --tokenizer=.*spm\.model"
+                                r".*eot_token_id="):
+      embed.embed(self.ckpt, _TEXTS, [], tokenizer=prefix + ".model")
+    with self.assertRaisesRegex(ValueError, r"config\.data\.tokenizer='bpe'"):
+      embed.embed(self.ckpt, _TEXTS, [], tokenizer="bpe")
 
   def test_missing_checkpoint_is_named(self):
     with self.assertRaisesRegex(FileNotFoundError, "nowhere"):

@@ -3,13 +3,16 @@ import json
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import config_base
 from fixclip_jax.evaluation import datasets
 from fixclip_jax.evaluation import imagenet_classes
+from fixclip_jax.evaluation import run
 
 
 def _write_image(path, color=(200, 30, 30), fmt=None):
@@ -303,6 +306,43 @@ class ClassificationLoadersTest(absltest.TestCase):
     self.assertEqual(list(ds.class_names),
                      [n.replace("_", " ") for n in info_names])
     self.assertEqual(ds.read(0)[1], 7)
+
+
+
+class DatasetNameTest(absltest.TestCase):
+  """One name normalisation for both registries, wherever a name is used."""
+
+  def test_registry_names_stay_distinct(self):
+    keys = list(datasets.RETRIEVAL_LOADERS) + list(datasets.CLASSIFICATION_LOADERS)
+    canonical = [datasets.canonical_name(k) for k in keys]
+    self.assertEqual(len(set(canonical)), len(keys), canonical)
+
+  def test_spellings_reach_the_right_loader(self):
+    def fake(key):
+      return lambda root, **kwargs: (key, root)
+    retrieval = {k: fake(k) for k in datasets.RETRIEVAL_LOADERS}
+    classification = {k: fake(k) for k in datasets.CLASSIFICATION_LOADERS}
+    config = config_base.base_config()
+    config.eval.root = "/data"
+    config.eval.datasets = ("CIFAR10, cifar-10,Cifar_100, ImageNet,Urban1K,"
+                            "COCO-Karpathy,sharegpt4v_1k,Flickr30k full")
+    with mock.patch.dict(datasets.RETRIEVAL_LOADERS, retrieval), \
+         mock.patch.dict(datasets.CLASSIFICATION_LOADERS, classification):
+      loaded = run.load_eval_sets(config, workdir="/unused")
+      self.assertEqual(datasets.load_classification("CIFAR-10", "/d"),
+                       ("cifar10", "/d"))
+      self.assertEqual(datasets.load_dataset("Urban_1k", "/d"), ("urban1k", "/d"))
+    self.assertEqual([key for key, _ in loaded], [
+        "cifar10", "cifar10", "cifar100", "imagenet", "urban1k",
+        "coco_karpathy", "sharegpt4v_1k", "flickr30k_full"])
+    self.assertTrue(datasets.is_classification("CIFAR10"))
+    self.assertFalse(datasets.is_classification("urban1k"))
+
+  def test_unknown_names_list_the_known_ones(self):
+    with self.assertRaisesRegex(KeyError, "cifar10"):
+      datasets.load_classification("cifar11", "/d")
+    with self.assertRaisesRegex(KeyError, "urban1k"):
+      datasets.load_dataset("urban2k", "/d")
 
 
 if __name__ == "__main__":

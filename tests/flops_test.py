@@ -12,8 +12,9 @@ import numpy as np
 from fixclip_jax import config_base
 from fixclip_jax import flops
 from fixclip_jax import sharding
-from fixclip_jax import train
+from fixclip_jax import step as step_lib
 from fixclip_jax.models import clip
+from fixclip_jax.models import sizes
 
 
 def demo_config():
@@ -62,17 +63,17 @@ def mid_config():
 def xla_step_flops(config) -> float:
   """XLA's cost analysis of the train step exactly as training compiles it."""
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])  # global = per device
-  cfg = train.model_config(config)
-  model = train.make_model(config, cfg)
-  state, shardings, tx = train.init_state(config, model, mesh)
-  step = train.make_train_step(config, model, tx, sharding.num_batch_shards(mesh))
+  cfg = sizes.model_config(config)
+  model = step_lib.make_model(config, cfg)
+  state, shardings, tx = step_lib.init_state(config, model, mesh)
+  step = step_lib.make_train_step(config, model, tx)
   b = config.data.global_batch
   long_len, short_len = flops.text_lengths(config)
   batch = sharding.global_batch({
       "image": np.zeros((b, cfg.image_size, cfg.image_size, 3), np.float32),
       "text_long": np.ones((b, long_len), np.int32),
       "text_short": np.ones((b, short_len), np.int32)}, mesh)
-  compiled = train.jit_train_step(step, mesh, shardings, batch).lower(
+  compiled = step_lib.jit_train_step(step, mesh, shardings, batch).lower(
       state, batch).compile()
   return float(compiled.cost_analysis()["flops"])
 
@@ -138,7 +139,7 @@ class HandCountTest(absltest.TestCase):
 
   def test_embed_flops_and_bad_input(self):
     c = toy_config()
-    cfg = train.model_config(c)
+    cfg = sizes.model_config(c)
     step = flops.train_step_flops(c)
     e = flops.embed_flops(cfg, num_images=2, num_texts=2, text_length=8)
     self.assertEqual(e["images"] + e["texts"],
@@ -181,7 +182,7 @@ class XlaAgreementTest(parameterized.TestCase):
 
   def test_embed_towers(self):
     c = mid_config()
-    cfg = train.model_config(c)
+    cfg = sizes.model_config(c)
     model = clip.CLIP(cfg)
     params = jax.eval_shape(lambda: clip.init_params(cfg))
     images = jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32)

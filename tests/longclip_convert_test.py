@@ -16,6 +16,7 @@ import torch
 from fixclip_jax import checkpoint
 from fixclip_jax import convert
 from fixclip_jax import positional
+from fixclip_jax import pretrained as pretrained_lib
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
@@ -171,7 +172,7 @@ class FixCLIPCheckpointTest(absltest.TestCase):
     checkpoint.save_model(src, pretrained, cfg77)
     with self.assertLogs(level="INFO") as logs:
       logging.get_absl_handler()  # route absl logging through `logging`
-      params = checkpoint.load_pretrained(src, self.cfg, self.params,
+      params = pretrained_lib.load_pretrained(src, self.cfg, self.params,
                                           logit_scale=float(np.log(100)))
     log = "\n".join(logs.output)
     self.assertIn("new parameter(s)", log)
@@ -197,7 +198,7 @@ class FixCLIPCheckpointTest(absltest.TestCase):
     other = sizes.get_config("tiny").replace(embed_dim=32)
     pretrained = jax.device_get(clip.init_params(other))
     with self.assertRaisesRegex(ValueError, r"parameter \S+ has shape \(128, 32\) in the checkpoint, model expects \(128, 64\)"):
-      checkpoint.adapt_pretrained(pretrained, other, self.params, self.cfg)
+      pretrained_lib.adapt_pretrained(pretrained, other, self.params, self.cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ def _features(b, d, seed):
   return rng.normal(size=(b, d)).astype(np.float32)
 
 
+def _unit(b, d, seed):
+  """Random L2-normalised rows: infonce takes prepared features."""
+  x = _features(b, d, seed)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def _infonce_float64(img, txt, scale, smoothing):
   """Symmetric label-smoothed InfoNCE in float64 numpy, from its definition."""
   img = img / np.linalg.norm(img, axis=-1, keepdims=True)
@@ -32,7 +38,7 @@ class InfoNCETest(absltest.TestCase):
 
   def test_matches_float64_reference_single_and_8_devices(self):
     n = 32
-    img, txt = _features(n, 16, 20), _features(n, 16, 21)
+    img, txt = _unit(n, 16, 20), _unit(n, 16, 21)
     want = _infonce_float64(img, txt, 100.0, 0.1)
     single = losses.infonce(img, txt, jnp.log(100.0), 0.1)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -45,7 +51,7 @@ class InfoNCETest(absltest.TestCase):
     np.testing.assert_allclose(float(sharded), want, rtol=1e-5)
 
   def test_matches_torch_cross_entropy_with_label_smoothing(self):
-    img, txt = _features(16, 32, 0), _features(16, 32, 1)
+    img, txt = _unit(16, 32, 0), _unit(16, 32, 1)
     scale = np.log(50.0)
     ours = float(losses.infonce(jnp.asarray(img), jnp.asarray(txt),
                                 jnp.asarray(scale), label_smoothing=0.1))
@@ -60,18 +66,32 @@ class InfoNCETest(absltest.TestCase):
 
   def test_matches_open_clip_loss(self):
     from open_clip.loss import ClipLoss
-    img, txt = _features(8, 16, 2), _features(8, 16, 3)
+    img, txt = _unit(8, 16, 2), _unit(8, 16, 3)
     ti = F.normalize(torch.from_numpy(img), dim=-1)
     tt = F.normalize(torch.from_numpy(txt), dim=-1)
     ref = ClipLoss()(ti, tt, torch.tensor(30.0))
     ours = losses.infonce(jnp.asarray(img), jnp.asarray(txt), jnp.log(30.0))
     np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-5)
 
-  def test_logit_scale_clipped_at_100(self):
-    img, txt = _features(4, 8, 4), _features(4, 8, 5)
-    a = losses.infonce(img, txt, jnp.log(100.0))
-    b = losses.infonce(img, txt, jnp.log(1000.0))
-    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+  def test_features_enter_unnormalised(self):
+    # Long-CLIP feeds the PCA reconstruction (norm < 1) to the logits as it is.
+    img, txt = _unit(6, 8, 4), _unit(6, 8, 5)
+    half = losses.infonce(0.5 * img, txt, jnp.log(40.0))
+    np.testing.assert_allclose(float(half), float(losses.infonce(
+        img, txt, jnp.log(20.0))), rtol=1e-5)
+
+  def test_logit_scale_cap_keeps_the_gradient_at_the_tie(self):
+    cap = float(np.log(100.0))
+    clamp = lambda v, m=cap: losses.clamp_logit_scale(jnp.float32(v), m)
+    self.assertAlmostEqual(float(clamp(np.log(1000.0))), cap, places=6)
+    self.assertAlmostEqual(float(clamp(np.log(1000.0), None)), np.log(1000.0), places=5)
+    # At the cap (where Long-CLIP's reset puts it) the gradient is whole,
+    # not halved as jnp.minimum's would be; above it, 0.
+    self.assertEqual(float(jax.grad(clamp)(jnp.float32(cap))), 1.0)
+    self.assertEqual(float(jax.grad(lambda v: jnp.minimum(v, jnp.float32(cap)))(
+        jnp.float32(cap))), 0.5)
+    self.assertEqual(float(jax.grad(clamp)(jnp.float32(cap + 1))), 0.0)
+    self.assertEqual(float(jax.grad(clamp)(jnp.float32(cap - 1))), 1.0)
 
   def test_global_batch_on_sharded_arrays(self):
     devices = np.array(jax.devices())
@@ -79,7 +99,7 @@ class InfoNCETest(absltest.TestCase):
     mesh = jax.sharding.Mesh(devices, ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     n = 2 * len(devices)
-    img, txt = _features(n, 16, 6), _features(n, 16, 7)
+    img, txt = _unit(n, 16, 6), _unit(n, 16, 7)
     want = losses.infonce(img, txt, jnp.log(20.0))
     grad_fn = jax.jit(jax.value_and_grad(
         lambda i, t: losses.infonce(i, t, jnp.log(20.0))))
@@ -136,14 +156,18 @@ class PCATest(absltest.TestCase):
     ref = (x - mean) @ vt[:6].T @ vt[:6] + mean
     np.testing.assert_allclose(np.asarray(losses.pca_reconstruct(x, 6)), ref, atol=1e-5)
 
-  def test_per_shard(self):
+  def test_groups(self):
     x = losses.normalize(_features(16, 8, 11))
-    got = losses.pca_reconstruct_per_shard(x, 3, num_shards=2)
+    got = losses.pca_reconstruct_groups(x, 3, group_size=8)
     want = jnp.concatenate([losses.pca_reconstruct(x[:8], 3),
                             losses.pca_reconstruct(x[8:], 3)])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
-    with self.assertRaisesRegex(ValueError, "not divisible"):
-      losses.pca_reconstruct_per_shard(x, 3, num_shards=3)
+    # A group larger than the batch is the whole batch.
+    np.testing.assert_allclose(
+        np.asarray(losses.pca_reconstruct_groups(x, 3, group_size=128)),
+        np.asarray(losses.pca_reconstruct(x, 3)), atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "pcm_group_size=6"):
+      losses.pca_reconstruct_groups(x, 3, group_size=6)
 
   def test_gradient_finite_at_realistic_batch(self):
     # B < d: the centred batch always has a zero singular value.
@@ -193,7 +217,8 @@ class ObjectiveTest(absltest.TestCase):
     # L_gta_4 is InfoNCE of the 4th group's features.
     np.testing.assert_allclose(
         float(terms["loss_gta_4"]),
-        float(losses.infonce(out["image"]["gta"][3], out["text_long"]["gta"][3],
+        float(losses.infonce(losses.normalize(out["image"]["gta"][3]),
+                             losses.normalize(out["text_long"]["gta"][3]),
                              out["logit_scale"])), rtol=1e-6)
     with self.assertRaisesRegex(ValueError, "gta_weights"):
       losses.fixclip_objective(out, gta_weights=(0.5,), gta_first_group=3)
@@ -201,8 +226,9 @@ class ObjectiveTest(absltest.TestCase):
   def test_fixclip_short_branch_uses_masked_image(self):
     out = _outputs()
     _, terms = losses.fixclip_objective(out)
-    want = losses.infonce(out["image_masked"]["embedding"],
-                          out["text_short"]["embedding"], out["logit_scale"])
+    want = losses.infonce(losses.normalize(out["image_masked"]["embedding"]),
+                          losses.normalize(out["text_short"]["embedding"]),
+                          out["logit_scale"])
     np.testing.assert_allclose(float(terms["loss_short"]), float(want), rtol=1e-6)
 
 

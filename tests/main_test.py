@@ -63,7 +63,7 @@ class MainTest(absltest.TestCase):
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
             "m.get_config()\n"
             "import fixclip_jax.main, fixclip_jax.train, fixclip_jax.convert\n"
-            "import fixclip_jax.evaluation.run, fixclip_jax.bench\n"
+            "import fixclip_jax.evaluation.run, fixclip_jax.tools.bench\n"
             "from jax._src import xla_bridge\n"
             "print('backends', len(xla_bridge._backends))\n")
     out = _run([sys.executable, "-c", code])

@@ -19,14 +19,15 @@ def main(process_id, num_processes, port, local_devices, out):
   import numpy as np  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from fixclip_jax import sharding  # pylint: disable=g-import-not-at-top
-  from fixclip_jax import train  # pylint: disable=g-import-not-at-top
+  from fixclip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from fixclip_jax.models import sizes  # pylint: disable=g-import-not-at-top
   from tests import train_test  # pylint: disable=g-import-not-at-top
 
   config = train_test.demo_config()
-  cfg = train.model_config(config)
+  cfg = sizes.model_config(config)
   mesh = sharding.make_mesh()
-  model = train.make_model(config, cfg)
-  state, shardings, tx = train.init_state(config, model, mesh)
+  model = step_lib.make_model(config, cfg)
+  state, shardings, tx = step_lib.init_state(config, model, mesh)
   step_fn = None
   losses = []
   global_rows = 8
@@ -36,8 +37,8 @@ def main(process_id, num_processes, port, local_devices, out):
     mine = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in full.items()}
     batch = sharding.global_batch(mine, mesh)
     if step_fn is None:
-      step_fn = train.jit_train_step(
-          train.make_train_step(config, model, tx, sharding.num_batch_shards(mesh)),
+      step_fn = step_lib.jit_train_step(
+          step_lib.make_train_step(config, model, tx),
           mesh, shardings, batch)
     state, metrics = step_fn(state, batch)
     losses.append({k: float(v) for k, v in jax.device_get(metrics).items()})

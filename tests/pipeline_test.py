@@ -1,4 +1,4 @@
-"""Tests for fixclip_jax.data.pipeline (grain train/eval iterators)."""
+"""Tests for fixclip_jax.data.pipeline (the grain train iterator)."""
 import gc
 import io
 import json
@@ -12,6 +12,7 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import config_base
 from fixclip_jax.data import captions
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources
@@ -30,7 +31,7 @@ def _tokenizer():
 
 
 def _config(**overrides):
-  c = pipeline.default_data_config()
+  c = config_base.base_config().data
   c.type = "synthetic"
   c.image_size = 24
   c.global_batch = 4
@@ -235,12 +236,12 @@ class TrainIteratorTest(absltest.TestCase):
                                    source=src, process_index=0, process_count=1)
 
   def test_default_config_names_every_knob(self):
-    c = pipeline.default_data_config()
+    c = config_base.base_config().data
     for knob in ("type", "path", "image_root", "image_size", "global_batch",
                  "shuffle_seed", "num_workers", "transform", "rrc_scale",
                  "text_context", "short_caption", "filters",
                  "max_caption_chars", "raise_on_bad_data",
-                 "max_consecutive_skips", "rrc_jpeg_draft"):
+                 "max_consecutive_skips", "rrc_jpeg_draft", "tokenizer"):
       self.assertIn(knob, c)
     captions.CaptionFilterConfig.from_mapping(c.filters.to_dict())
 
@@ -446,18 +447,6 @@ class BadDataTest(absltest.TestCase):
                                 r"/nonexistent/images/img/\d\d\.jpg"):
       next(it)
 
-  def test_eval_pads_bad_examples(self):
-    config = self._jsonl_config(global_batch=4)
-    batches = list(pipeline.make_eval_iterator(config, _tokenizer(),
-                                               process_index=0,
-                                               process_count=1))
-    index = np.concatenate([b["index"] for b in batches]).tolist()
-    self.assertEqual(index, [-1 if i in _BAD_LINES else i
-                             for i in range(_NUM_LINES)] + [-1, -1])
-    for b in batches:
-      self.assertEqual(b["skipped"].shape, (4, len(pipeline.SKIP_REASONS)))
-      self.assertEqual(np.abs(b["skipped"]).max(), 0)
-
 
 class SkipLogTest(absltest.TestCase):
 
@@ -472,25 +461,6 @@ class SkipLogTest(absltest.TestCase):
     self.assertTrue(other)
     self.assertLen(logs.output, 5)
     self.assertIn("some/file.jpg", logs.output[0])
-
-
-class EvalIteratorTest(absltest.TestCase):
-
-  def test_ordered_padded_and_split_over_hosts(self):
-    src = _source(7)
-    per_host = []
-    for host in range(2):
-      batches = list(pipeline.make_eval_iterator(
-          _config(), _tokenizer(), source=src, process_index=host,
-          process_count=2))
-      self.assertLen(batches, pipeline.num_eval_batches(7, 4, 2))
-      per_host.append(np.concatenate([b["index"] for b in batches]).tolist())
-      last = batches[-1]
-    self.assertEqual(per_host, [[0, 2, 4, 6], [1, 3, 5, -1]])
-    self.assertEqual(np.abs(last["image"][-1]).max(), 0.0)
-    self.assertEqual(np.abs(last["text_long"][-1]).max(), 0)
-    np.testing.assert_allclose(last["image"][0], transforms.clip_eval_transform(
-        Image.open(io.BytesIO(src[5]["image"])), 24))
 
 
 if __name__ == "__main__":

@@ -63,15 +63,41 @@ class StretchTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "factor=0"):
       positional.stretch_positional_embedding(pe, factor=0)
 
-  def test_two_tables(self):
-    params = {"text": {"positional_embedding": np.ones((77, 4), np.float32)},
-              "visual": {}}
-    out = positional.stretch_text_positions(params)
+  def test_fit_stretches_into_two_tables(self):
+    pe = np.random.RandomState(0).normal(size=(77, 4)).astype(np.float32)
+    params = {"text": {"positional_embedding": pe}, "visual": {}}
+    out = positional.fit_text_positions(params, src_length=77, src_keep=None,
+                                        length=248, keep=20)
     self.assertEqual(out["text"]["positional_embedding"].shape, (248, 4))
     np.testing.assert_array_equal(out["text"]["positional_embedding"],
                                   out["text"]["positional_embedding_res"])
-    with self.assertRaisesRegex(ValueError, "already stretched"):
-      positional.stretch_text_positions(out)
+    np.testing.assert_array_equal(out["text"]["positional_embedding"][:20], pe[:20])
+    self.assertIs(out["visual"], params["visual"])
+    with self.assertRaisesRegex(ValueError, "lack positional_embedding_res"):
+      positional.fit_text_positions(params, src_length=77, src_keep=20,
+                                    length=248, keep=20)
+    with self.assertRaisesRegex(ValueError, "cannot stretch a 77-row .* to 250"):
+      positional.fit_text_positions(params, src_length=77, src_keep=None,
+                                    length=250, keep=20)
+
+  def test_fit_folds_and_resplits_two_tables(self):
+    rng = np.random.RandomState(1)
+    pe, res = rng.normal(size=(2, 248, 4)).astype(np.float32)
+    params = {"text": {"positional_embedding": pe, "positional_embedding_res": res}}
+    added = np.concatenate([pe[:20], res[20:]])  # what the model adds
+    one = positional.fit_text_positions(params, src_length=248, src_keep=20,
+                                        length=248, keep=None)
+    self.assertNotIn("positional_embedding_res", one["text"])
+    np.testing.assert_array_equal(one["text"]["positional_embedding"], added)
+    same = positional.fit_text_positions(params, src_length=248, src_keep=20,
+                                         length=248, keep=20)
+    np.testing.assert_array_equal(same["text"]["positional_embedding"], pe)
+    np.testing.assert_array_equal(same["text"]["positional_embedding_res"], res)
+    resplit = positional.fit_text_positions(params, src_length=248, src_keep=20,
+                                            length=248, keep=10)
+    np.testing.assert_array_equal(positional.combined_positional_embedding(
+        resplit["text"]["positional_embedding"],
+        resplit["text"]["positional_embedding_res"], 10), added)
 
   def test_combined_table(self):
     pe = np.zeros((248, 2), np.float32)

@@ -12,6 +12,7 @@ from absl.testing import absltest
 from PIL import Image
 
 from fixclip_jax.data import captions
+from fixclip_jax.data import pipeline
 from fixclip_jax.data import prepare
 from fixclip_jax.data import sources
 from fixclip_jax.data import tokenizers
@@ -32,6 +33,18 @@ def _tempdir(test: absltest.TestCase) -> str:
   path = tempfile.mkdtemp()
   test.addCleanup(shutil.rmtree, path, ignore_errors=True)
   return path
+
+
+def _nonzero(counts):
+  return {k: n for k, n in counts.items() if n}
+
+
+def _write_tar(path: str, members) -> None:
+  with tarfile.open(path, "w") as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -74,11 +87,13 @@ class PrepareTest(absltest.TestCase):
                            progress=False)
     self.assertEqual(meta["count"], 4)  # good0..2 + multi
     self.assertEqual(meta["num_input"], 8)
-    self.assertEqual(meta["skipped"], {"corrupt_image": 1, "missing_image": 1,
-                                       "repetitive": 1, "too_short": 1})
+    self.assertEqual(_nonzero(meta["skipped"]), {
+        "unreadable_image": 1, "missing_file": 1, "caption_filter": 2})
     self.assertEqual(meta["skipped_total"], 4)
-    self.assertEqual(meta["skipped_keys"]["repetitive"], ["rep"])
-    self.assertEqual(meta["skipped_keys"]["missing_image"], ["gone"])
+    self.assertEqual(meta["skipped_keys"]["caption_filter"], ["rep", "short"])
+    self.assertEqual(meta["skipped_keys"]["missing_file"], ["gone"])
+    self.assertEqual(meta["caption_filter_reasons"],
+                     {"repetitive": 1, "too_short": 1})
     self.assertEqual(meta["dropped_captions"], {"too_short": 1})
     self.assertEqual(meta["shard_counts"], [2, 2])
     self.assertEqual(meta["prompts"], {
@@ -112,14 +127,15 @@ class PrepareTest(absltest.TestCase):
     meta = prepare.prepare(write_fixture(root), os.path.join(root, "out"), 1,
                            filter_config=None, progress=False)
     self.assertEqual(meta["count"], 6)
-    self.assertEqual(meta["skipped"], {"corrupt_image": 1, "missing_image": 1})
+    self.assertEqual(_nonzero(meta["skipped"]),
+                     {"unreadable_image": 1, "missing_file": 1})
 
   def test_custom_filter_thresholds(self):
     root = _tempdir(self)
     meta = prepare.prepare(
         write_fixture(root), os.path.join(root, "out"), 1,
         filter_config=captions.CaptionFilterConfig(min_words=1), progress=False)
-    self.assertNotIn("too_short", meta["skipped"])
+    self.assertNotIn("too_short", meta["caption_filter_reasons"])
 
   def test_max_side_shrinks_and_keeps_format(self):
     root = _tempdir(self)
@@ -141,18 +157,36 @@ class PrepareTest(absltest.TestCase):
 
   def test_tar_input(self):
     root = _tempdir(self)
-    with tarfile.open(os.path.join(root, "0.tar"), "w") as tar:
-      for key, data in (("k0.png", _encode(Image.new("RGB", (8, 8)), "PNG")),
-                        ("k0.txt", GOOD[1].encode()),
-                        ("k1.txt", GOOD[2].encode())):
-        info = tarfile.TarInfo(key)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+    _write_tar(os.path.join(root, "0.tar"), [
+        ("k0.png", _encode(Image.new("RGB", (8, 8)), "PNG")),
+        ("k0.txt", GOOD[1].encode()),
+        ("k1.txt", GOOD[2].encode())])
     meta = prepare.prepare(os.path.join(root, "*.tar"),
                            os.path.join(root, "out"), 1, progress=False)
     self.assertEqual(meta["count"], 1)
-    self.assertEqual(meta["skipped"], {"missing_image": 1})
+    self.assertEqual(_nonzero(meta["skipped"]), {"missing_file": 1})
     self.assertEqual(meta["num_input"], 2)
+
+  def test_skip_reasons_are_the_pipelines(self):
+    """prepare's report counts bad data under the names training does."""
+    root = _tempdir(self)
+    png = _encode(Image.new("RGB", (8, 8)), "PNG")
+    _write_tar(os.path.join(root, "0.tar"), [
+        ("good.png", png), ("good.txt", GOOD[0].encode()),
+        ("latin1.png", png), ("latin1.txt", "caf\xe9 au lait".encode("latin-1")),
+        ("blank.png", png), ("blank.txt", b"   "),
+        ("nocaption.png", png)])
+    meta = prepare.prepare(os.path.join(root, "*.tar"),
+                           os.path.join(root, "out"), 1, progress=False)
+    self.assertEqual(list(meta["skipped"]), list(pipeline.SKIP_REASONS))
+    self.assertEqual(_nonzero(meta["skipped"]), {
+        "bad_caption_encoding": 1, "empty_caption": 2})
+    self.assertEqual(meta["skipped_keys"]["bad_caption_encoding"], ["latin1"])
+    self.assertEqual(meta["count"], 1)
+    manifest_meta = prepare.prepare(
+        write_fixture(root), os.path.join(root, "out2"), 1, progress=False)
+    self.assertEqual(list(manifest_meta["skipped"]),
+                     list(pipeline.SKIP_REASONS))
 
   def test_bad_inputs_leave_nothing(self):
     root = _tempdir(self)

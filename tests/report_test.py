@@ -7,7 +7,9 @@ from unittest import mock
 
 from absl.testing import absltest
 
+from fixclip_jax import fileio
 from fixclip_jax.evaluation import report
+from tests import fileio_test
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,6 +34,10 @@ class ReportTest(absltest.TestCase):
   def _read_json(self):
     with open(self._path(report.JSON_NAME)) as f:
       return json.load(f)["results"]
+
+  def _hidden_files(self):
+    """Temporary files of fileio (hidden names) left in the workdir."""
+    return [n for n in os.listdir(self.workdir) if n.startswith(".")]
 
   def test_files_written_and_parseable(self):
     report.write_report(self.workdir, [
@@ -62,7 +68,7 @@ class ReportTest(absltest.TestCase):
     self.assertTrue(png.startswith(_PNG_MAGIC))
     # No step anywhere: no history plot.
     self.assertFalse(os.path.exists(self._path(report.HISTORY_PNG)))
-    self.assertEqual([n for n in os.listdir(self.workdir) if n.endswith(".tmp")], [])
+    self.assertEqual(self._hidden_files(), [])
 
   def test_history_merges_per_step(self):
     for step, r1 in ((100, 20.0), (200, 30.0)):
@@ -105,13 +111,13 @@ class ReportTest(absltest.TestCase):
         raise OSError("disk full")
       return real_replace(src, dst)
 
-    with mock.patch.object(report.os, "replace", failing_replace):
+    with mock.patch.object(fileio.os, "replace", failing_replace):
       with self.assertRaisesRegex(OSError, "disk full"):
         report.write_report(self.workdir, [_retrieval("dci", "dci-long", 50.0)],
                             model="m", step=2)
     # Every file is either wholly old or wholly new (the JSON, written first,
     # is new; the markdown kept its old content); no temp files are left.
-    self.assertEqual([n for n in os.listdir(self.workdir) if n.endswith(".tmp")], [])
+    self.assertEqual(self._hidden_files(), [])
     self.assertEqual([r["dataset"] for r in self._read_json()], ["urban1k", "dci"])
     with open(self._path(report.MARKDOWN_NAME)) as f:
       md = f.read()
@@ -126,6 +132,24 @@ class ReportTest(absltest.TestCase):
       report.write_report(self.workdir, [_retrieval("urban1k", "urban1k", 1.0)])
     with open(self._path(report.JSON_NAME)) as f:
       self.assertEqual(f.read(), "{not json")
+
+
+class UrlWorkdirTest(absltest.TestCase):
+
+  def test_history_in_a_bucket(self):
+    bucket = self.enter_context(fileio_test.fake_bucket())
+    workdir = "gs://b/run"
+    for step, r1 in ((100, 20.0), (200, 30.0)):
+      report.write_report(workdir, [_retrieval("urban1k", "urban1k", r1)],
+                          model="m", step=step)
+    self.assertEqual(sorted(bucket.store), [
+        f"/b/run/{name}" for name in sorted((
+            report.JSON_NAME, report.MARKDOWN_NAME, report.RECALL_PNG,
+            report.HISTORY_PNG))])
+    self.assertEqual([(r["step"], r["i2t_R@1"]) for r in report.read_results(workdir)],
+                     [(100, 20.0), (200, 30.0)])
+    with (fileio.path(workdir) / report.HISTORY_PNG).open("rb") as f:
+      self.assertTrue(f.read().startswith(_PNG_MAGIC))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import tarfile
 import tempfile
 
 from absl.testing import absltest
-import ml_collections
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import config_base
 from fixclip_jax.data import prepare
 from fixclip_jax.data import sources
 
@@ -20,6 +20,13 @@ def _tempdir(test: absltest.TestCase) -> str:
   path = tempfile.mkdtemp()
   test.addCleanup(shutil.rmtree, path, ignore_errors=True)
   return path
+
+
+def _data_config(**overrides):
+  """config.data with its defaults (config_base), as make_source gets it."""
+  c = config_base.base_config().data
+  c.update(overrides)
+  return c
 
 
 def _png(colour, size=(8, 6)) -> bytes:
@@ -175,7 +182,8 @@ class TarSourceTest(absltest.TestCase):
   def test_indexes_shards(self):
     src = sources.TarSource(os.path.join(self.root, "*.tar"), seed=1)
     self.assertLen(src, 3)
-    self.assertEqual(src.skipped, {"missing_image": 1, "missing_caption": 1})
+    # Named as pipeline.SKIP_REASONS (prepare reports them).
+    self.assertEqual(src.skipped, {"missing_file": 1, "empty_caption": 1})
     self.assertEqual(src[0]["image"], _jpeg((255, 0, 0)))
     self.assertEqual(src[0]["caption"], "red jpeg")
     self.assertEqual(src[0]["key"], "000000000")
@@ -301,10 +309,10 @@ class TfdsSourceTest(absltest.TestCase):
   def test_reads_tfds_data_source(self):
     root = _tempdir(self)
     _build_tiny_tfds(os.path.join(root, "tfds"), root)
-    config = ml_collections.ConfigDict({
-        "type": "tfds", "path": "fixclip_tiny_caps", "tfds_split": "train",
-        "tfds_data_dir": os.path.join(root, "tfds"),
-        "tfds_image_key": "image", "tfds_caption_key": "meta/caption"})
+    config = _data_config(
+        type="tfds", path="fixclip_tiny_caps", tfds_split="train",
+        tfds_data_dir=os.path.join(root, "tfds"), tfds_image_key="image",
+        tfds_caption_key="meta/caption")
     src = sources.make_source(config)
     self.assertIsInstance(src, sources.TfdsSource)
     self.assertLen(src, 3)
@@ -321,8 +329,7 @@ class MakeSourceTest(absltest.TestCase):
   def test_by_type(self):
     root = _tempdir(self)
     manifest = write_manifest(root)
-    config = ml_collections.ConfigDict({"type": "jsonl", "path": manifest,
-                                        "image_root": "", "shuffle_seed": 0})
+    config = _data_config(type="jsonl", path=manifest)
     self.assertIsInstance(sources.make_source(config), sources.JsonlSource)
     config.type = "synthetic"
     config.synthetic_num = 3

@@ -269,10 +269,14 @@ class ClipTokenizerTruncationTest(absltest.TestCase):
     tok = tokenizers.get_tokenizer("clip", context_length=248)
     self.assertIsInstance(tok, tokenizers.ClipTokenizer)
     np.testing.assert_array_equal(tok(self.long_text), self.tok(self.long_text))
-    with self.assertRaisesRegex(ValueError, "Unknown tokenizer 'bert'"):
-      tokenizers.get_tokenizer("bert")
-    with self.assertRaisesRegex(ValueError, "needs path"):
-      tokenizers.get_tokenizer("sentencepiece")
+    # Exactly two forms: "clip" or a SentencePiece .model path; the error
+    # names the config knob and the value.
+    for bad in ("bert", "sentencepiece", "CLIP", "vocab.txt.gz", ""):
+      with self.assertRaisesRegex(
+          ValueError, rf"config\.data\.tokenizer='{bad}'.*'clip'.*\.model"):
+        tokenizers.get_tokenizer(bad)
+    with self.assertRaisesRegex(FileNotFoundError, "nowhere.model"):
+      tokenizers.get_tokenizer("/nowhere.model")
 
 
 class ClipVocabFileTest(absltest.TestCase):
@@ -281,8 +285,6 @@ class ClipVocabFileTest(absltest.TestCase):
     path = os.path.join(tempfile.mkdtemp(), "nope.txt.gz")
     with self.assertRaisesRegex(FileNotFoundError, "nope.txt.gz"):
       tokenizers.ClipTokenizer(vocab_path=path)
-    with self.assertRaisesRegex(FileNotFoundError, "nope.txt.gz"):
-      tokenizers.get_tokenizer("clip", path=path)
 
   def test_wrong_sha_names_path(self):
     with gzip.open(tokenizers.DEFAULT_VOCAB_PATH, "rt", encoding="utf-8") as f:
@@ -391,14 +393,29 @@ class SentencePieceTokenizerTest(absltest.TestCase):
 
   def test_model_without_pad_pads_with_zero(self):
     path = _train_sentencepiece(os.path.join(self.tempdir, "no_pad"))
-    tok = tokenizers.get_tokenizer("sentencepiece", context_length=40,
-                                   path=path)
+    tok = tokenizers.get_tokenizer(path, context_length=40)
     self.assertIsInstance(tok, tokenizers.SentencePieceTokenizer)
     self.assertEqual(tok.pad_token_id, 0)
     ids = tok.encode(self.texts[0])
     row = tok(self.texts[0])[0]
     np.testing.assert_array_equal(row[:len(ids) + 1], ids + [tok.eot_token_id])
     np.testing.assert_array_equal(row[len(ids) + 1:], 0)
+
+  def test_model_compatibility(self):
+    sp = tokenizers.get_tokenizer(self.model_path, context_length=40)
+    tokenizers.check_model_compatible(sp, 150, 2, "m")
+    tokenizers.check_model_compatible(sp, 160, 2, "m")  # unused extra rows
+    with self.assertRaisesRegex(ValueError, r"^m: .*argmax.*eot_token_id=2"):
+      tokenizers.check_model_compatible(sp, 150, None, "m")
+    with self.assertRaisesRegex(ValueError, r"^m: model eot_token_id=5"):
+      tokenizers.check_model_compatible(sp, 150, 5, "m")
+    with self.assertRaisesRegex(ValueError, r"^m: .*150 ids.*embeds 100"):
+      tokenizers.check_model_compatible(sp, 100, 2, "m")
+    clip_tok = tokenizers.get_tokenizer("clip")
+    tokenizers.check_model_compatible(clip_tok, 49408, None, "m")
+    tokenizers.check_model_compatible(clip_tok, 49408, 49407, "m")
+    with self.assertRaisesRegex(ValueError, "49408 ids"):
+      tokenizers.check_model_compatible(clip_tok, 500, None, "m")
 
   def test_bad_model_files_name_path(self):
     missing = os.path.join(self.tempdir, "missing.model")

@@ -9,7 +9,9 @@ import numpy as np
 
 from fixclip_jax import config_base
 from fixclip_jax import sharding
+from fixclip_jax import step as step_lib
 from fixclip_jax import train
+from fixclip_jax.models import sizes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,12 +45,12 @@ def random_batch(cfg, batch=8, seed=0):
 
 def run_steps(config, batches, mesh):
   """Params before, params after, and the metrics of each step."""
-  cfg = train.model_config(config)
-  model = train.make_model(config, cfg)
-  state, shardings, tx = train.init_state(config, model, mesh)
+  cfg = sizes.model_config(config)
+  model = step_lib.make_model(config, cfg)
+  state, shardings, tx = step_lib.init_state(config, model, mesh)
   before = jax.device_get(state["params"])
-  step = train.jit_train_step(
-      train.make_train_step(config, model, tx, sharding.num_batch_shards(mesh)),
+  step = step_lib.jit_train_step(
+      step_lib.make_train_step(config, model, tx),
       mesh, shardings, batches[0])
   metrics = []
   for batch in batches:
@@ -68,7 +70,7 @@ class StepTest(absltest.TestCase):
     config = demo_config(**{"optim.warmup_steps": 0})
     mesh = sharding.make_mesh()
     before, after, metrics = one_step(config, random_batch(
-        train.model_config(config)), mesh)
+        sizes.model_config(config)), mesh)
     self.assertEqual(int(metrics["skipped"]), 0)
     t0, t1 = before["text"], after["text"]
     np.testing.assert_array_equal(t0["positional_embedding"], t1["positional_embedding"])
@@ -87,7 +89,7 @@ class StepTest(absltest.TestCase):
 
   def test_nan_batch_is_skipped(self):
     config = demo_config()
-    batch = random_batch(train.model_config(config))
+    batch = random_batch(sizes.model_config(config))
     batch["image"][3, 0, 0, 0] = np.nan
     before, after, metrics = one_step(config, batch, sharding.make_mesh())
     self.assertEqual(int(metrics["skipped"]), 1)
@@ -96,7 +98,7 @@ class StepTest(absltest.TestCase):
 
   def test_sharded_steps_match_single_device(self):
     config = demo_config()
-    cfg = train.model_config(config)
+    cfg = sizes.model_config(config)
     batches = [random_batch(cfg, seed=s) for s in range(5)]
     one = sharding.make_mesh(devices=jax.devices()[:1])
     _, p1, m1 = run_steps(config, batches, one)
@@ -117,6 +119,36 @@ class StepTest(absltest.TestCase):
     self.assertEqual(specs["big"], jax.sharding.PartitionSpec("fsdp", None))
     self.assertEqual(specs["small"], jax.sharding.PartitionSpec())
     self.assertEqual(specs["ruled"], jax.sharding.PartitionSpec())
+
+  def test_sharding_rules_name_param_paths_in_the_train_state(self):
+    # config.sharding_rules match parameter paths as WORKSPACE.md documents
+    # them ("visual/..."), and Adam's moments follow their parameter.
+    rule = r"visual/transformer/resblocks_\d+/mlp/c_fc/kernel"
+    config = demo_config(sharding_rules=((rule, (None, "fsdp")),))
+    mesh = sharding.make_mesh(data=4, fsdp=2)
+    model = step_lib.make_model(config, sizes.model_config(config))
+    abstract, shardings, _ = step_lib.abstract_state(config, model, mesh)
+    fsdp_last = jax.sharding.PartitionSpec(None, "fsdp")
+    kernel = lambda tree: tree["visual"]["transformer"]["resblocks_0"]["mlp"]["c_fc"]["kernel"]
+    self.assertEqual(kernel(shardings["params"]).spec, fsdp_last)
+    self.assertEqual(kernel(abstract["params"]).sharding.spec, fsdp_last)
+    moments = [s for p, s in jax.tree_util.tree_flatten_with_path(
+        shardings["opt_state"])[0]
+               if sharding.path_str(p).endswith("visual/transformer/resblocks_0/mlp/c_fc/kernel")]
+    self.assertLen(moments, 2)  # mu and nu
+    for s in moments:
+      self.assertEqual(s.spec, fsdp_last)
+    # Unruled params keep the default: FSDP when big, replicated when small.
+    self.assertEqual(shardings["params"]["text"]["token_embedding"].spec,
+                     jax.sharding.PartitionSpec("fsdp", None))
+    self.assertEqual(shardings["params"]["text"]["ln_final"]["scale"].spec,
+                     jax.sharding.PartitionSpec())
+    # The abstract state allocates nothing and has the real state's structure.
+    state, real_shardings, _ = step_lib.init_state(config, model, mesh)
+    self.assertEqual(jax.tree.structure(abstract), jax.tree.structure(state))
+    jax.tree.map(lambda a, x: self.assertEqual((a.shape, a.dtype), (x.shape, x.dtype)),
+                 abstract, state)
+    self.assertEqual(kernel(state["params"]).sharding.spec, fsdp_last)
 
 
 class LoopTest(absltest.TestCase):
@@ -199,7 +231,7 @@ class LoopTest(absltest.TestCase):
     from fixclip_jax import convert  # pylint: disable=g-import-not-at-top
     params, cfg, fmt = convert.load_any(workdir)
     self.assertEqual(fmt, "train_workdir")
-    self.assertEqual(cfg, train.model_config(config))
+    self.assertEqual(cfg, sizes.model_config(config))
     jax.tree.map(np.testing.assert_array_equal, params,
                  jax.device_get(resumed["params"]))
 

@@ -2,7 +2,8 @@
 import collections
 import dataclasses
 import re
-from typing import Any, Counter, List, Mapping, Optional, Sequence, Tuple
+from typing import (Any, Counter, Dict, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 
 def first_sentence(caption: str) -> str:
@@ -63,6 +64,18 @@ class CaptionFilterConfig:
     if "refusal_patterns" in values:
       values["refusal_patterns"] = tuple(values["refusal_patterns"])
     return cls(**values)
+
+
+def filter_thresholds(config: Optional[CaptionFilterConfig] = None
+                      ) -> Dict[str, Any]:
+  """The numeric thresholds of `config` (default: CaptionFilterConfig()).
+
+  The one source of the defaults of `config.data.filters` and of prepare's
+  filter flags; the refusal patterns stay code (regexes are no CLI knobs).
+  """
+  config = config or CaptionFilterConfig()
+  return {f.name: getattr(config, f.name)
+          for f in dataclasses.fields(config) if f.name != "refusal_patterns"}
 
 
 def words(caption: str) -> List[str]:

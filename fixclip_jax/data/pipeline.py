@@ -1,5 +1,9 @@
-"""The grain input pipeline: source -> host shard -> shuffle -> decode/crop/
+"""The grain train pipeline: source -> host shard -> shuffle -> decode/crop/
 tokenise -> per-host batch -> (worker processes) -> checkpointable iterator.
+
+The knobs are `config.data` (named, with their defaults, in config_base.py).
+Evaluation does not come through here: evaluation/retrieval.py embeds the
+benchmarks itself.
 
 Train stream (make_train_iterator), for host p of P:
   record ids 0..N-1 -> [p::P] -> shuffle(shuffle_seed), reshuffled each epoch
@@ -15,7 +19,7 @@ Batches (numpy, per host):
   image       float32 [B, H, W, 3]  CLIP-normalised
   text_long   int32   [B, C]        the caption, C = text_context (248)
   text_short  int32   [B, Cs]       short caption (see below)
-  index       int32   [B]           record id in the source (-1: eval padding)
+  index       int32   [B]           record id in the source
   skipped     int32   [B, R]        bad examples skipped, R = len(SKIP_REASONS)
 
 Bad data never stops a train run (unless data.raise_on_bad_data, for
@@ -38,8 +42,7 @@ previous batch; the sum over batches is the same). At the end of a finite
 stream (num_epochs > 0) skips riding on the dropped remainder, or after the
 last kept example, are only logged. The pending counts are iterator state,
 so get_state/set_state stay exact. More than max_consecutive_skips bad
-examples in a row raise (a wrong image_root is not bad data). Eval never
-skips: a bad example becomes a padding row (index -1) and `skipped` is zeros.
+examples in a row raise (a wrong image_root is not bad data).
 
 Short captions (method.md §2): the data's own short caption when it has one
 and `short_caption == "provided"`, else the first sentence of the caption
@@ -54,15 +57,13 @@ parsed absl flags (app.run, or flags.FLAGS(argv) in tests) and run under an
 classes, so they pickle.
 """
 import collections
-import math
 import threading
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from absl import logging
 import grain
-import ml_collections
+import jax
 import numpy as np
-from PIL import Image
 
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import sources as sources_lib
@@ -76,60 +77,10 @@ SKIP_REASONS = ("unreadable_image", "missing_file", "empty_caption",
 SKIP_LOG_FIRST = 10  # every skip is logged up to this many per reason...
 SKIP_LOG_EVERY = 1000  # ...then every this-many-th
 
-# What PIL raises for bytes it cannot decode (truncated, corrupt, unknown).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The `data` config section, every knob named once."""
-  c = ml_collections.ConfigDict()
-  # Where the examples come from (sources.make_source).
-  c.type = "jsonl"  # jsonl | tar | array_record | tfds | synthetic
-  c.path = ""  # manifest | shard glob/folder/comma list | tfds name
-  c.image_root = ""  # jsonl: root of relative image paths ("" = manifest dir)
-  c.tfds_split = "train"
-  c.tfds_data_dir = ""
-  c.tfds_image_key = "image"
-  c.tfds_caption_key = "caption"  # "/"-path into nested features
-  c.synthetic_num = 1024  # type=synthetic: scenes rendered in memory
-  c.synthetic_image_size = 64
-  c.synthetic_seed = 0
-  # Images.
-  c.image_size = 224
-  c.transform = "resize_center_crop"  # | random_resized_crop (train only)
-  c.rrc_scale = (0.9, 1.0)  # random_resized_crop area share range
-  c.rrc_ratio = (3 / 4, 4 / 3)  # random_resized_crop aspect ratio range
-  # random_resized_crop decodes JPEGs at 1/2..1/8 scale when the crop stays
-  # >= image_size px (transforms.decode_random_resized_crop): ~1.7x faster.
-  c.rrc_jpeg_draft = True
-  # Text.
-  c.text_context = 248  # long captions (Long-CLIP's stretched context)
-  c.short_caption = "provided"  # | first_sentence
-  c.short_context = 0  # 0 = text_context
-  c.filter_captions = False  # drop examples failing captions.filter_reason
-  c.filters = ml_collections.ConfigDict(
-      {"min_words": 8, "ngram": 3, "max_repeated_ngram_ratio": 0.3,
-       "max_non_alpha_ratio": 0.25, "max_word_length": 30})
-  c.max_caption_chars = 20000  # longer captions are bad data (skipped)
-  # Bad data (module docstring) is skipped and counted, unless this is set.
-  c.raise_on_bad_data = False  # True: raise on the first bad example (debug)
-  c.max_consecutive_skips = 1000  # more bad examples in a row raise
-  # Order and batching.
-  c.global_batch = 256  # split evenly over hosts
-  c.shuffle_seed = 0
-  c.num_epochs = 0  # 0 = repeat forever
-  # Throughput.
-  c.num_workers = 0  # grain worker processes (0 = in this process)
-  c.worker_buffer_size = 2  # batches each worker prepares ahead
-  c.read_threads = 4  # threads loading examples in each process
-  c.prefetch_buffer = 64  # examples those threads keep ready
-  return c
-
 
 def _host(process_index: Optional[int], process_count: Optional[int]
           ) -> Tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -185,17 +136,16 @@ SKIP_LOG = SkipLog()
 
 
 class _ExampleProcessor:
-  """Example dict -> features, or a SkippedExample (train and eval loaders)."""
+  """Example dict -> features, or a SkippedExample."""
 
-  def __init__(self, config, tokenizer, train: bool):
+  def __init__(self, config, tokenizer):
     if config.short_caption not in SHORT_CAPTION_POLICIES:
       raise ValueError(f"data.short_caption={config.short_caption!r}; known: "
                        f"{SHORT_CAPTION_POLICIES}")
-    if train and config.transform not in transforms.TRAIN_TRANSFORMS:
+    if config.transform not in transforms.TRAIN_TRANSFORMS:
       raise ValueError(f"data.transform={config.transform!r}; known: "
                        f"{transforms.TRAIN_TRANSFORMS}")
     self.tokenizer = tokenizer
-    self.train = train
     self.seed = int(config.shuffle_seed)
     self.image_size = int(config.image_size)
     self.transform = config.transform
@@ -217,12 +167,12 @@ class _ExampleProcessor:
     return captions_lib.short_caption(example["caption"], provided)
 
   def image(self, data: bytes, record_id: int, epoch: int) -> np.ndarray:
-    if self.train and self.transform == "random_resized_crop":
+    if self.transform == "random_resized_crop":
       rng = np.random.default_rng([self.seed, epoch, record_id, 1])
       return transforms.normalize_pixels(transforms.decode_random_resized_crop(
           data, self.image_size, rng, self.rrc_scale, self.rrc_ratio,
           draft=self.rrc_jpeg_draft))
-    # Eval, and the train default (Long-CLIP's recipe): exact CLIP
+    # resize_center_crop, the default (Long-CLIP's recipe): CLIP's exact
     # preprocessing, full-size decode.
     return transforms.clip_eval_transform(transforms.decode_image(data),
                                           self.image_size)
@@ -261,7 +211,7 @@ class _ExampleProcessor:
       return self.skip(reason, where, detail)
     try:
       image = self.image(example["image"], record_id, epoch)
-    except _IMAGE_ERRORS as e:
+    except transforms.DECODE_ERRORS as e:
       return self.skip("unreadable_image", where,
                        f"cannot decode the image: {e}", e)
     return {
@@ -297,37 +247,6 @@ class _LoadTrainExample:
   def __call__(self, position: int, record_id: int):
     epoch = position // self.epoch_length
     return self.processor.load(self.source, int(record_id), epoch)
-
-
-class _LoadEvalExample:
-  """Host-local position -> features; past the host's share: a padding row."""
-
-  def __init__(self, source, processor: _ExampleProcessor, process_index: int,
-               process_count: int):
-    self.source = source
-    self.processor = processor
-    self.process_index = process_index
-    self.process_count = process_count
-
-  def padding(self):
-    s, ctx = self.processor.image_size, self.processor.text_context
-    return {
-        "image": np.zeros((s, s, 3), np.float32),
-        "text_long": np.zeros((ctx,), np.int32),
-        "text_short": np.zeros((self.processor.short_context,), np.int32),
-        "index": np.int32(-1),
-        "skipped": np.zeros((len(SKIP_REASONS),), np.int32),
-    }
-
-  def __call__(self, position: int):
-    record_id = self.process_index + int(position) * self.process_count
-    if record_id >= len(self.source):
-      return self.padding()
-    features = self.processor.load(self.source, record_id, 0)
-    if isinstance(features, SkippedExample):
-      return self.padding()
-    features["skipped"] = np.zeros((len(SKIP_REASONS),), np.int32)
-    return features
 
 
 class CarrySkipsIterDataset(grain.IterDataset):
@@ -397,11 +316,9 @@ def skip_counts(skipped: np.ndarray) -> Dict[str, int]:
   return {reason: int(n) for reason, n in zip(SKIP_REASONS, totals)}
 
 
-def _finish(ds: Union[grain.MapDataset, grain.IterDataset], config,
-            batch_size: int, drop_remainder: bool) -> grain.IterDataset:
-  if isinstance(ds, grain.MapDataset):
-    ds = _to_iter(ds, config)
-  it_ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+def _batch_and_prefetch(ds: grain.IterDataset, config,
+                        batch_size: int) -> grain.IterDataset:
+  it_ds = ds.batch(batch_size, drop_remainder=True)
   if config.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.num_workers),
@@ -430,11 +347,11 @@ def make_train_dataset(config, tokenizer, *, source=None,
                      f"fewer than one batch of {batch}")
   ds = ds.shuffle(seed=int(config.shuffle_seed))
   ds = ds.repeat(int(config.num_epochs) or None)
-  processor = _ExampleProcessor(config, tokenizer, train=True)
+  processor = _ExampleProcessor(config, tokenizer)
   ds = ds.map_with_index(_LoadTrainExample(source, processor, epoch_length))
   it_ds = CarrySkipsIterDataset(_to_iter(ds, config),
                                 int(config.max_consecutive_skips))
-  return _finish(it_ds, config, batch, drop_remainder=True)
+  return _batch_and_prefetch(it_ds, config, batch)
 
 
 def make_train_iterator(config, tokenizer, *, source=None,
@@ -445,48 +362,3 @@ def make_train_iterator(config, tokenizer, *, source=None,
   return iter(make_train_dataset(config, tokenizer, source=source,
                                  process_index=process_index,
                                  process_count=process_count))
-
-
-def num_eval_batches(num_examples: int, global_batch: int,
-                     process_count: int) -> int:
-  """Same on every host, so multi-host eval steps stay in lockstep."""
-  per_host = math.ceil(num_examples / process_count)
-  return math.ceil(per_host / per_host_batch_size(global_batch, process_count))
-
-
-def make_eval_dataset(config, tokenizer, *, source=None,
-                      process_index: Optional[int] = None,
-                      process_count: Optional[int] = None
-                      ) -> grain.IterDataset:
-  """One ordered pass, eval transform, padded to whole batches (index -1).
-
-  Host p gets records p, p+P, p+2P, ...; every host yields num_eval_batches
-  batches. Nothing is dropped here: a bad example or one the caption filters
-  reject becomes a padding row (bad ones are logged), so every host keeps the
-  same number of batches; `skipped` is all zeros.
-  """
-  process_index, process_count = _host(process_index, process_count)
-  batch = per_host_batch_size(int(config.global_batch), process_count)
-  source = source if source is not None else sources_lib.make_source(config)
-  num_batches = num_eval_batches(len(source), int(config.global_batch),
-                                 process_count)
-  processor = _ExampleProcessor(config, tokenizer, train=False)
-  ds = grain.MapDataset.range(num_batches * batch).map(
-      _LoadEvalExample(source, processor, process_index, process_count))
-  return _finish(ds, config, batch, drop_remainder=True)
-
-
-def make_eval_iterator(config, tokenizer, *, source=None,
-                       process_index: Optional[int] = None,
-                       process_count: Optional[int] = None
-                       ) -> grain.DatasetIterator:
-  return iter(make_eval_dataset(config, tokenizer, source=source,
-                                process_index=process_index,
-                                process_count=process_count))
-
-
-def describe(config) -> Dict[str, Any]:
-  """A small dict of the knobs that shape batches, for logs."""
-  return {k: config[k] for k in ("type", "path", "image_size", "global_batch",
-                                 "transform", "text_context", "short_caption",
-                                 "num_workers")}

@@ -11,18 +11,26 @@ and writes records (sources.encode_record: header {"key", "captions",
 `data-SSSSS-of-NNNNN.array_record`, plus `metadata.json`:
 
   count, num_input, shards, shard_counts,
-  skipped: {reason: n} (missing_image, corrupt_image, missing_caption and the
-      caption filter reasons when every caption of an item fails),
-  skipped_keys: {reason: [first keys]}, dropped_captions: {reason: n} (single
-      captions removed from items that keep others),
+  skipped: {reason: n} over pipeline.SKIP_REASONS, in its order (the names
+      the training metrics count bad data under): missing_file,
+      bad_caption_encoding, unreadable_image, and, when no caption of an item
+      passes the filters, empty_caption (blank) or caption_filter; tar shards
+      also count keys without an image (missing_file) or caption
+      (empty_caption) while being indexed,
+  skipped_keys: {reason: [first keys]},
+  caption_filter_reasons: {filter reason: n} (captions.REASONS: the first
+      caption's rejecting filter of each item skipped for its captions),
+  dropped_captions: {filter reason: n} (single captions removed from items
+      that keep others),
   caption_words / caption_tokens: length statistics of the kept captions
-      (tokens: CLIP BPE, without SOT/EOT; with the share over 77 and 248),
+      (tokens: the --tokenizer's, without SOT/EOT; with the share over 77
+      and 248),
   prompts: {prompt_id: {"prompt": text, "count": n}} when manifest lines carry
       "prompt" / "prompt_id" (the MLLM prompt templates),
   source, max_side, filters.
 
-Output is built in a temporary folder next to DST and renamed at the end, so
-DST is either complete or absent.
+Output is written through fileio.atomic_directory, so DST (a local path or
+a URL) is either complete or absent.
 """
 import collections
 import concurrent.futures
@@ -30,22 +38,26 @@ import dataclasses
 import io
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+from array_record.python import array_record_module
 import numpy as np
 from PIL import Image
 import tqdm
 
+from fixclip_jax import fileio
 from fixclip_jax.data import captions as captions_lib
+from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources as sources_lib
+from fixclip_jax.data import tokenizers
+from fixclip_jax.data import transforms
 
 FLAGS = flags.FLAGS
 METADATA_FORMAT = "fixclip_array_record_v1"
+_DEFAULT_FILTERS = captions_lib.CaptionFilterConfig()
 _MAX_KEYS_PER_REASON = 20
 _CHUNK = 256  # items decoded concurrently (bounds memory)
 
@@ -96,13 +108,25 @@ def _length_stats(values: Sequence[int], limits: Sequence[int] = ()
   return stats
 
 
+def _item_caption_reason(filter_reason: str) -> str:
+  """The pipeline.SKIP_REASONS name of an item whose first caption was
+  rejected by `filter_reason`: a blank caption is "empty_caption" to the
+  pipeline (checked before any filter), any other rejection "caption_filter"."""
+  return "empty_caption" if filter_reason == "empty" else "caption_filter"
+
+
 def _process_item(source, index: int, max_side: int,
                   filter_config: Optional[captions_lib.CaptionFilterConfig]):
-  """-> (record bytes | None, skip reason | None, per-item info dict)."""
+  """-> (record bytes | None, pipeline.SKIP_REASONS name | None, info dict).
+
+  Checks in the pipeline's order: reading, captions, then the image.
+  """
   try:
     rec = source.raw(index)
   except FileNotFoundError:
-    return None, "missing_image", {"key": source.key(index)}
+    return None, "missing_file", {"key": source.key(index)}
+  except sources_lib.CaptionEncodingError:
+    return None, "bad_caption_encoding", {"key": source.key(index)}
   info = {"key": rec["key"], "prompt": rec.get("prompt"),
           "prompt_id": rec.get("prompt_id"), "dropped": []}
   kept = []
@@ -114,21 +138,65 @@ def _process_item(source, index: int, max_side: int,
     else:
       info["dropped"].append(reason)
   if not kept:
-    return None, info["dropped"][0], info
+    info["filter_reason"] = info["dropped"][0]
+    return None, _item_caption_reason(info["filter_reason"]), info
   try:
     image = shrink_image(rec["image"], max_side)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-    return None, "corrupt_image", info
+  except transforms.DECODE_ERRORS:
+    return None, "unreadable_image", info
   header = {"key": rec["key"], "captions": kept,
             "short_caption": rec.get("short_caption")}
   info["captions"] = kept
   return sources_lib.encode_record(header, image), None, info
 
 
+class _Tally:
+  """What prepare() reports about the items it read (see metadata.json)."""
+
+  def __init__(self, num_shards: int, source_skipped, tokenizer):
+    # Every pipeline reason, zeros included, in the pipeline's order; skips
+    # made while indexing the source (tar) use the same names.
+    self.skipped = collections.Counter(dict.fromkeys(pipeline.SKIP_REASONS, 0))
+    self.skipped.update(source_skipped)
+    self.skipped_keys = collections.defaultdict(list)
+    self.filter_reasons = collections.Counter()
+    self.dropped = collections.Counter()
+    self.prompts: Dict[str, Dict[str, Any]] = {}
+    self.words, self.tokens = [], []
+    self.shard_counts = [0] * num_shards
+    self.count = 0
+    self.tokenizer = tokenizer
+
+  def skip(self, reason: str, info: Dict[str, Any]) -> None:
+    self.skipped[reason] += 1
+    if len(self.skipped_keys[reason]) < _MAX_KEYS_PER_REASON:
+      self.skipped_keys[reason].append(info["key"])
+    if "filter_reason" in info:
+      self.filter_reasons[info["filter_reason"]] += 1
+
+  def keep(self, info: Dict[str, Any]) -> int:
+    """Counts a written item; returns its shard."""
+    shard = self.count % len(self.shard_counts)
+    self.shard_counts[shard] += 1
+    self.count += 1
+    self.dropped.update(info["dropped"])
+    for caption in info["captions"]:
+      self.words.append(len(captions_lib.words(caption)))
+      if self.tokenizer is not None:
+        self.tokens.append(len(self.tokenizer.encode(caption)))
+    if info["prompt_id"] is not None or info["prompt"] is not None:
+      pid = str(info["prompt_id"] if info["prompt_id"] is not None
+                else info["prompt"])
+      entry = self.prompts.setdefault(pid, {"prompt": info["prompt"],
+                                            "count": 0})
+      entry["count"] += 1
+    return shard
+
+
 def prepare(src: str, dst: str, num_shards: int, *,
             image_root: Optional[str] = None, max_side: int = 0,
             filter_config: Optional[captions_lib.CaptionFilterConfig] = (
-                captions_lib.CaptionFilterConfig()),
+                _DEFAULT_FILTERS),
             tokenizer=None, num_threads: int = 4,
             progress: bool = True) -> Dict[str, Any]:
   """Writes DST (shards + metadata.json); returns the metadata dict.
@@ -136,78 +204,55 @@ def prepare(src: str, dst: str, num_shards: int, *,
   filter_config=None keeps every caption. tokenizer (with `.encode`) adds
   token-length statistics. DST must not exist.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst):
-    raise FileExistsError(f"{dst}: already exists")
+  # Before indexing the source, which can take long; atomic_directory checks
+  # again when it starts.
+  fileio.refuse_existing(dst, overwrite=False)
   source = open_source(src, image_root)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  source_skipped = getattr(source, "skipped", {})
   names = [shard_name(i, num_shards) for i in range(num_shards)]
-  writers = []
-  try:
+  tally = _Tally(num_shards, source_skipped, tokenizer)
+  with fileio.atomic_directory(dst) as tmp:
     writers = [array_record_module.ArrayRecordWriter(
         os.path.join(tmp, name), "group_size:1") for name in names]
-    skipped = collections.Counter(getattr(source, "skipped", {}))
-    skipped_keys = collections.defaultdict(list)
-    dropped = collections.Counter()
-    prompts: Dict[str, Dict[str, Any]] = {}
-    words, tokens = [], []
-    shard_counts = [0] * num_shards
-    count = 0
-    bar = tqdm.tqdm(total=len(source), desc="prepare", unit="img",
-                    disable=not progress)
-    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-      for start in range(0, len(source), _CHUNK):
-        indices = range(start, min(start + _CHUNK, len(source)))
-        results = pool.map(
-            lambda i: _process_item(source, i, max_side, filter_config),
-            indices)
-        for record, reason, info in results:
-          bar.update(1)
-          if record is None:
-            skipped[reason] += 1
-            if len(skipped_keys[reason]) < _MAX_KEYS_PER_REASON:
-              skipped_keys[reason].append(info["key"])
-            continue
-          dropped.update(info["dropped"])
-          writers[count % num_shards].write(record)
-          shard_counts[count % num_shards] += 1
-          count += 1
-          for caption in info["captions"]:
-            words.append(len(captions_lib.words(caption)))
-            if tokenizer is not None:
-              tokens.append(len(tokenizer.encode(caption)))
-          if info["prompt_id"] is not None or info["prompt"] is not None:
-            pid = str(info["prompt_id"] if info["prompt_id"] is not None
-                      else info["prompt"])
-            entry = prompts.setdefault(pid, {"prompt": info["prompt"],
-                                             "count": 0})
-            entry["count"] += 1
-    bar.close()
-    for w in writers:
-      w.close()
-    writers = []
+    try:
+      bar = tqdm.tqdm(total=len(source), desc="prepare", unit="img",
+                      disable=not progress)
+      with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        for start in range(0, len(source), _CHUNK):
+          indices = range(start, min(start + _CHUNK, len(source)))
+          results = pool.map(
+              lambda i: _process_item(source, i, max_side, filter_config),
+              indices)
+          for record, reason, info in results:
+            bar.update(1)
+            if record is None:
+              tally.skip(reason, info)
+            else:
+              writers[tally.keep(info)].write(record)
+      bar.close()
+    finally:
+      for w in writers:
+        w.close()
     metadata = {
         "format": METADATA_FORMAT,
         "record_format": ("b'FXC1' | uint32 LE header length | JSON header "
                           "{key, captions, short_caption} | image bytes"),
-        "count": count,
-        "num_input": len(source) + sum(getattr(source, "skipped", {}).values()),
+        "count": tally.count,
+        "num_input": len(source) + sum(source_skipped.values()),
         "num_shards": num_shards,
         "shards": names,
-        "shard_counts": shard_counts,
-        "skipped": dict(sorted(skipped.items())),
-        "skipped_total": sum(skipped.values()),
-        "skipped_keys": {k: v for k, v in sorted(skipped_keys.items())},
-        "dropped_captions": dict(sorted(dropped.items())),
-        "caption_words": _length_stats(words),
-        "caption_tokens": (_length_stats(tokens, (77, 248))
+        "shard_counts": tally.shard_counts,
+        "skipped": dict(tally.skipped),
+        "skipped_total": sum(tally.skipped.values()),
+        "skipped_keys": {k: v for k, v in sorted(tally.skipped_keys.items())},
+        "caption_filter_reasons": dict(sorted(tally.filter_reasons.items())),
+        "dropped_captions": dict(sorted(tally.dropped.items())),
+        "caption_words": _length_stats(tally.words),
+        "caption_tokens": (_length_stats(tally.tokens, (77, 248))
                            if tokenizer is not None else None),
-        "prompts": prompts,
+        "prompts": tally.prompts,
         "source": src,
         "max_side": max_side,
         "filters": (dataclasses.asdict(filter_config)
@@ -215,14 +260,8 @@ def prepare(src: str, dst: str, num_shards: int, *,
     }
     with open(os.path.join(tmp, "metadata.json"), "w") as f:
       json.dump(metadata, f, indent=2)
-    os.rename(tmp, dst)
-  except BaseException:
-    for w in writers:
-      w.close()
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  logging.info("Wrote %d examples to %s (skipped %s)", count, dst,
-               metadata["skipped"])
+  logging.info("Wrote %d examples to %s (skipped %s)", tally.count, dst,
+               {k: n for k, n in metadata["skipped"].items() if n})
   return metadata
 
 
@@ -237,14 +276,20 @@ def define_flags():
                        "Shrink images whose long side exceeds this (0: keep "
                        "the original bytes).")
   flags.DEFINE_bool("filter", True, "Apply the caption filters.")
-  flags.DEFINE_integer("min_words", 8, "Caption filter: minimum words.")
-  flags.DEFINE_float("max_repeated_ngram_ratio", 0.3,
-                     "Caption filter: repeated 3-gram share.")
-  flags.DEFINE_float("max_non_alpha_ratio", 0.25,
+  # Filter defaults: captions.CaptionFilterConfig, the one definition.
+  flags.DEFINE_integer("min_words", _DEFAULT_FILTERS.min_words,
+                       "Caption filter: minimum words.")
+  flags.DEFINE_float("max_repeated_ngram_ratio",
+                     _DEFAULT_FILTERS.max_repeated_ngram_ratio,
+                     "Caption filter: repeated n-gram share.")
+  flags.DEFINE_float("max_non_alpha_ratio",
+                     _DEFAULT_FILTERS.max_non_alpha_ratio,
                      "Caption filter: non-letter character share.")
-  flags.DEFINE_integer("max_word_length", 30, "Caption filter: longest word.")
+  flags.DEFINE_integer("max_word_length", _DEFAULT_FILTERS.max_word_length,
+                       "Caption filter: longest word.")
   flags.DEFINE_string("tokenizer", "clip",
-                      "Tokenizer for token statistics ('' to skip).")
+                      "Tokenizer for token statistics: 'clip' or a "
+                      "SentencePiece .model path ('' to skip).")
   flags.DEFINE_integer("num_threads", 4, "Image decoding threads.")
 
 
@@ -254,14 +299,13 @@ def main(argv: List[str]) -> None:
     raise app.UsageError("--src and --dst are required")
   filter_config = None
   if FLAGS.filter:
-    filter_config = captions_lib.CaptionFilterConfig(
-        min_words=FLAGS.min_words,
+    filter_config = dataclasses.replace(
+        _DEFAULT_FILTERS, min_words=FLAGS.min_words,
         max_repeated_ngram_ratio=FLAGS.max_repeated_ngram_ratio,
         max_non_alpha_ratio=FLAGS.max_non_alpha_ratio,
         max_word_length=FLAGS.max_word_length)
   tokenizer = None
   if FLAGS.tokenizer:
-    from fixclip_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
     tokenizer = tokenizers.get_tokenizer(FLAGS.tokenizer)
   metadata = prepare(FLAGS.src, FLAGS.dst, FLAGS.num_shards,
                      image_root=FLAGS.image_root, max_side=FLAGS.max_side,

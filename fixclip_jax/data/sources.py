@@ -42,7 +42,11 @@ import struct
 import tarfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from grain import sources as grain_sources
 import numpy as np
+from PIL import Image
+
+from fixclip_jax.data import synthetic
 
 Example = Dict[str, Any]
 
@@ -243,8 +247,9 @@ class TarSource(Source):
 
   Reads use os.pread on per-process file descriptors, so grain's reader
   threads can share them and the pickled source (index only) moves cheaply to
-  worker processes. Keys with no image or no caption are skipped and counted
-  in `self.skipped` (reason -> count). A caption file that is not UTF-8 keeps
+  worker processes. Keys with no image ("missing_file") or no caption
+  ("empty_caption") are skipped and counted in `self.skipped` (reason ->
+  count). A caption file that is not UTF-8 keeps
   its key in the index; reading that example raises CaptionEncodingError, so
   the pipeline skips (and counts) it instead of the whole shard failing.
   """
@@ -299,7 +304,8 @@ class TarSource(Source):
         except CaptionEncodingError as e:
           rec["captions"], rec["encoding_error"] = [], str(e)
       if "image" not in g or "captions" not in rec:
-        reason = "missing_image" if "image" not in g else "missing_caption"
+        # pipeline.SKIP_REASONS names, which prepare's report uses.
+        reason = "missing_file" if "image" not in g else "empty_caption"
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         continue
       self.entries.append((shard_index, *g["image"], rec))
@@ -338,7 +344,6 @@ class ArrayRecordSource(Source):
   """Shards written by fixclip_jax.data.prepare (records: see encode_record)."""
 
   def __init__(self, paths: Union[str, Sequence[str]], seed: int = 0):
-    from grain import sources as grain_sources  # pylint: disable=g-import-not-at-top
     self.paths = expand_paths(paths, ".array_record")
     self.seed = seed
     self._data = grain_sources.ArrayRecordDataSource(self.paths)
@@ -378,7 +383,6 @@ def _as_text(value, where: str) -> str:
 def _as_image_bytes(value) -> bytes:
   """Encoded bytes as they are; a decoded uint8 array is re-encoded as PNG."""
   if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     buf = io.BytesIO()
     Image.fromarray(value.squeeze(-1) if value.shape[-1] == 1 else value).save(
         buf, format="PNG")
@@ -398,7 +402,7 @@ class TfdsSource(Source):
   def __init__(self, name: str, split: str = "train",
                data_dir: Optional[str] = None, image_key: str = "image",
                caption_key: str = "caption", seed: int = 0):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # optional: tfds only
     self.name, self.split = name, split
     self.image_key, self.caption_key = image_key, caption_key
     self.seed = seed
@@ -454,24 +458,22 @@ class InMemorySource(Source):
 
 
 def make_source(config) -> Source:
-  """The source named by `config.type` (a data ConfigDict, see pipeline)."""
+  """The source named by `config.type` (`config.data`, see config_base)."""
   kind = config.type
-  seed = int(config.get("shuffle_seed", 0))
+  seed = int(config.shuffle_seed)
   if kind == "jsonl":
-    return JsonlSource(config.path, config.get("image_root") or None, seed=seed)
+    return JsonlSource(config.path, config.image_root or None, seed=seed)
   if kind == "tar":
     return TarSource(config.path, seed=seed)
   if kind == "array_record":
     return ArrayRecordSource(config.path, seed=seed)
   if kind == "tfds":
-    return TfdsSource(config.path, split=config.get("tfds_split", "train"),
-                      data_dir=config.get("tfds_data_dir") or None,
-                      image_key=config.get("tfds_image_key", "image"),
-                      caption_key=config.get("tfds_caption_key", "caption"),
-                      seed=seed)
+    return TfdsSource(config.path, split=config.tfds_split,
+                      data_dir=config.tfds_data_dir or None,
+                      image_key=config.tfds_image_key,
+                      caption_key=config.tfds_caption_key, seed=seed)
   if kind == "synthetic":
-    from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return InMemorySource(synthetic.synthetic_examples(
         config.synthetic_num, config.synthetic_image_size,
-        config.get("synthetic_seed", 0)), seed=seed)
+        config.synthetic_seed), seed=seed)
   raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")

@@ -19,8 +19,6 @@ whatever `num` is.
 import io
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from absl import app
@@ -28,6 +26,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
+
+from fixclip_jax import fileio
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
@@ -204,16 +204,10 @@ def write_manifest_dataset(dst: str, records: Iterable[Tuple[str, bytes, Dict[st
   """Writes DST/<name> image files + DST/manifest.jsonl; returns the manifest.
 
   records: (relative image name, encoded image bytes, the manifest line's other
-  fields). Built in a temporary folder next to DST and renamed at the end;
-  DST must not exist yet.
+  fields). Written through fileio.atomic_directory: DST must not exist yet,
+  and is complete or absent.
   """
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst):
-    raise FileExistsError(f"{dst}: already exists")
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
+  with fileio.atomic_directory(dst) as tmp:
     lines = []
     for name, data, fields in records:
       os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
@@ -222,11 +216,7 @@ def write_manifest_dataset(dst: str, records: Iterable[Tuple[str, bytes, Dict[st
       lines.append(json.dumps({"image": name, **fields}))
     with open(os.path.join(tmp, "manifest.jsonl"), "w") as f:
       f.write("\n".join(lines) + "\n")
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return os.path.join(dst, "manifest.jsonl")
+  return os.path.join(fileio.absolute(dst), "manifest.jsonl")
 
 
 def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,

@@ -30,6 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import ftfy
 import numpy as np
 import regex
+import sentencepiece
 
 DEFAULT_VOCAB_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
@@ -418,7 +419,6 @@ class SentencePieceTokenizer:
   def __init__(self, model_path: str, context_length: int = 77,
                truncate: bool = True, add_bos: bool = False,
                add_eos: bool = True):
-    import sentencepiece  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(model_path):
       raise FileNotFoundError(
           f"SentencePiece model file not found: {model_path!r}")
@@ -472,28 +472,49 @@ class SentencePieceTokenizer:
 
 
 Tokenizer = Union[ClipTokenizer, SentencePieceTokenizer]
+SENTENCEPIECE_SUFFIX = ".model"
 
 
 def get_tokenizer(name: str = "clip", context_length: int = 77,
-                  truncate: bool = True, path: Optional[str] = None
-                  ) -> Tokenizer:
-  """Builds a tokenizer by name.
+                  truncate: bool = True) -> Tokenizer:
+  """The tokenizer `config.data.tokenizer` names.
 
   Args:
-    name: "clip" (BPE; `path` optionally overrides the vocabulary file) or
-      "sentencepiece" (`path` to the .model file is required).
+    name: "clip" (CLIP's BPE, the vocabulary inside this package) or the path
+      of a SentencePiece `.model` file.
     context_length: 77 for CLIP, 248 for Long-CLIP / FIX-CLIP.
     truncate: cut over-long texts (last kept token is EOT) instead of raising.
-    path: vocabulary / model file.
   """
   if name == "clip":
-    return ClipTokenizer(path, context_length=context_length,
-                         truncate=truncate)
-  if name == "sentencepiece":
-    if not path:
-      raise ValueError("get_tokenizer('sentencepiece') needs path= to a "
-                       ".model file")
-    return SentencePieceTokenizer(path, context_length=context_length,
+    return ClipTokenizer(context_length=context_length, truncate=truncate)
+  if isinstance(name, str) and name.endswith(SENTENCEPIECE_SUFFIX):
+    return SentencePieceTokenizer(name, context_length=context_length,
                                   truncate=truncate)
   raise ValueError(
-      f"Unknown tokenizer {name!r}; expected 'clip' or 'sentencepiece'")
+      f"config.data.tokenizer={name!r}: expected 'clip' or the path of a "
+      f"SentencePiece {SENTENCEPIECE_SUFFIX} file")
+
+
+def check_model_compatible(tokenizer: Tokenizer, vocab_size: int,
+                           eot_token_id: Optional[int], where: str) -> None:
+  """ValueError naming `where` unless a text tower with this `vocab_size` and
+  `eot_token_id` (CLIPConfig fields) embeds every id of `tokenizer` and pools
+  at its end token.
+
+  eot_token_id None pools at argmax(ids), which is the end token only when it
+  is the tokenizer's largest id (CLIP's BPE; not SentencePiece's eos).
+  """
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+        f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model "
+        f"embeds {vocab_size} (model vocab_size)")
+  if eot_token_id is None:
+    if tokenizer.eot_token_id != tokenizer.vocab_size - 1:
+      raise ValueError(
+          f"{where}: the model pools at argmax(ids) (model eot_token_id None), "
+          f"but the tokenizer's end token {tokenizer.eot_token_id} is not its "
+          f"largest id; set model eot_token_id={tokenizer.eot_token_id}")
+  elif eot_token_id != tokenizer.eot_token_id:
+    raise ValueError(
+        f"{where}: model eot_token_id={eot_token_id} but the tokenizer ends "
+        f"texts with {tokenizer.eot_token_id}")

@@ -14,6 +14,10 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# What PIL raises for bytes it cannot decode (truncated, corrupt, unknown
+# format, too many pixels): callers that skip bad images catch these.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
 
 def decode_image(data: Union[bytes, str]) -> Image.Image:
   """Decodes encoded image bytes (or opens a path) into an RGB PIL image."""

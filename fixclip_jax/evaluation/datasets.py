@@ -55,6 +55,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -408,14 +409,27 @@ RETRIEVAL_LOADERS: Dict[str, Callable[..., RetrievalDataset]] = {
 }
 
 
-def _canonical(name: str) -> str:
-  return name.strip().lower().replace("-", "_")
+def canonical_name(name: str) -> str:
+  """How a dataset name is matched, in both registries: case, spaces, "-" and
+  "_" do not count ("CIFAR-10", "cifar_10" and "cifar10" are one name)."""
+  return re.sub(r"[\s_-]+", "", name.lower())
+
+
+def _registry_key(name: str, registry: Dict[str, Any]) -> Optional[str]:
+  """The key of `registry` that `name` means, or None."""
+  by_canonical = {canonical_name(key): key for key in registry}
+  return by_canonical.get(canonical_name(name))
+
+
+def is_classification(name: str) -> bool:
+  """Whether `name` is a zero-shot classification dataset (else retrieval)."""
+  return _registry_key(name, CLASSIFICATION_LOADERS) is not None
 
 
 def load_dataset(name: str, root: str, **kwargs) -> RetrievalDataset:
   """Registry entry point: `load_dataset("urban1k", "/data/Urban1k")`."""
-  key = _canonical(name)
-  if key not in RETRIEVAL_LOADERS:
+  key = _registry_key(name, RETRIEVAL_LOADERS)
+  if key is None:
     raise KeyError(f"Unknown retrieval dataset {name!r}; known: "
                    f"{sorted(RETRIEVAL_LOADERS)}")
   return RETRIEVAL_LOADERS[key](root, **kwargs)
@@ -480,7 +494,7 @@ def load_tfds_classification(tfds_name: str, data_dir: Optional[str],
                              class_names: Optional[Sequence[str]] = None,
                              name: Optional[str] = None) -> ClassificationDataset:
   """A prepared TFDS dataset (ArrayRecord) read with random access, no download."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # optional: tfds only
   try:
     source = tfds.data_source(tfds_name, split=split, data_dir=data_dir,
                               download=False)
@@ -529,8 +543,8 @@ CLASSIFICATION_LOADERS: Dict[str, Callable[..., ClassificationDataset]] = {
 
 def load_classification(name: str, root: str, **kwargs) -> ClassificationDataset:
   """Registry entry point: `load_classification("cifar10", tfds_data_dir)`."""
-  key = _canonical(name).replace("_", "")
-  if key not in CLASSIFICATION_LOADERS:
+  key = _registry_key(name, CLASSIFICATION_LOADERS)
+  if key is None:
     raise KeyError(f"Unknown classification dataset {name!r}; known: "
                    f"{sorted(CLASSIFICATION_LOADERS)}")
   return CLASSIFICATION_LOADERS[key](root, **kwargs)

@@ -1093,16 +1093,5 @@ OPENAI_IMAGENET_TEMPLATES = (
     'a tattoo of the {}.',
 )
 
-# CLIP's short list of 7 templates (from the same notebook), for quick evals.
-SIMPLE_IMAGENET_TEMPLATES = (
-    'itap of a {}.',
-    'a bad photo of the {}.',
-    'a origami {}.',
-    'a photo of the large {}.',
-    'a {} in a video game.',
-    'art of the {}.',
-    'a photo of the small {}.',
-)
-
 assert len(IMAGENET_CLASSNAMES) == 1000
 assert len(OPENAI_IMAGENET_TEMPLATES) == 80

@@ -1,7 +1,7 @@
 """Evaluation reports in a workdir: JSON history, markdown table, PNG plots.
 
-Files (all written to a temp file in the same folder, then renamed, so a crash
-or a bad input never leaves a half-written or clobbered file):
+Files (all written atomically with fileio, so a crash or a bad input never
+leaves a half-written or clobbered file; the workdir may be a URL, gs://...):
   eval_results.json   {"results": [{"model", "step", "dataset", "protocol",
                       <metric>: number, ...}, ...]}; new results replace older
                       ones with the same (model, step, dataset, protocol) key and
@@ -17,13 +17,13 @@ or a bad input never leaves a half-written or clobbered file):
 import io
 import json
 import math
-import os
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 # Figures are built without pyplot, so importing this module never changes the
 # caller's matplotlib backend (notebooks keep their inline plots).
 from matplotlib.figure import Figure
+
+from fixclip_jax import fileio
 
 JSON_NAME = "eval_results.json"
 MARKDOWN_NAME = "eval_results.md"
@@ -35,40 +35,16 @@ METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
                 "t2i_R@10", "top1", "top5", "num_images", "num_texts")
 
 
-def atomic_write(path: str, data: bytes) -> None:
-  """Writes `data` to `path` through a temp file + rename (never half-written).
-
-  Object stores (gs://...) replace an object whole, so a URL is written directly.
-  """
-  if "://" in path:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    epath.Path(path).write_bytes(data)
-    return
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path),
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def read_results(workdir: str) -> List[Dict[str, Any]]:
   """The results list in workdir/eval_results.json ([] when there is none)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, JSON_NAME)
-  if not epath.Path(path).exists():
+  path = fileio.path(workdir) / JSON_NAME
+  if not fileio.exists(path):
     return []
-  with epath.Path(path).open("r") as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}); fix or move it, it "
-                       "will not be overwritten") from e
+  try:
+    data = json.loads(fileio.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); fix or move it, it "
+                     "will not be overwritten") from e
   if not isinstance(data, dict) or not isinstance(data.get("results"), list):
     raise ValueError(f"{path} should be {{\"results\": [...]}}; it will not be "
                      "overwritten")
@@ -213,16 +189,16 @@ def write_report(workdir: str, results: Sequence[Dict[str, Any]],
       r["step"] = int(r["step"])
     _validate(r)
     new.append(r)
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
+  fileio.makedirs(workdir)
   merged = merge_results(read_results(workdir), new)
   json_bytes = json.dumps({"results": merged}, indent=1).encode("utf-8")
   md_bytes = markdown_table(merged).encode("utf-8")
   pngs = {RECALL_PNG: recall_bars_png(merged), HISTORY_PNG: history_png(merged)}
   # All outputs exist in memory before any file is replaced.
-  atomic_write(os.path.join(workdir, JSON_NAME), json_bytes)
-  atomic_write(os.path.join(workdir, MARKDOWN_NAME), md_bytes)
+  root = fileio.path(workdir)
+  fileio.atomic_write(root / JSON_NAME, json_bytes)
+  fileio.atomic_write(root / MARKDOWN_NAME, md_bytes)
   for name, data in pngs.items():
     if data is not None:
-      atomic_write(os.path.join(workdir, name), data)
+      fileio.atomic_write(root / name, data)
   return merged

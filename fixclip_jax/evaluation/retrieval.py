@@ -20,6 +20,7 @@ import concurrent.futures
 from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from fixclip_jax.data import transforms
 
@@ -139,7 +140,6 @@ def embed_batches(num: int, make_batch: Callable[[int, int], np.ndarray],
 def load_pixels(image: Any, image_size: int) -> np.ndarray:
   """A path, encoded bytes or uint8 array -> [S, S, 3] float32 CLIP pixels."""
   if isinstance(image, np.ndarray):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
   else:
     try:

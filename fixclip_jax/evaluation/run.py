@@ -11,9 +11,12 @@ from typing import Any, Dict, List, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fixclip_jax import sharding
+from fixclip_jax.data import synthetic
+from fixclip_jax.data import tokenizers
 from fixclip_jax.evaluation import datasets
 from fixclip_jax.evaluation import report
 from fixclip_jax.evaluation import retrieval
@@ -43,7 +46,6 @@ def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
       x = np.asarray(x)
       out = fn(params, jax.make_array_from_callback(x.shape, batch, lambda i: x[i]))
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
       return np.asarray(out)
     return run
@@ -53,7 +55,6 @@ def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
 
 def synthetic_eval_root(workdir: str, config) -> str:
   """Generates (once) the held-out synthetic retrieval set under WORKDIR."""
-  from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   # Images are written with PIL, so a remote workdir (gs://) caches them locally.
   base = (os.path.join(tempfile.gettempdir(), "fixclip_eval_data")
           if "://" in workdir else os.path.join(workdir, "eval_data"))
@@ -65,29 +66,42 @@ def synthetic_eval_root(workdir: str, config) -> str:
           root, config.eval.synthetic_num,
           image_size=config.data.synthetic_image_size, seed=SYNTHETIC_EVAL_SEED)
     if jax.process_count() > 1:  # the others read what process 0 wrote
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("fixclip_synthetic_eval_data")
   return root
 
 
 def load_eval_sets(config, workdir: str) -> List[Any]:
-  """The datasets named in config.eval.datasets (comma list)."""
+  """The datasets named in config.eval.datasets (comma list; names match as
+  datasets.canonical_name says)."""
   out = []
   for name in [n.strip() for n in config.eval.datasets.split(",") if n.strip()]:
-    if name == "synthetic":
+    if datasets.canonical_name(name) == "synthetic":  # both caption kinds
       root = config.eval.root or synthetic_eval_root(workdir, config)
       out.append(datasets.load_synthetic(root, which="long"))
       out.append(datasets.load_synthetic(root, which="short"))
-    elif name.replace("_", "") in datasets.CLASSIFICATION_LOADERS:
+    elif datasets.is_classification(name):
       out.append(datasets.load_classification(name, config.eval.root))
     else:
       out.append(datasets.load_dataset(name, config.eval.root))
   return out
 
 
-def evaluate(config, model: clip.CLIP, params, mesh, tokenizer, *,
+def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
              workdir: str, step: Optional[int] = None) -> List[Dict[str, Any]]:
-  """Scores every configured dataset; writes and returns the result rows."""
+  """Scores every configured dataset; writes and returns the result rows.
+
+  tokenizer: None = config.data.tokenizer at the model's context length.
+  """
+  cfg = model.cfg
+  if tokenizer is None:
+    tokenizer = tokenizers.get_tokenizer(config.data.tokenizer,
+                                         context_length=cfg.context_length)
+  # A tokenizer the text tower does not fit would score silently wrong
+  # (out-of-range ids are clamped, pooling misses the end token).
+  tokenizers.check_model_compatible(
+      tokenizer, cfg.vocab_size, cfg.eot_token_id,
+      f"evaluation of config.model (config.data.tokenizer="
+      f"{config.data.tokenizer!r})")
   image_fn, text_fn = embed_fns(model, params, mesh)
   batch_size = config.eval.batch_size
   if batch_size % sharding.num_batch_shards(mesh):
@@ -97,10 +111,10 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer, *,
   for ds in load_eval_sets(config, workdir):
     if isinstance(ds, datasets.ClassificationDataset):
       r = zeroshot.evaluate_zeroshot(ds, image_fn, text_fn, tokenizer,
-                                     batch_size, model.cfg.image_size)
+                                     batch_size, cfg.image_size)
     else:
       r = retrieval.evaluate_retrieval(ds, image_fn, text_fn, tokenizer,
-                                       batch_size, model.cfg.image_size)
+                                       batch_size, cfg.image_size)
     logging.info("eval %s", r)
     results.append(r)
   if jax.process_index() == 0:

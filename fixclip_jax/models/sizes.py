@@ -1,16 +1,13 @@
-"""Architecture sizes: from a model name ("B/16") or from a checkpoint's shapes.
+"""Architecture sizes: `CLIPConfig`, the named sizes, and a run config's model.
 
-The named sizes are OpenAI CLIP's (method.md §1). `config_from_shapes` infers the
-architecture from an OpenAI-layout state dict the way OpenAI's `build_model`
-does, so checkpoints of non-standard sizes load too.
+The named sizes are OpenAI CLIP's (docs/method.md §1). Checkpoints of other
+sizes get their CLIPConfig from their shapes (convert.config_from_shapes) or
+from the model_config.json stored next to them (`config_from_dict`).
 """
 import dataclasses
-import re
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 CLIP_VOCAB_SIZE = 49408
-# Long-CLIP's knowledge-preserved stretching keeps the first 20 positions (method.md §2).
-LONGCLIP_KEEP = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +72,7 @@ SIZES = {
     "L/14": _vit(224, 14, 1024, 24, 768, 768, 12),
     "L/14@336": _vit(336, 14, 1024, 24, 768, 768, 12),
     # A few-MFLOP model for unit tests and the CPU demo; follows the same
-    # head_dim=64 rule so that `config_from_shapes` recovers it exactly.
+    # head_dim=64 rule so that convert.config_from_shapes recovers it exactly.
     "tiny": _vit(32, 8, 128, 2, 64, 128, 2),
 }
 
@@ -89,69 +86,26 @@ def get_config(name: str, *, context_length: int = 77,
                              positional_keep=positional_keep, **overrides)
 
 
-def _count_layers(keys: Sequence[str], prefix: str) -> int:
-  pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-  ids = {int(m.group(1)) for k in keys if (m := pat.match(k))}
-  if ids != set(range(len(ids))):
-    raise ValueError(f"Non-contiguous layer indices under {prefix!r}: {sorted(ids)}")
-  return len(ids)
+def model_config(config) -> CLIPConfig:
+  """CLIPConfig of a run: config.model_name ("B/16") plus config.model overrides."""
+  overrides = dict(config.model)
+  if overrides.get("prompt_layers") is not None:
+    overrides["prompt_layers"] = tuple(overrides["prompt_layers"])
+  return get_config(config.model_name, **overrides)
 
 
-def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
-                       head_dim: int = 64, act: str = "quick_gelu",
-                       vision_heads: Optional[int] = None,
-                       text_heads: Optional[int] = None) -> CLIPConfig:
-  """Infers a CLIPConfig from an OpenAI-layout state dict's {key: shape}.
+def config_to_dict(cfg: CLIPConfig) -> dict:
+  """The CLIPConfig fields, as stored in model_config.json."""
+  return dataclasses.asdict(cfg)
 
-  Head counts are not visible in shapes; like OpenAI's `build_model` we take
-  width // head_dim unless given.
-  """
-  def shape(key):
-    if key not in shapes:
-      raise KeyError(f"State dict has no key {key!r}, needed to infer the "
-                     "architecture (is this an OpenAI/open_clip CLIP state dict?)")
-    return tuple(shapes[key])
 
-  keys = list(shapes)
-  vw, _, patch, _ = shape("visual.conv1.weight")
-  n_pos = shape("visual.positional_embedding")[0]
-  grid = round((n_pos - 1) ** 0.5)
-  if grid * grid + 1 != n_pos:
-    raise ValueError(f"visual.positional_embedding has {n_pos} rows, not 1 + a square")
-  tw = shape("ln_final.weight")[0]
-  keep = None
-  if "positional_embedding_res" in shapes:
-    keep = LONGCLIP_KEEP
-  vision_layers = _count_layers(keys, "visual.transformer.resblocks.")
-  # FIX-CLIP's extra keys (convert.py documents them).
-  prompt_ids = sorted(int(m.group(1)) for k in keys
-                      if (m := re.fullmatch(r"fixclip\.visual\.prompts\.(\d+)", k)))
-  num_prompts = shape(f"fixclip.visual.prompts.{prompt_ids[0]}")[0] if prompt_ids else 0
-  prompt_layers = None
-  if prompt_ids and prompt_ids != list(range(vision_layers)):
-    prompt_layers = (prompt_ids[0], prompt_ids[-1] + 1)
-    if prompt_ids != list(range(*prompt_layers)):
-      raise ValueError(f"FIX-CLIP prompts on non-contiguous layers {prompt_ids}")
-  gta_groups = len([k for k in keys
-                    if re.fullmatch(r"fixclip\.visual\.gta\.\d+\.linear\.weight", k)])
-  return CLIPConfig(
-      embed_dim=shape("text_projection")[1],
-      image_size=grid * patch,
-      patch_size=patch,
-      vision_width=vw,
-      vision_layers=vision_layers,
-      vision_heads=vision_heads or vw // head_dim,
-      vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
-      context_length=shape("positional_embedding")[0],
-      vocab_size=shape("token_embedding.weight")[0],
-      text_width=tw,
-      text_layers=_count_layers(keys, "transformer.resblocks."),
-      text_heads=text_heads or tw // head_dim,
-      text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
-      act=act,
-      positional_keep=keep,
-      num_prompts=num_prompts,
-      prompt_layers=prompt_layers,
-      mask_token="fixclip.visual.mask_token" in shapes,
-      gta_groups=gta_groups,
-  )
+def config_from_dict(fields: Mapping[str, Any], source: str = "config") -> CLIPConfig:
+  """CLIPConfig from its JSON fields; an unknown field is an error naming it."""
+  known = {f.name for f in dataclasses.fields(CLIPConfig)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"{source}: unknown CLIPConfig field(s) {unknown}; "
+                     f"known: {sorted(known)}")
+  # JSON has no tuples; CLIPConfig is frozen and hashable, so restore them.
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  return CLIPConfig(**fields)

@@ -9,7 +9,7 @@ pass over unseen captions from the same distribution, the steady state of an
 input pipeline. open_clip's SimpleTokenizer is timed in the same run when it
 is importable, so the ratio is measured on the same machine and load.
 
-  python -m benchmarks.tokenizer_throughput --num_captions=10000
+  python -m fixclip_jax.tools.tokenizer_bench --num_captions=10000
 """
 import random
 import time
@@ -20,21 +20,6 @@ from absl import flags
 import numpy as np
 
 from fixclip_jax.data import tokenizers
-
-_NUM_CAPTIONS = flags.DEFINE_integer("num_captions", 10000,
-                                     "Captions per timed pass.")
-_WORDS = flags.DEFINE_integer("words_per_caption", 120, "Words per caption.")
-_CONTEXT = flags.DEFINE_integer("context_length", 248, "Row length.")
-_SEED = flags.DEFINE_integer("seed", 0, "Caption generator seed.")
-_UNICODE = flags.DEFINE_bool(
-    "unicode", False, "Put one non-ASCII word (curly quotes, accents) in each "
-    "caption, so every caption takes the full ftfy cleaning path instead of "
-    "the printable-ASCII shortcut.")
-_REPEATS = flags.DEFINE_integer(
-    "repeats", 3, "Fresh tokenizers per implementation; the best rate of each "
-    "column is kept (the machine may be shared).")
-_OPEN_CLIP = flags.DEFINE_bool("open_clip", True,
-                               "Also time open_clip's SimpleTokenizer.")
 
 _SYLLABLES = ("ba be bi bo bu ka ke ki ko ku la le li lo lu ma me mi mo mu "
               "na ne ni no nu ra re ri ro ru sa se si so su ta te ti to tu "
@@ -103,7 +88,7 @@ def run(num_captions: int = 10000, words_per_caption: int = 120,
       repeats)}
   if compare_open_clip:
     try:
-      from open_clip import tokenizer as open_clip_tokenizer  # pylint: disable=g-import-not-at-top
+      from open_clip import tokenizer as open_clip_tokenizer  # pylint: disable=g-import-not-at-top  # optional: comparison only
     except ImportError:
       print("open_clip not importable; skipping the comparison")
     else:
@@ -128,16 +113,41 @@ def format_table(results: Dict[str, Dict[str, float]]) -> str:
   return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------
+# CLI.
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so that importing
+  this module next to other CLIs never clashes)."""
+  flags.DEFINE_integer("num_captions", 10000, "Captions per timed pass.")
+  flags.DEFINE_integer("words_per_caption", 120, "Words per caption.")
+  flags.DEFINE_integer("context_length", 248, "Row length.")
+  flags.DEFINE_integer("seed", 0, "Caption generator seed.")
+  flags.DEFINE_bool(
+      "unicode", False, "Put one non-ASCII word (curly quotes, accents) in "
+      "each caption, so every caption takes the full ftfy cleaning path "
+      "instead of the printable-ASCII shortcut.")
+  flags.DEFINE_integer(
+      "repeats", 3, "Fresh tokenizers per implementation; the best rate of "
+      "each column is kept (the machine may be shared).")
+  flags.DEFINE_bool("open_clip", True, "Also time open_clip's SimpleTokenizer.")
+
+
 def main(argv):
-  del argv
-  results = run(_NUM_CAPTIONS.value, _WORDS.value, _CONTEXT.value,
-                _SEED.value, _OPEN_CLIP.value, _REPEATS.value,
-                _UNICODE.value)
-  print(f"{_NUM_CAPTIONS.value} captions x {_WORDS.value} words, context "
-        f"{_CONTEXT.value}, best of {_REPEATS.value} fresh tokenizers"
-        f"{', one non-ASCII word each' if _UNICODE.value else ''}")
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  results = run(FLAGS.num_captions, FLAGS.words_per_caption,
+                FLAGS.context_length, FLAGS.seed, FLAGS.open_clip,
+                FLAGS.repeats, FLAGS.unicode)
+  print(f"{FLAGS.num_captions} captions x {FLAGS.words_per_caption} words, "
+        f"context {FLAGS.context_length}, best of {FLAGS.repeats} fresh "
+        f"tokenizers{', one non-ASCII word each' if FLAGS.unicode else ''}")
   print(format_table(results))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

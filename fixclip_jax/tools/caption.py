@@ -5,7 +5,7 @@ templates and drops repetitive, meaningless and too-short captions. Such models 
 usually served by vLLM, SGLang or TGI behind the OpenAI chat API; this module is the
 client:
 
-  python -m fixclip_jax.data.caption --images=DIR_OR_MANIFEST --out=caps.jsonl \
+  python -m fixclip_jax.tools.caption --images=DIR_OR_MANIFEST --out=caps.jsonl \
       --endpoint=http://localhost:8000/v1 --model=llava-hf/llama3-llava-next-8b-hf
 
 Each image goes as a base64 data URL to `POST {endpoint}/chat/completions` with one of
@@ -48,6 +48,7 @@ from absl import app
 from absl import flags
 from absl import logging
 from PIL import Image
+import tqdm
 
 from fixclip_jax.data import captions as captions_lib
 
@@ -766,7 +767,6 @@ def _run_pool(todo: Sequence[ImageItem], client: ChatClient, settings: _Settings
               writer: _AppendWriter, failure_writer: _AppendWriter,
               max_consecutive_failures: int, progress: bool) -> None:
   """Workers caption; this (single) thread writes every line, so lines never interleave."""
-  import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(total=len(todo), unit="img", smoothing=0.05, disable=not progress,
                   dynamic_ncols=True)
   pool = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="caption")

@@ -1,6 +1,6 @@
 """Input pipeline throughput: decode + random-resized-crop + tokenise.
 
-  python -m fixclip_jax.data.bench [--num=512] [--image_size=224] \
+  python -m fixclip_jax.tools.data_bench [--num=512] [--image_size=224] \
       [--num_workers=0,1,2] [--source=synthetic|PATH/manifest.jsonl] \
       [--format=jpeg|png] [--render_size=512] [--jpeg_draft=true,false] \
       [--json=/tmp/data_bench.json]
@@ -30,7 +30,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 from typing import Any, Dict, Iterator, Optional, Sequence
@@ -40,6 +39,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import config_base
+from fixclip_jax import fileio
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources as sources_lib
 from fixclip_jax.data import synthetic
@@ -94,19 +95,17 @@ def _dataset(source: str, num_files: int, render_size: int, fmt: str
                               "'synthetic' or a JSONL manifest path)")
     yield source
     return
-  root = tempfile.mkdtemp(prefix="fixclip-data-bench-")
-  try:
+  with tempfile.TemporaryDirectory(prefix="fixclip-data-bench-",
+                                   ignore_cleanup_errors=True) as root:
     yield write_bench_dataset(os.path.join(root, "data"), num_files,
                               render_size, fmt)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def bench_data_config(manifest: str, image_size: int, num_workers: int,
                       batch: int, jpeg_draft: bool = True,
                       read_threads: Optional[int] = None):
   """The train data config that is timed (defaults as training uses them)."""
-  c = pipeline.default_data_config()
+  c = config_base.base_config().data
   c.type, c.path = "jsonl", manifest
   c.image_size = image_size
   c.transform = "random_resized_crop"
@@ -205,7 +204,7 @@ def measure_stages(manifest: str, image_size: int, tokenizer,
   examples = [src[i] for i in ids]
   data = [ex["image"] for ex in examples]
   decoded = [transforms.decode_image(d) for d in data]
-  config = pipeline.default_data_config()
+  config = config_base.base_config().data
   scale, ratio = tuple(config.rrc_scale), tuple(config.rrc_ratio)
   rng = lambda i: np.random.default_rng([0, 0, i, 1])
   crops = [transforms.random_resized_crop(img, image_size, rng(i), scale, ratio)
@@ -272,19 +271,8 @@ def run_bench(num: int = 512, image_size: int = 224,
 
 
 def write_json(result: Dict[str, Any], path: str) -> None:
-  """Temp file next to `path`, then rename (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".data-bench-",
-                             suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(result, f, indent=2)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes the result atomically (never half-written); `path` may be a URL."""
+  fileio.atomic_write(path, json.dumps(result, indent=2))
 
 
 def format_table(r: Dict[str, Any]) -> str:
@@ -324,25 +312,30 @@ def format_table(r: Dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------
 # CLI.
 
-_NUM = flags.DEFINE_integer("num", 512, "Images timed per row (after one "
-                            "untimed batch).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Output image size.")
-_NUM_WORKERS = flags.DEFINE_list("num_workers", ["0", "1", "2"],
-                                 "grain worker process counts, one row each.")
-_SOURCE = flags.DEFINE_string("source", "synthetic", "'synthetic' or a JSONL "
-                              "manifest path.")
-_FORMAT = flags.DEFINE_enum("format", "jpeg", FORMATS,
-                            "Synthetic images' file format.")
-_RENDER_SIZE = flags.DEFINE_integer("render_size", 512,
-                                    "Synthetic images' size in px.")
-_NUM_FILES = flags.DEFINE_integer("num_files", None, "Synthetic files written "
-                                  "(default min(num, 256); the stream repeats).")
-_JPEG_DRAFT = flags.DEFINE_list("jpeg_draft", ["true"], "data.rrc_jpeg_draft "
-                                "values, one row each (true,false compares).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_READ_THREADS = flags.DEFINE_integer("read_threads", None, "Threads per "
-                                     "process (default: data.read_threads).")
-_JSON = flags.DEFINE_string("json", None, "Also write the result as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so that importing
+  this module next to other CLIs, e.g. tools.bench, never clashes)."""
+  flags.DEFINE_integer("num", 512, "Images timed per row (after one untimed "
+                       "batch).")
+  flags.DEFINE_integer("image_size", 224, "Output image size.")
+  flags.DEFINE_list("num_workers", ["0", "1", "2"],
+                    "grain worker process counts, one row each.")
+  flags.DEFINE_string("source", "synthetic", "'synthetic' or a JSONL manifest "
+                      "path.")
+  flags.DEFINE_enum("format", "jpeg", FORMATS, "Synthetic images' file format.")
+  flags.DEFINE_integer("render_size", 512, "Synthetic images' size in px.")
+  flags.DEFINE_integer("num_files", None, "Synthetic files written (default "
+                       "min(num, 256); the stream repeats).")
+  flags.DEFINE_list("jpeg_draft", ["true"], "data.rrc_jpeg_draft values, one "
+                    "row each (true,false compares).")
+  flags.DEFINE_integer("batch", 32, "Batch size.")
+  flags.DEFINE_integer("read_threads", None, "Threads per process (default: "
+                       "data.read_threads).")
+  flags.DEFINE_string("json", None, "Also write the result as JSON here (a "
+                      "local path or a URL).")
 
 
 def _bool(text: str) -> bool:
@@ -357,20 +350,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    workers = [int(w) for w in _NUM_WORKERS.value]
+    workers = [int(w) for w in FLAGS.num_workers]
   except ValueError:
-    raise app.UsageError(f"--num_workers={_NUM_WORKERS.value}: not integers"
+    raise app.UsageError(f"--num_workers={FLAGS.num_workers}: not integers"
                          ) from None
-  result = run_bench(num=_NUM.value, image_size=_IMAGE_SIZE.value,
-                     num_workers=workers, source=_SOURCE.value,
-                     fmt=_FORMAT.value, render_size=_RENDER_SIZE.value,
-                     jpeg_draft=[_bool(d) for d in _JPEG_DRAFT.value],
-                     batch=_BATCH.value, num_files=_NUM_FILES.value,
-                     read_threads=_READ_THREADS.value)
+  result = run_bench(num=FLAGS.num, image_size=FLAGS.image_size,
+                     num_workers=workers, source=FLAGS.source,
+                     fmt=FLAGS.format, render_size=FLAGS.render_size,
+                     jpeg_draft=[_bool(d) for d in FLAGS.jpeg_draft],
+                     batch=FLAGS.batch, num_files=FLAGS.num_files,
+                     read_threads=FLAGS.read_threads)
   print(format_table(result))
-  if _JSON.value:
-    write_json(result, _JSON.value)
+  if FLAGS.json:
+    write_json(result, FLAGS.json)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

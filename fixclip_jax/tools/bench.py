@@ -1,12 +1,12 @@
 """Train-step throughput, MFU and memory; eval embedding throughput; and a
 same-run comparison with open_clip's PyTorch training step.
 
-  python -m fixclip_jax.bench --config=configs/demo.py --steps=20 --warmup=3 \
+  python -m fixclip_jax.tools.bench --config=configs/demo.py --steps=20 --warmup=3 \
       [--batch=N] [--json=/tmp/bench.json] [--peak_tflops=989] [--torch] \
       [--config.objective=clip ...]
 
 The state and the jitted step are built exactly as training builds them
-(train.init_state, train.make_train_step, train.jit_train_step) on a synthetic
+(step.init_state, step.make_train_step, step.jit_train_step) on a synthetic
 random batch of the config's shapes. Every step is timed on its own, up to
 `jax.block_until_ready`, after `warmup` untimed steps; we report the median and
 the 10th/90th percentiles. MFU = analytic FLOPs per step (flops.py's
@@ -29,15 +29,21 @@ from typing import Any, Callable, Dict, Optional
 
 from absl import app
 from absl import flags
+import flax
 import jax
+import jaxlib
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import optax
 
+from fixclip_jax import fileio
 from fixclip_jax import flops as flops_lib
+from fixclip_jax import losses
 from fixclip_jax import sharding
-from fixclip_jax import train
+from fixclip_jax import step as step_lib
 from fixclip_jax.models import clip
+from fixclip_jax.models import sizes
 
 NA = "n/a"
 
@@ -127,26 +133,27 @@ def compiled_memory(compiled) -> Any:
 # Our train step.
 
 class JaxTrainStep:
-  """The training step as train.py builds it, compiled once, callable in a loop."""
+  """The training step as training builds it (step.py), compiled once,
+  callable in a loop."""
 
   def __init__(self, config, mesh, seed: int = 0):
     self.config = config
-    self.cfg = train.model_config(config)
-    self.model = train.make_model(config, self.cfg)
+    self.cfg = sizes.model_config(config)
+    self.model = step_lib.make_model(config, self.cfg)
     self.batch_size = int(config.data.global_batch)
     if self.batch_size % sharding.num_batch_shards(mesh):
       raise ValueError(f"config.data.global_batch={self.batch_size} is not divisible "
                        f"by the {sharding.num_batch_shards(mesh)} batch shards of "
                        f"mesh {dict(mesh.shape)}")
-    self.state, shardings, tx = train.init_state(config, self.model, mesh)
-    step_fn = train.make_train_step(config, self.model, tx,
-                                    sharding.num_batch_shards(mesh))
+    self.state, shardings, tx = step_lib.init_state(config, self.model, mesh)
+    step_fn = step_lib.make_train_step(config, self.model, tx,
+                                       sharding.num_batch_shards(mesh))
     local = synthetic_batch(config, self.cfg, self.batch_size, seed)
     per_host = self.batch_size // jax.process_count()
     start = jax.process_index() * per_host
     self.host_batch = jax.tree.map(lambda x: x[start:start + per_host], local)
     self.batch = sharding.global_batch(self.host_batch, mesh)
-    jitted = train.jit_train_step(step_fn, mesh, shardings, self.batch)
+    jitted = step_lib.jit_train_step(step_fn, mesh, shardings, self.batch)
     t0 = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
@@ -161,20 +168,14 @@ class JaxTrainStep:
 
 def plain_clip_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config's model size with objective=clip and no FIX-CLIP additions:
-  one image pass + one text pass, the work of open_clip's CLIP step.
-
-  The short captions are given a length different from the long ones: then
-  CLIP.train_outputs runs them as a separate text pass whose output the clip
-  objective never reads, and XLA removes it (with equal lengths it would run
-  long+short as one concatenated pass, doubling the text work).
-  """
+  one image pass + one long-text pass, the work of open_clip's CLIP step (the
+  step runs only the branches the objective's spec reads: no short caption,
+  no masked image)."""
   twin = config.copy_and_resolve_references()
   twin.objective = "clip"
   twin.model.num_prompts = 0
   twin.model.gta_groups = 0
   twin.model.mask_token = False
-  long_len = int(twin.data.text_context)
-  twin.data.short_context = long_len - 1 if long_len > 1 else 2
   return twin
 
 
@@ -239,8 +240,8 @@ class TorchTrainStep:
   """open_clip CLIP of the same size: random init, AdamW, ClipLoss, grad clip."""
 
   def __init__(self, config, cfg, host_batch: dict, seed: int = 0):
-    import open_clip  # pylint: disable=g-import-not-at-top
-    import torch  # pylint: disable=g-import-not-at-top
+    import open_clip  # pylint: disable=g-import-not-at-top  # optional: --torch only
+    import torch  # pylint: disable=g-import-not-at-top  # optional: --torch only
     self.torch = torch
     torch.manual_seed(seed)
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +292,7 @@ class TorchTrainStep:
 
 def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int) -> dict:
   """Interleaved timing of our step, our plain-CLIP twin and open_clip's step."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # optional: --torch only
   twin_config = plain_clip_twin(config)
   twin = JaxTrainStep(twin_config, mesh)
   theirs = TorchTrainStep(twin_config, twin.cfg, twin.host_batch)
@@ -327,10 +328,14 @@ def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int) 
 # ----------------------------------------------------------------------------
 # The benchmark.
 
+def masking_mode(config: ml_collections.ConfigDict) -> str:
+  """config.masking.mode where the objective masks images, else "n/a"."""
+  if losses.get_objective(config.objective).masked_image:
+    return config.masking.mode
+  return NA
+
+
 def _versions() -> dict:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "flax": flax.__version__, "optax": optax.__version__,
           "python": platform.python_version()}
@@ -353,12 +358,13 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       does) so that PyTorch finds memory in the same process.
     eval_steps: timed eval batches (default `steps`; 0 = skip eval).
     devices: devices of the mesh (default all, as training).
-    json_path: also write the result there (atomically).
+    json_path: also write the result there (atomically; a local path or a URL).
   Returns a flat-ish dict; see `format_table`.
   """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
   config = config.copy_and_resolve_references()
+  losses.get_objective(config.objective)  # an unknown name fails before compiling
   if batch is not None:
     if batch < 1:
       raise ValueError(f"--batch={batch} must be >= 1")
@@ -390,7 +396,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       "config": config_name,
       "model_name": config.model_name,
       "objective": config.objective,
-      "masking_mode": config.masking.mode if config.objective == "fixclip" else NA,
+      "masking_mode": masking_mode(config),
       "dtype": config.dtype,
       "remat": str(config.remat),
       "batch": b,
@@ -424,18 +430,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
 
 
 def write_json(result: dict, path: str) -> None:
-  """Writes to a temp file next to `path`, then renames (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes the result atomically (never half-written); `path` may be a URL."""
+  fileio.atomic_write(path, json.dumps(result, indent=2, sort_keys=True))
 
 
 def _fmt(value, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:

@@ -1,0 +1,226 @@
+"""The train step: model, optimizer and objective from a config, and the
+sharded state they update.
+
+Data flows one way (WORKSPACE.md): global batch on the mesh ->
+`CLIP.train_outputs` -> the objective's loss (losses.OBJECTIVES) -> optax
+update. This is the only module where model and losses meet. It imports no
+data or evaluation code, so the step runs (and is benchmarked) on machines
+that only have the model's dependencies.
+"""
+import functools
+import re
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fixclip_jax import losses
+from fixclip_jax import sharding
+from fixclip_jax.models import clip
+from fixclip_jax.models import fixclip
+from fixclip_jax.models import sizes
+
+Array = jax.Array
+TrainState = Dict[str, Any]  # {"params", "opt_state", "step", "rng", "num_skipped"}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def make_model(config: ml_collections.ConfigDict, cfg: sizes.CLIPConfig) -> clip.CLIP:
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(DTYPES)}")
+  return clip.CLIP(cfg, dtype=DTYPES[config.dtype],
+                   attn_implementation=config.get("attn_implementation") or None,
+                   remat=config.remat)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer.
+
+def param_labels(params: Any, config) -> Any:
+  """'frozen' | 'new' | 'base' per parameter, from the config's regexes."""
+  frozen = re.compile(config.optim.frozen_regex) if config.optim.frozen_regex else None
+  new = re.compile(config.optim.new_params_regex) if config.optim.new_params_regex else None
+
+  def label(path, _):
+    name = sharding.path_str(path)
+    if frozen is not None and frozen.fullmatch(name):
+      return "frozen"
+    if new is not None and new.fullmatch(name):
+      return "new"
+    return "base"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def frozen_mask(params: Any, config) -> Any:
+  """True for parameters the optimizer keeps frozen (config.optim.frozen_regex)."""
+  return jax.tree.map(lambda label: label == "frozen", param_labels(params, config))
+
+
+def zero_frozen(grads: Any, config) -> Any:
+  """Gradients with the frozen parameters' entries zeroed."""
+  return jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g,
+                      grads, frozen_mask(grads, config))
+
+
+def decay_mask(params: Any, config) -> Any:
+  """True where weight decay applies: not on names matching no_decay_regex."""
+  no_decay = (re.compile(config.optim.no_decay_regex)
+              if config.optim.no_decay_regex else None)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: not (no_decay and no_decay.fullmatch(sharding.path_str(p))),
+      params)
+
+
+def learning_rate_schedule(peak: float, config) -> optax.Schedule:
+  """Linear warmup then cosine decay to 0 over the run (in optimizer updates)."""
+  total = max(config.num_train_steps // config.optim.accum_steps, 1)
+  warmup = min(config.optim.warmup_steps, total)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, warmup, max(total, warmup + 1), end_value=0.0)
+
+
+def make_optimizer(params: Any, config) -> optax.GradientTransformation:
+  """AdamW with decay mask, separate lr for new params, frozen params, clipping
+  and gradient accumulation (optax.MultiSteps: one call = one micro-batch)."""
+  o = config.optim
+  mask = decay_mask(params, config)
+
+  def adamw(lr):
+    return optax.adamw(learning_rate_schedule(lr, config), b1=o.b1, b2=o.b2,
+                       eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+
+  tx = optax.chain(
+      # Frozen parameters' gradients are zeroed first, so they never count in
+      # the clipping norm.
+      optax.masked(optax.set_to_zero(), frozen_mask(params, config)),
+      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+      optax.multi_transform(
+          {"base": adamw(o.lr), "new": adamw(o.new_params_lr or o.lr),
+           "frozen": optax.set_to_zero()},
+          param_labels(params, config)))
+  if o.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=o.accum_steps)
+  return tx
+
+
+# ----------------------------------------------------------------------------
+# The train step.
+
+def image_masks(config, rng: Array, batch: int, num_patches: int) -> dict:
+  """The masked short branch's inputs for CLIP.train_outputs (docs/method.md §3)."""
+  masked, keep_index = fixclip.random_patch_mask(
+      rng, batch, num_patches, config.masking.ratio)
+  if config.masking.mode == "replace":
+    return {"patch_mask": masked}
+  if config.masking.mode == "drop":
+    return {"keep_index": keep_index}
+  raise ValueError(f"config.masking.mode={config.masking.mode!r}; use replace | drop")
+
+
+def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
+                    ) -> Callable:
+  """(state, batch) -> (state, metrics); jit it with shardings (`jit_train_step`).
+
+  The objective's spec (losses.OBJECTIVES) says which branches run: the short
+  caption and the masked image are computed only for objectives that read them.
+  """
+  objective = losses.get_objective(config.objective)
+  loss_of_outputs = objective.bind(config.loss)
+  max_logit_scale = config.loss.max_logit_scale
+  num_patches = model.cfg.num_patches
+
+  def step_fn(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    masks = (image_masks(config, rng, batch["image"].shape[0], num_patches)
+             if objective.masked_image else {})
+    text_short = batch["text_short"] if objective.short_caption else None
+
+    def loss_fn(params):
+      out = model.apply({"params": params}, batch["image"], batch["text_long"],
+                        text_short, method=clip.CLIP.train_outputs, **masks)
+      out["logit_scale"] = losses.clamp_logit_scale(out["logit_scale"], max_logit_scale)
+      return loss_of_outputs(out)
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    # The optimizer zeroes frozen parameters' gradients before clipping; the
+    # logged norm is the same trainable-only norm.
+    grad_norm = optax.tree.norm(zero_frozen(grads, config))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # CLIP caps the temperature parameter after every update (Long-CLIP: never).
+    if max_logit_scale is not None:
+      params["logit_scale"] = jnp.minimum(params["logit_scale"], max_logit_scale)
+    # A batch with NaN/Inf features or gradients is skipped, not applied
+    # (config.skip_nonfinite; off = apply it anyway, for debugging).
+    bad = ((terms.get("nonfinite_features", 0) > 0) | ~jnp.isfinite(loss) |
+           ~jnp.isfinite(grad_norm)) & config.skip_nonfinite
+    keep_old = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(bad, o, n), new, old)
+    num_skipped = state["num_skipped"] + bad.astype(jnp.int32)
+    new_state = {"params": keep_old(params, state["params"]),
+                 "opt_state": keep_old(opt_state, state["opt_state"]),
+                 "step": state["step"] + 1, "rng": state["rng"],
+                 "num_skipped": num_skipped}
+    metrics = dict(terms, loss=loss, grad_norm=grad_norm,
+                   temperature=losses.temperature(params["logit_scale"],
+                                                  max_logit_scale),
+                   skipped=bad.astype(jnp.int32), skipped_total=num_skipped)
+    return new_state, metrics
+
+  return step_fn
+
+
+# ----------------------------------------------------------------------------
+# State on the mesh.
+
+def _state_maker(config, tx: optax.GradientTransformation) -> Callable:
+  state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+
+  def make(params):
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": state_rng,
+            "num_skipped": jnp.zeros((), jnp.int32)}
+
+  return make
+
+
+def abstract_state(config, model: clip.CLIP, mesh
+                   ) -> Tuple[TrainState, TrainState, optax.GradientTransformation]:
+  """(ShapeDtypeStructs of the train state with their shardings, shardings, tx)
+  without allocating anything: what a restore needs."""
+  params = jax.eval_shape(functools.partial(clip.init_params, model.cfg),
+                          jax.random.PRNGKey(0))
+  tx = make_optimizer(params, config)
+  shapes = jax.eval_shape(_state_maker(config, tx), params)
+  shardings = sharding.state_shardings(
+      shapes, mesh, [tuple(r) for r in config.sharding_rules])
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      shapes, shardings)
+  return abstract, shardings, tx
+
+
+def init_state(config, model: clip.CLIP, mesh, params: Any = None,
+               ) -> Tuple[TrainState, TrainState, optax.GradientTransformation]:
+  """Creates the train state directly sharded on the mesh.
+
+  params: pretrained params (host arrays) or None for a random init.
+  Returns (state, shardings, tx).
+  """
+  if params is None:
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
+    params = clip.init_params(model.cfg, init_rng)
+  _, shardings, tx = abstract_state(config, model, mesh)
+  state = jax.jit(_state_maker(config, tx), out_shardings=shardings)(params)
+  return state, shardings, tx
+
+
+def jit_train_step(step_fn, mesh, shardings: TrainState, batch_example: dict):
+  batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_example)
+  return jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
