@@ -6,6 +6,8 @@ any knob can be overridden on the command line: `--config.optim.lr=1e-5`.
 import importlib.util
 import math
 import os
+import re
+from typing import List
 
 import ml_collections
 from ml_collections import config_dict
@@ -29,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mask_token = True               # learnable token for masked patches
   c.model.gta_groups = 4                  # hierarchical groups G (0 = none)
   c.model.gta_sigma = 1.0
+  c.model.vocab_size = 49408              # CLIP BPE; a SentencePiece model's size
+  c.model.eot_token_id = config_dict.placeholder(int)  # None = pool at argmax(ids)
   c.dtype = "bfloat16"                    # compute dtype; params stay float32
   c.attn_implementation = ""              # "" (XLA picks) | xla | cudnn
   c.remat = "none"                        # none | full | dots | dots_saveable
@@ -120,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  # Resume from this saved step instead of the latest (0 = the latest). Later
+  # checkpoints are deleted once it is restored: orbax cannot save over them.
+  c.resume_step = 0
   c.checkpoint_best_metric = ""           # e.g. "eval/synthetic-long/t2i_R@1"
   c.peak_tflops = 0.0                     # per device, for MFU; 0 = by device kind
   c.eval_every = 500                      # 0 = only at the end
@@ -129,13 +136,53 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.root = ""                        # data root (synthetic: a manifest dir)
   c.eval.batch_size = 256
   c.eval.synthetic_num = 256              # synthetic eval set when root is ""
+  # --- Optional Weights & Biases logging (metrics.py); off unless a project is set.
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""                    # "" = off; needs `pip install wandb`
+  c.wandb.entity = ""
+  c.wandb.name = ""                       # run name; "" = the workdir's name
+  c.wandb.mode = "online"                 # online | offline
   return c
 
 
+def config_dirs() -> List[str]:
+  """Where configs named by name live: the installed package's
+  `fixclip_jax.configs` (pyproject maps configs/ there), else the checkout's
+  configs/ next to the package."""
+  dirs = []
+  spec = importlib.util.find_spec("fixclip_jax.configs")
+  if spec is not None and spec.submodule_search_locations:
+    dirs += list(spec.submodule_search_locations)
+  checkout = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs")
+  if os.path.isdir(checkout) and checkout not in dirs:
+    dirs.append(checkout)
+  return dirs
+
+
+def config_names() -> List[str]:
+  """The names `--config=NAME` accepts (demo, fixclip_b16, ...)."""
+  return sorted({f[:-3] for d in config_dirs() for f in os.listdir(d)
+                 if f.endswith(".py") and not f.startswith("_")})
+
+
+def resolve_config_file(name_or_path: str) -> str:
+  """The path of a config file given as a path or a bare name (`demo`)."""
+  if os.path.isfile(name_or_path):
+    return name_or_path
+  name = name_or_path[:-3] if name_or_path.endswith(".py") else name_or_path
+  if re.fullmatch(r"\w+", name):
+    for directory in config_dirs():
+      candidate = os.path.join(directory, name + ".py")
+      if os.path.isfile(candidate):
+        return candidate
+  raise FileNotFoundError(f"No config file at {name_or_path} and no packaged "
+                          f"config of that name (names: {', '.join(config_names())})")
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """get_config() of a config file, loaded by path as --config does."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config file at {path}")
+  """get_config() of a config file, by path or by name as --config takes it."""
+  path = resolve_config_file(path)
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f"fixclip_config_{name}", path)
   module = importlib.util.module_from_spec(spec)

@@ -96,6 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = step_lib.make_model(config, cfg)
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer,
                                        context_length=cfg.context_length)
+  tokenizers.check_model_compatible(tokenizer, cfg.vocab_size, cfg.eot_token_id,
+                                    "config.data.tokenizer / config.model")
   data_config = config.data.copy_and_resolve_references()
   if data_config.image_size != cfg.image_size:
     raise ValueError(f"config.data.image_size={data_config.image_size} but model "

@@ -11,6 +11,19 @@ GOOD = ("The photograph shows a wooden table in a sunny kitchen, with a bowl "
 
 class ShortCaptionTest(absltest.TestCase):
 
+  def test_first_sentence_turns_newlines_into_spaces_first(self):
+    # ShareGPT4V-style captions: a one-sentence first paragraph ends in ".\n".
+    # Official rule (Long-CLIP train/sharegpt4v.py), written out here:
+    official = lambda c: c.replace("\n", " ").split(". ")[0]
+    captions_ = ["The image shows a red bus.\nIt is parked. A man waits.",
+                 "A kitchen.\n\nThe counter is white. Plates are stacked.",
+                 "Two dogs play.\nOne is brown.",
+                 "No period here\nat all",
+                 "A cat sleeps. On a mat.\nIt is grey."]
+    for c in captions_:
+      self.assertEqual(captions.first_sentence(c), official(c), c)
+    self.assertEqual(captions.first_sentence(captions_[0]), "The image shows a red bus")
+
   def test_first_sentence_is_longclip_split(self):
     self.assertEqual(captions.first_sentence("A dog. It runs. Fast."), "A dog")
     self.assertEqual(captions.first_sentence("No period here"), "No period here")

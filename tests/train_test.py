@@ -11,6 +11,7 @@ from fixclip_jax import config_base
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax import train
+from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +111,45 @@ class StepTest(absltest.TestCase):
                                    err_msg=f"step {step} {k}")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  p1, p8)
+
+  def test_frozen_gradients_do_not_count_in_the_clipping_norm(self):
+    config = demo_config(**{"optim.grad_clip": 1.0, "optim.warmup_steps": 0})
+    params = jax.device_get(clip.init_params(sizes.model_config(config)))
+    tx = step_lib.make_optimizer(params, config)
+    state = tx.init(params)
+    ones = jax.tree.map(np.ones_like, params)
+
+    def updates_with_frozen_grad(value):
+      grads = jax.tree.map(lambda x: x, ones)
+      grads["text"] = dict(grads["text"], positional_embedding=np.full_like(
+          params["text"]["positional_embedding"], value))
+      return tx.update(grads, state, params)[0]
+
+    small, huge = updates_with_frozen_grad(0.0), updates_with_frozen_grad(1e6)
+    jax.tree.map(np.testing.assert_array_equal, small, huge)
+    np.testing.assert_array_equal(huge["text"]["positional_embedding"], 0.0)
+
+  def test_logit_scale_cap_is_a_knob(self):
+    above = float(np.log(100.0)) + 0.5
+    for cap, want_capped in ((float(np.log(100.0)), True), (None, False)):
+      config = demo_config(**{"loss.max_logit_scale": cap})
+      cfg = sizes.model_config(config)
+      model = step_lib.make_model(config, cfg)
+      params = jax.device_get(clip.init_params(cfg))
+      params["logit_scale"] = np.float32(above)
+      mesh = sharding.make_mesh()
+      state, shardings, tx = step_lib.init_state(config, model, mesh, params)
+      batch = random_batch(cfg)
+      step = step_lib.jit_train_step(step_lib.make_train_step(config, model, tx),
+                                     mesh, shardings, batch)
+      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      scale = float(jax.device_get(state["params"]["logit_scale"]))
+      if want_capped:
+        self.assertAlmostEqual(scale, np.log(100.0), places=5)
+        self.assertAlmostEqual(float(metrics["temperature"]), 100.0, places=3)
+      else:
+        self.assertGreater(scale, np.log(100.0) + 0.4)
+        self.assertGreater(float(metrics["temperature"]), 100.0 * np.exp(0.4))
 
   def test_fsdp_rules_shard_big_params(self):
     mesh = sharding.make_mesh(data=4, fsdp=2)

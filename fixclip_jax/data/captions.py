@@ -7,8 +7,10 @@ from typing import (Any, Counter, Dict, List, Mapping, Optional, Sequence,
 
 
 def first_sentence(caption: str) -> str:
-  """Long-CLIP's short caption: `caption.split(". ")[0]` (method.md §2)."""
-  return caption.split(". ")[0]
+  """Long-CLIP's short caption (docs/method.md §2): newlines become spaces, then
+  the text before the first ". " (official train/sharegpt4v.py:
+  `caption.replace("\n", " ").split(". ")[0]`)."""
+  return caption.replace("\n", " ").split(". ")[0]
 
 
 def short_caption(caption: str, provided: Optional[str] = None) -> str:

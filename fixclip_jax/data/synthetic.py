@@ -1,20 +1,34 @@
-"""Synthetic long-caption data: rendered shape scenes with detailed captions.
+"""Synthetic long-caption data where caption length matters by construction.
 
 Each scene has a background (one of a few colours, plain, striped or dotted)
 and `num_objects` shapes (circle, square, triangle, star) of distinct colours
-and one of three sizes, each in its own cell of a 3x3 grid. The long caption
-describes every object (colour, size, shape, position, relation to the object
-described before it) in several sentences; its first sentence names only the
-most salient (largest, then first in raster order) object and the background,
-so it is the short caption (captions.first_sentence gives it back). The third
-and later objects appear only after the first sentence, so matching them
-needs the long caption.
+and one of three sizes, each in its own cell of a 3x3 grid, described in order
+of salience (larger first, then raster order of the cell).
+
+The caption is laid out like a ShareGPT4V caption: a one-sentence global
+summary (how many shapes, the background, each shape's colour and kind; no
+sizes or places), a paragraph break, then a detailed paragraph that gives
+every shape's size, place and relation to the shape described before it. The
+summary is the short caption: `caption.replace("\n", " ").split(". ")[0]`
+(Long-CLIP's rule, captions.first_sentence).
+
+Late details (method.md §2: what 77 tokens cannot see). Examples come in pairs
+(2j, 2j + 1). With probability `late_detail_share` a pair is a *late twin*:
+the second scene is the first with the shapes described after the first
+EARLY_OBJECTS ones moved to other cells and resized. The two captions then
+agree on everything a 77-token text tower reads (the summary, the shared
+sentence and the first EARLY_OBJECTS shapes take more than 76 tokens; a test
+checks it with CLIP's tokenizer) and differ only later, so only a model that
+reads past token 77 can tell the twins apart. Other pairs are independent
+scenes, which differ early. `scene["late_twin"]` marks both members of a twin
+pair; their short captions are equal (the summary names no places).
 
   python -m fixclip_jax.data.synthetic --num=1000 --dst=/tmp/shapes
 
 writes DST/images/000000.png ... and DST/manifest.jsonl (a jsonl source).
 Everything is a function of (seed, example index): example i is the same
-whatever `num` is.
+whatever `num` is. Held-out evaluation sets use another seed
+(evaluation/run.py SYNTHETIC_EVAL_SEED).
 """
 import io
 import json
@@ -61,6 +75,14 @@ TEXTURE_PHRASES = {
     "striped": "a {bg} background with thin diagonal stripes",
     "dotted": "a {bg} background covered in small dots",
 }
+# Shapes described in full before the details that late twins change; with
+# the summary and the layout sentence they fill more than 76 CLIP tokens.
+EARLY_OBJECTS = 2
+# Between the summary and the details, as in ShareGPT4V captions: why the
+# short-caption rule turns newlines into spaces before splitting.
+PARAGRAPH_BREAK = "\n\n"
+# Share of example pairs that are late twins (see the module docstring).
+DEFAULT_LATE_DETAIL_SHARE = 0.5
 
 FLAGS = flags.FLAGS
 
@@ -86,6 +108,50 @@ def sample_scene(rng: np.random.Generator, num_objects: int = 4
       "texture": TEXTURES[int(rng.integers(len(TEXTURES)))],
       "objects": objects,
   }
+
+
+def late_twin(scene: Dict[str, Any], rng: np.random.Generator
+              ) -> Dict[str, Any]:
+  """`scene` with the shapes after the first EARLY_OBJECTS in new cells and
+  sizes (at least one cell changes); colours, kinds and order are kept, so the
+  summary and the early sentences of the caption are the same."""
+  objects = [dict(o) for o in scene["objects"]]
+  late = objects[EARLY_OBJECTS:]
+  if not late:
+    raise ValueError(f"A late twin needs more than {EARLY_OBJECTS} objects")
+  taken = {o["cell"] for o in objects[:EARLY_OBJECTS]}
+  free = np.asarray([c for c in range(9) if c not in taken])
+  old_cells = [o["cell"] for o in late]
+  cells = old_cells
+  while cells == old_cells:
+    cells = [int(c) for c in rng.permutation(free)[:len(late)]]
+  for obj, cell in zip(late, cells):
+    obj["cell"] = cell
+    obj["size"] = list(SIZES)[int(rng.integers(len(SIZES)))]
+  return {**scene, "objects": objects}
+
+
+def scene_for_index(index: int, seed: int = 0, num_objects: int = 4,
+                    late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
+                    ) -> Dict[str, Any]:
+  """The scene of example `index`: pair index // 2 draws its first scene and
+  whether it is a late twin; the odd member is the twin or a fresh scene.
+
+  The twin decision is one uniform draw per pair compared with
+  late_detail_share, so a larger share keeps every twin pair of a smaller one.
+  """
+  if not 0.0 <= late_detail_share <= 1.0:
+    raise ValueError(f"late_detail_share={late_detail_share} not in [0, 1]")
+  rng = np.random.default_rng([seed, index // 2])
+  first = sample_scene(rng, num_objects)
+  twins = bool(rng.random() < late_detail_share) and num_objects > EARLY_OBJECTS
+  if index % 2 == 0:
+    scene = first
+  elif twins:
+    scene = late_twin(first, rng)
+  else:
+    scene = sample_scene(rng, num_objects)
+  return {**scene, "late_twin": twins}
 
 
 def _star_points(cx, cy, r):
@@ -147,27 +213,47 @@ def _relation(obj: Dict[str, Any], ref: Dict[str, Any]) -> str:
   return f"{where} the {ref['colour']} {ref['shape']}"
 
 
-def describe_scene(scene: Dict[str, Any]) -> str:
-  """The long caption; its first sentence is the short caption."""
+def _indefinite(phrase: str) -> str:
+  """"an orange star", "a red star"."""
+  return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _name_list(objects: Sequence[Dict[str, Any]]) -> str:
+  """"a red circle, an orange star and a green square"."""
+  names = [_indefinite(f"{o['colour']} {o['shape']}") for o in objects]
+  if len(names) == 1:
+    return names[0]
+  return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def summary_sentence(scene: Dict[str, Any]) -> str:
+  """The global one-sentence summary (the short caption), without the period."""
   objs = scene["objects"]
-  first = objs[0]
   background = TEXTURE_PHRASES[scene["texture"]].format(bg=scene["background"])
-  sentences = [
-      f"A {first['size']} {first['colour']} {first['shape']} sits in "
-      f"{POSITIONS[first['cell']]} of a picture with {background}",
-      f"The picture contains {NUMBER_WORDS[len(objs)]} shapes in total",
-      f"The {first['colour']} {first['shape']} {SHAPE_DETAILS[first['shape']]}",
-  ]
-  for k in range(1, len(objs)):
-    obj = objs[k]
-    sentences.append(
-        f"The {ORDINALS[k]} shape is a {obj['size']} {obj['colour']} "
-        f"{obj['shape']} in {POSITIONS[obj['cell']]}, "
-        f"{_relation(obj, objs[k - 1])}")
+  return (f"A picture of {NUMBER_WORDS[len(objs)]} shapes on {background}: "
+          f"{_name_list(objs)}")
+
+
+def detail_sentences(scene: Dict[str, Any]) -> List[str]:
+  """The detailed paragraph, one string per sentence (no periods)."""
+  objs = scene["objects"]
+  sentences = [f"The {NUMBER_WORDS[len(objs)]} shapes are spread over a three "
+               f"by three grid and none of them overlap or touch each other"]
+  for k, obj in enumerate(objs):
+    where = POSITIONS[obj["cell"]]
+    if k:
+      where += f", {_relation(obj, objs[k - 1])}"
+    sentences.append(f"The {ORDINALS[k]} shape is a {obj['size']} "
+                     f"{obj['colour']} {obj['shape']} in {where}")
     sentences.append(
         f"This {obj['colour']} {obj['shape']} {SHAPE_DETAILS[obj['shape']]}")
-  sentences.append("None of the shapes overlap or touch each other")
-  return ". ".join(sentences) + "."
+  return sentences
+
+
+def describe_scene(scene: Dict[str, Any]) -> str:
+  """The long caption: the summary, a paragraph break, the details."""
+  return (summary_sentence(scene) + "." + PARAGRAPH_BREAK +
+          ". ".join(detail_sentences(scene)) + ".")
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -177,25 +263,28 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 
 def synthetic_example(index: int, image_size: int = 64, seed: int = 0,
-                      num_objects: int = 4) -> Dict[str, Any]:
+                      num_objects: int = 4,
+                      late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
+                      ) -> Dict[str, Any]:
   """Example `index`: {"image": PNG bytes, "caption", "short_caption", "key",
-  "scene"}; a function of (seed, index) only."""
-  rng = np.random.default_rng([seed, index])
-  scene = sample_scene(rng, num_objects)
-  caption = describe_scene(scene)
+  "scene"}; a function of (seed, index) only. The short caption is the
+  caption's first sentence (the summary)."""
+  scene = scene_for_index(index, seed, num_objects, late_detail_share)
   return {
       "image": _png_bytes(render_scene(scene, image_size)),
-      "caption": caption,
-      "short_caption": caption.split(". ")[0],
+      "caption": describe_scene(scene),
+      "short_caption": summary_sentence(scene),
       "key": f"{index:06d}",
       "scene": scene,
   }
 
 
 def synthetic_examples(num: int, image_size: int = 64, seed: int = 0,
-                       num_objects: int = 4) -> List[Dict[str, Any]]:
+                       num_objects: int = 4,
+                       late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
+                       ) -> List[Dict[str, Any]]:
   """The in-memory dataset (for tests and the "synthetic" source type)."""
-  return [synthetic_example(i, image_size, seed, num_objects)
+  return [synthetic_example(i, image_size, seed, num_objects, late_detail_share)
           for i in range(num)]
 
 
@@ -220,14 +309,16 @@ def write_manifest_dataset(dst: str, records: Iterable[Tuple[str, bytes, Dict[st
 
 
 def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
-                           seed: int = 0, num_objects: int = 4) -> str:
+                           seed: int = 0, num_objects: int = 4,
+                           late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
+                           ) -> str:
   """Writes DST/images/*.png and DST/manifest.jsonl; returns the manifest path.
 
   DST must not exist yet (see write_manifest_dataset).
   """
   def records():
     for i in range(num):
-      ex = synthetic_example(i, image_size, seed, num_objects)
+      ex = synthetic_example(i, image_size, seed, num_objects, late_detail_share)
       yield (os.path.join("images", f"{ex['key']}.png"), ex["image"],
              {"caption": ex["caption"], "short_caption": ex["short_caption"],
               "key": ex["key"], "scene": ex["scene"]})
@@ -240,7 +331,10 @@ def define_flags():
   flags.DEFINE_string("dst", None, "Output folder (must not exist).")
   flags.DEFINE_integer("image_size", 64, "Side of the square images.")
   flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.DEFINE_integer("num_objects", 4, "Shapes per scene (2..9).")
+  flags.DEFINE_integer("num_objects", 4, "Shapes per scene (2..9; late twins "
+                       f"need more than {EARLY_OBJECTS}).")
+  flags.DEFINE_float("late_detail_share", DEFAULT_LATE_DETAIL_SHARE,
+                     "Share of example pairs that differ only after token 77.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -249,8 +343,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--dst is required")
   if not 2 <= FLAGS.num_objects <= 9:
     raise app.UsageError("--num_objects must be in 2..9")
+  if not 0.0 <= FLAGS.late_detail_share <= 1.0:
+    raise app.UsageError("--late_detail_share must be in [0, 1]")
   path = make_synthetic_dataset(FLAGS.dst, FLAGS.num, FLAGS.image_size,
-                                FLAGS.seed, FLAGS.num_objects)
+                                FLAGS.seed, FLAGS.num_objects,
+                                FLAGS.late_detail_share)
   print(f"Wrote {FLAGS.num} examples: {path}")
 
 
