@@ -13,11 +13,14 @@ into place, so a failed or interrupted save never leaves a half-written DIR.
 """
 import json
 import os
-from typing import Tuple
+import re
+import shutil
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -81,38 +84,170 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
 # ----------------------------------------------------------------------------
 # Training checkpoints: the whole train state (params, optimizer state, step,
 # PRNG key) plus the data iterator's state, through one orbax
-# CheckpointManager in WORKDIR/checkpoints. Saves are asynchronous; the
-# manager keeps the last `keep` steps.
+# CheckpointManager in WORKDIR/checkpoints. Saves are asynchronous.
+#
+# Failures never cost a good checkpoint:
+#  - old steps are deleted by us, not orbax, and only once a newer save is
+#    known to have been committed (orbax's own clean-up runs even after a
+#    save that failed in the background);
+#  - a failed save raises CheckpointSaveError as soon as it is known: the
+#    loop polls (`check_saves`) after every step;
+#  - free space is checked before each save;
+#  - a step that does not restore (an empty folder, a truncated array file) is
+#    reported, moved to WORKDIR/unrestorable_checkpoints/ (never deleted) and
+#    the newest older step that restores is used.
 
 TRAIN_CHECKPOINT_SUBDIR = "checkpoints"
+UNRESTORABLE_SUBDIR = "unrestorable_checkpoints"
+# A checkpoint needs its arrays' bytes plus metadata: ask for this much more.
+FREE_SPACE_FACTOR = 1.1
+FREE_SPACE_MARGIN = 16 << 20
+
+
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (full disk, unwritable folder)."""
+
+
+class RestoreError(ValueError):
+  """No checkpoint of the workdir could be restored."""
+
+
+class TrainCheckpointManager(ocp.CheckpointManager):
+  """orbax's manager with our retention (see above): keeps the newest `keep`
+  steps, or with `best_metric` the best `keep` ones plus the newest."""
+
+  def __init__(self, directory: str, keep: int, best_metric: str = ""):
+    best = {}
+    if best_metric:
+      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
+                  keep_checkpoints_without_metrics=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, save_interval_steps=1, create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=True, **best)
+    super().__init__(directory, options=options, item_names=("state", "data"))
+    self.keep = keep
+    self.best_metric = best_metric
+    self.unconfirmed_step: Optional[int] = None  # saved, not yet known committed
+
+  def _metric(self, step: int) -> Optional[float]:
+    metrics = self.metrics(step) or {}
+    value = metrics.get(self.best_metric)
+    return None if value is None else float(value)
+
+  def steps_to_delete(self, steps: Sequence[int]) -> List[int]:
+    steps = sorted(steps)
+    kept = set(steps[-1:])  # the newest: where a resume starts
+    if self.best_metric:
+      scored = {s: self._metric(s) for s in steps}
+      with_metric = [s for s in steps if scored[s] is not None]
+      kept |= set(sorted(with_metric, key=scored.get, reverse=True)[:self.keep])
+      kept |= {s for s in steps if scored[s] is None}
+    else:
+      kept |= set(steps[-self.keep:])
+    return [s for s in steps if s not in kept]
+
+  def delete_old_steps(self) -> None:
+    for step in self.steps_to_delete(self.all_steps(read=True)):
+      logging.info("Deleting checkpoint step %d (keep_checkpoints=%d)", step,
+                   self.keep)
+      self.delete(step)
 
 
 def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1,
-                       best_metric: str = "") -> ocp.CheckpointManager:
+                       best_metric: str = "") -> TrainCheckpointManager:
   """Keeps the last `keep` steps, or with `best_metric` (an eval metric name
-  such as "eval/urban1k-.../t2i_R@1", higher is better) the best `keep` ones."""
-  best = {}
-  if best_metric:
-    best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode="max",
-                keep_checkpoints_without_metrics=True)
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, save_interval_steps=save_interval_steps, create=True,
-      enable_async_checkpointing=True, **best)
-  return ocp.CheckpointManager(
-      os.path.join(fileio.absolute(workdir), TRAIN_CHECKPOINT_SUBDIR),
-      options=options, item_names=("state", "data"))
+  such as "eval/urban1k-.../t2i_R@1", higher is better) the best `keep` ones
+  (and the newest). Every step given to save_train_state is saved."""
+  del save_interval_steps  # the loop decides when to save
+  return TrainCheckpointManager(
+      os.path.join(fileio.absolute(workdir), TRAIN_CHECKPOINT_SUBDIR), keep,
+      best_metric)
+
+
+def _newest_good_step(manager: ocp.CheckpointManager) -> str:
+  steps = manager.all_steps(read=True)
+  return (f"the newest good checkpoint, step {max(steps)}, is kept in "
+          f"{manager.directory}" if steps else "there is no earlier checkpoint")
+
+
+def _save_failed(manager, step: int, error: BaseException) -> CheckpointSaveError:
+  return CheckpointSaveError(
+      f"Saving the checkpoint of step {step} in {manager.directory} failed: "
+      f"{type(error).__name__}: {error}; {_newest_good_step(manager)}. Free "
+      "space or fix the folder, then rerun the same command to resume.")
+
+
+def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
+  """Raises CheckpointSaveError if the last save failed; once it is known to
+  be committed, deletes the steps beyond the manager's `keep`. Without `wait`
+  it returns at once while a save is still being written (call it after every
+  step: a failure is reported at once, not at the next save)."""
+  step = getattr(manager, "unconfirmed_step", None)
+  if step is None:
+    return
+  if not wait and manager.is_saving_in_progress():
+    return
+  manager.unconfirmed_step = None
+  try:
+    manager.wait_until_finished()  # raises what the background commit raised
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except  # any failure of the save
+    raise _save_failed(manager, step, e) from e
+  if step not in manager.all_steps(read=True):
+    raise _save_failed(manager, step, RuntimeError("the step was not committed"))
+  manager.delete_old_steps()
+
+
+def state_nbytes(state) -> int:
+  """Bytes of a pytree's arrays (global shapes)."""
+  return sum(int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(state))
+
+
+def free_bytes(directory: str) -> Optional[int]:
+  """Free bytes where `directory` is (None for URLs: no such notion)."""
+  if fileio.is_url(directory):
+    return None
+  existing = os.path.abspath(directory)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  return shutil.disk_usage(existing).free
+
+
+def check_free_space(manager: ocp.CheckpointManager, step: int, state) -> None:
+  """CheckpointSaveError before a save that would not fit on the disk."""
+  free = free_bytes(os.fspath(manager.directory))
+  needed = int(state_nbytes(state) * FREE_SPACE_FACTOR) + FREE_SPACE_MARGIN
+  if free is not None and free < needed:
+    raise CheckpointSaveError(
+        f"Not enough free space for the checkpoint of step {step}: it needs "
+        f"about {needed / 2**30:.2f} GiB, {manager.directory} has "
+        f"{free / 2**30:.2f} GiB free; {_newest_good_step(manager)}. Free "
+        "space, then rerun the same command to resume.")
 
 
 def save_train_state(manager: ocp.CheckpointManager, step: int, state,
                      data_iterator=None, force: bool = False,
-                     metrics=None) -> bool:
-  """Starts an async save of the train state (+ data iterator) at `step`;
-  `metrics` feed the manager's best-checkpoint choice."""
+                     metrics=None, wait: bool = False) -> bool:
+  """Saves the train state (+ data iterator) at `step`: asynchronously, or
+  with `wait` (preemption, the last step) synchronously. The previous save
+  is confirmed first; `metrics` feed the best-checkpoint choice. Raises
+  CheckpointSaveError (nothing is deleted then)."""
+  check_saves(manager, wait=True)
+  check_free_space(manager, step, state)
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force,
-                      metrics=metrics)
+  try:
+    saved = manager.save(step, args=ocp.args.Composite(**items), force=force,
+                         metrics=metrics)
+  except Exception as e:  # pylint: disable=broad-except  # any failure of the save
+    raise _save_failed(manager, step, e) from e
+  if saved:
+    manager.unconfirmed_step = step
+  if wait:
+    check_saves(manager, wait=True)
+  return saved
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state,
@@ -127,6 +262,77 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state,
   return restored["state"]
 
 
+def _restore_problem(manager: ocp.CheckpointManager, step: int,
+                     error: BaseException) -> str:
+  """One line: which step, which file, what went wrong."""
+  step_dir = os.path.join(os.fspath(manager.directory), str(step))
+  if fileio.isdir(step_dir) and not list(fileio.path(step_dir).iterdir()):
+    return f"step {step}: {step_dir}/ is empty"
+  # The root cause names the array file (tensorstore: OUT_OF_RANGE/DATA_LOSS
+  # "Error reading ... at local file ...").
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  detail = " ".join(str(cause).split())[:400] or type(cause).__name__
+  if cause is not error:
+    detail = f"{detail} (while restoring {step_dir})"
+  return f"step {step}: {type(cause).__name__}: {detail}"
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves an unrestorable step out of the manager's way, keeping it."""
+  workdir = os.path.dirname(os.fspath(manager.directory).rstrip("/"))
+  target = os.path.join(workdir, UNRESTORABLE_SUBDIR, str(step))
+  suffix = 1
+  while fileio.exists(target):
+    suffix += 1
+    target = os.path.join(workdir, UNRESTORABLE_SUBDIR, f"{step}-{suffix}")
+  if jax.process_index() == 0:
+    fileio.makedirs(os.path.dirname(target))
+    fileio.path(os.path.join(os.fspath(manager.directory), str(step))).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"fixclip_move_aside_{step}")
+  return target
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state,
+                   data_iterator=None, newest: Optional[int] = None,
+                   fallback: bool = True):
+  """(state, step) of the newest step (<= `newest`) that restores.
+
+  With `fallback`, a step that fails to restore is reported (a warning naming
+  the step and the file) and the next older one is tried; once one restores,
+  the failed ones are moved to WORKDIR/unrestorable_checkpoints/ (never
+  deleted; orbax would otherwise count them as the latest). If none
+  restores, RestoreError lists them all and nothing is moved (a model that
+  does not fit any of them is a config problem, not a broken checkpoint).
+  """
+  steps = sorted((s for s in manager.all_steps(read=True)
+                  if newest is None or s <= newest), reverse=True)
+  if not fallback:
+    steps = steps[:1]
+  problems, failed = [], []
+  for step in steps:
+    try:
+      state = restore_train_state(manager, abstract_state, data_iterator, step)
+    except Exception as e:  # pylint: disable=broad-except  # reported, next step tried
+      problems.append(_restore_problem(manager, step, e))
+      failed.append(step)
+      logging.warning("Checkpoint %s: cannot restore it (%s)",
+                      manager.directory, problems[-1])
+      continue
+    for bad in failed:
+      target = _move_aside(manager, bad)
+      logging.warning("Checkpoint step %d could not be restored; moved to %s "
+                      "(kept for inspection); resuming from step %d", bad,
+                      target, step)
+    if failed:
+      manager.reload()
+    return state, step
+  raise RestoreError(f"No checkpoint in {manager.directory} can be restored: "
+                     + "; ".join(problems or ["there is none"]))
+
+
 # ----------------------------------------------------------------------------
 # A training WORKDIR as a model source: WORKDIR/model_config.json (written at
 # the start of training) + the latest train state's params. convert.py reads
@@ -138,6 +344,99 @@ def write_workdir_model_config(workdir: str, cfg: CLIPConfig) -> None:
     return
   fileio.atomic_write(fileio.path(workdir) / MODEL_CONFIG_FILE,
                       json.dumps(config_to_dict(cfg), indent=2))
+
+
+# What the checkpoints of a workdir were made with, recorded once (by the run
+# that starts the workdir, beside model_config.json and config.json): a resume
+# is checked against it before anything is written.
+RUN_FILE = "run.json"
+
+
+class WorkdirMismatchError(ValueError):
+  """A resume whose model or process count does not fit the workdir."""
+
+
+def write_run_record(workdir: str) -> None:
+  """WORKDIR/run.json: the process and device count of its checkpoints."""
+  if jax.process_index() != 0:
+    return
+  fileio.atomic_write(fileio.path(workdir) / RUN_FILE, json.dumps(
+      {"process_count": jax.process_count(),
+       "device_count": jax.device_count()}, indent=2))
+
+
+def saved_steps(workdir: str) -> List[int]:
+  """The steps in WORKDIR/checkpoints (read without creating anything)."""
+  directory = fileio.path(workdir) / TRAIN_CHECKPOINT_SUBDIR
+  if not fileio.isdir(directory):
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def has_train_checkpoint(workdir: str) -> bool:
+  """True if WORKDIR/checkpoints holds a step (what a run resumes from)."""
+  return bool(saved_steps(workdir))
+
+
+def _read_json(path) -> Optional[Dict[str, Any]]:
+  if not fileio.isfile(path):
+    return None
+  try:
+    return json.loads(fileio.read_text(path))
+  except json.JSONDecodeError as e:
+    raise WorkdirMismatchError(f"{path}: not valid JSON ({e})") from e
+
+
+def _checkpoint_process_count(workdir: str) -> Optional[int]:
+  """Processes that wrote the workdir's checkpoints: run.json, else the data
+  iterator files (process_I-of-N.json) of its newest step."""
+  record = _read_json(fileio.path(workdir) / RUN_FILE)
+  if record and "process_count" in record:
+    return int(record["process_count"])
+  directory = fileio.path(workdir) / TRAIN_CHECKPOINT_SUBDIR
+  for step in reversed(saved_steps(workdir)):
+    data = directory / str(step) / "data"
+    if fileio.isdir(data):
+      for f in data.iterdir():
+        match = re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name)
+        if match:
+          return int(match.group(1))
+  return None
+
+
+def check_resume(workdir: str, cfg: CLIPConfig, with_data: bool = True) -> bool:
+  """Whether WORKDIR holds checkpoints to resume from; WorkdirMismatchError
+  (writing nothing) when they were made with another model config (naming
+  every differing field) or, `with_data` (the data iterator is restored too),
+  another process count."""
+  if not has_train_checkpoint(workdir):
+    return False
+  recorded = _read_json(fileio.path(workdir) / MODEL_CONFIG_FILE)
+  if recorded is not None:
+    ours = config_to_dict(cfg)
+    differ = [f"{k}: {recorded.get(k)!r} in the workdir, {ours.get(k)!r} in "
+              "this config" for k in sorted(set(recorded) | set(ours))
+              if _json_value(recorded.get(k)) != _json_value(ours.get(k))]
+    if differ:
+      raise WorkdirMismatchError(
+          f"{workdir} holds checkpoints of another model "
+          f"({os.path.join(workdir, MODEL_CONFIG_FILE)}): {'; '.join(differ)}."
+          f" Use a new --workdir (--config.init_from={workdir} starts from "
+          "its weights), or the config it was trained with.")
+  processes = _checkpoint_process_count(workdir) if with_data else None
+  if processes is not None and processes != jax.process_count():
+    raise WorkdirMismatchError(
+        f"{workdir}'s checkpoints were written by {processes} process(es); "
+        f"this run has {jax.process_count()}. The data pipeline's position is "
+        "saved per process and cannot be split differently: resume with "
+        f"{processes} process(es), or start a new --workdir with "
+        f"--config.init_from={workdir} (its weights, a fresh data order).")
+  return True
+
+
+def _json_value(value):
+  """Tuples and lists compare equal (JSON has no tuples)."""
+  return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def is_train_workdir(path: str) -> bool:

@@ -32,6 +32,8 @@ DEBUG_ENV = "FIXCLIP_DEBUG"
 EXIT_USER_ERROR = 2
 LOG_FILE = "log.txt"
 
+_program = ""  # the installed command's name (run_module sets it), for error lines
+
 
 class UserError(Exception):
   """A mistake in the command line, worded for the user (one line)."""
@@ -57,9 +59,19 @@ def one_line(message: object) -> str:
   return " ".join(str(message).split())
 
 
+def program_name() -> str:
+  """The installed command's name, else the module's (python -m), else argv[0]."""
+  if _program:
+    return _program
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is not None and spec.name:
+    return spec.name
+  return os.path.basename(sys.argv[0] or "fixclip")
+
+
 def fail(message: object, program: Optional[str] = None) -> None:
   """Prints `PROGRAM: error: MESSAGE` on one line and exits with status 2."""
-  program = program or _program or os.path.basename(sys.argv[0] or "fixclip")
+  program = program or program_name()
   hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
   sys.stderr.write(f"{program}: error: {one_line(message)}{hint}\n")
   sys.stderr.flush()
@@ -180,9 +192,6 @@ COMMANDS = {
     "data_bench": "fixclip_jax.tools.data_bench",
     "tokenizer_bench": "fixclip_jax.tools.tokenizer_bench",
 }
-
-
-_program = ""  # the installed command's name, for error lines
 
 
 def run_module(module: str) -> None:

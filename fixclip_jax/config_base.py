@@ -78,6 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.text_context = 248               # long captions (Long-CLIP's stretched context)
   c.data.short_caption = "provided"       # | first_sentence
   c.data.short_context = 0                # 0 = text_context
+  # Exact length buckets (fixclip_jax/buckets.py): each train batch's text is
+  # cut to the smallest bucket holding its longest caption (same features and
+  # loss; one compiled step per bucket pair); () = off. Eval and embed use the
+  # union of both lists.
+  c.data.long_buckets = (64, 96, 128, 160, 192, 224, 248)
+  c.data.short_buckets = (16, 32, 48, 64, 77)
   c.data.filter_captions = False          # drop examples failing captions.filter_reason
   # Thresholds of those filters; the defaults are captions.CaptionFilterConfig's.
   c.data.filters = ml_collections.ConfigDict(captions.filter_thresholds())
@@ -85,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Bad data (pipeline.py docstring) is skipped and counted, unless this is set.
   c.data.raise_on_bad_data = False        # True: raise on the first bad example (debug)
   c.data.max_consecutive_skips = 1000     # more bad examples in a row raise
+  # A record whose read takes longer is skipped ("read_timeout": a FIFO, a
+  # stalled mount); 0 = wait forever.
+  c.data.read_timeout_s = 60.0
+  # Larger images are decoded at 1/2..1/8 scale when JPEG (libjpeg's DCT
+  # scaling), else skipped ("image_too_large"); 0 = no limit.
+  c.data.max_image_pixels = 40_000_000
   # Order and batching.
   c.data.global_batch = 256               # split evenly over hosts
   c.data.shuffle_seed = 0

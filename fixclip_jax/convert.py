@@ -1,4 +1,4 @@
-"""PyTorch <-> JAX checkpoint conversion (method.md §1, §2).
+"""PyTorch <-> JAX checkpoint conversion (docs/method.md §1, §2).
 
 Conversion is data. Each layout (OpenAI/open_clip, Hugging Face `CLIPModel`)
 is a table of rules (PyTorch key pattern(s), our param path, transform), with
@@ -15,11 +15,16 @@ Formats read (auto-detected, logged):
   orbax     a model directory written by `checkpoint.save_model`.
   train_workdir  a training --workdir (its latest train state's params).
 Formats written: orbax (default), openai (.pt or .safetensors; FIX-CLIP's
-extra parameters under `fixclip.*` keys), hf (directory), hf_text (the text
-encoder + CLIPTokenizer files, for diffusion pipelines).
+extra parameters under `fixclip.*` keys), hf (a directory that transformers'
+CLIPModel, CLIPProcessor, CLIPTokenizer and CLIPTokenizerFast load: weights,
+tokenizer files at the model's context, preprocessor_config.json), hf_text
+(the text encoder + tokenizer files, for diffusion pipelines). HF's
+tokenizers skip ftfy and HTML unescaping: `tokenizers.normalize_text` first
+gives our ids on any text.
 
-  python -m fixclip_jax.convert --src=longclip-B.pt --dst=/ckpt/longclip_b16
+  fixclip-convert --src=longclip-B.pt --dst=/ckpt/longclip_b16
   python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
+  python -m fixclip_jax.convert --src=WORKDIR --dst=hf_dir --to=hf --drop_extra
 """
 import dataclasses
 import io
@@ -29,7 +34,6 @@ import pickle
 import re
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -38,9 +42,11 @@ import numpy as np
 from safetensors import numpy as safetensors_numpy
 
 from fixclip_jax import checkpoint
+from fixclip_jax import cli
 from fixclip_jax import fileio
 from fixclip_jax import positional
 from fixclip_jax.data import tokenizers
+from fixclip_jax.data import transforms
 from fixclip_jax.models import fixclip
 from fixclip_jax.models.sizes import CLIPConfig
 from fixclip_jax.params import check_params
@@ -725,7 +731,10 @@ def load_any(path: str, *, act: Optional[str] = None) -> Tuple[dict, CLIPConfig,
 def _write_tensors(path: str, sd: StateDict, as_safetensors: bool) -> None:
   """One local file: safetensors, or torch.save of a plain dict of tensors."""
   if as_safetensors:
-    safetensors_numpy.save_file(sd, path, metadata={"format": "pt"})
+    # Written by us rather than save_file, which leaves files 0600: ours get
+    # the mode fileio gave the temporary file (0644 under the usual umask).
+    with open(path, "wb") as f:
+      f.write(safetensors_numpy.save(sd, metadata={"format": "pt"}))
   else:
     import torch  # pylint: disable=g-import-not-at-top  # optional: .pt output only
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
@@ -741,15 +750,42 @@ def save_openai(path: str, params: dict, cfg: CLIPConfig, *,
   logging.info("Wrote OpenAI-layout checkpoint (%d tensors) to %s", len(sd), path)
 
 
+def hf_preprocessor_config(cfg: CLIPConfig) -> dict:
+  """preprocessor_config.json of a CLIPImageProcessor doing our eval
+  transform: bicubic resize of the short side, centre crop, CLIP mean/std."""
+  return {
+      "image_processor_type": "CLIPImageProcessor",
+      "processor_class": "CLIPProcessor",
+      "do_resize": True, "size": {"shortest_edge": cfg.image_size},
+      "resample": 3,  # PIL.Image.BICUBIC
+      "do_center_crop": True,
+      "crop_size": {"height": cfg.image_size, "width": cfg.image_size},
+      "do_rescale": True, "rescale_factor": 1 / 255,
+      "do_normalize": True, "image_mean": list(transforms.CLIP_MEAN),
+      "image_std": list(transforms.CLIP_STD), "do_convert_rgb": True,
+  }
+
+
+def _write_hf_preprocessing(directory: str, cfg: CLIPConfig) -> None:
+  """Tokenizer files at cfg's context and the image processor's config."""
+  tokenizers.ClipTokenizer(context_length=cfg.context_length).save_hf_files(directory)
+  fileio.atomic_write(os.path.join(directory, "preprocessor_config.json"),
+                      json.dumps(hf_preprocessor_config(cfg), indent=2))
+
+
 def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
             overwrite: bool = False) -> None:
-  """A transformers `CLIPModel.from_pretrained`-loadable directory."""
+  """A transformers directory: CLIPModel weights + config.json, the tokenizer
+  files (model_max_length = the context) and preprocessor_config.json, so
+  CLIPModel / CLIPProcessor / CLIPTokenizer(Fast).from_pretrained load it."""
   fileio.refuse_existing(directory, overwrite)
   sd = params_to_hf_state_dict(params, cfg)
   _, cfg = single_position_table(params, cfg)
   with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
     _write_hf_weights(tmp, hf_config_dict(cfg), sd)
-  logging.info("Wrote HF CLIPModel directory to %s", directory)
+    _write_hf_preprocessing(tmp, cfg)
+  logging.info("Wrote HF CLIPModel directory (%d-token tokenizer, %dpx image "
+               "processor) to %s", cfg.context_length, cfg.image_size, directory)
 
 
 def _write_hf_weights(directory: str, config: dict, sd: StateDict) -> None:
@@ -778,6 +814,7 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
     _write_hf_weights(tmp, text_config, sd)
     tokenizers.ClipTokenizer(context_length=cfg.context_length).save_hf_files(tmp)
+  # (No image processor: a text encoder alone.)
   logging.info("Wrote HF text encoder (%d tokens) + tokenizer to %s",
                cfg.context_length, directory)
 
@@ -819,17 +856,19 @@ def define_flags():
                       "CLIPModel directory, one of our model dirs or a training workdir.")
   flags.DEFINE_string("dst", None, "Where to write (must not exist).")
   flags.DEFINE_enum("to", "orbax", sorted(SAVERS), "Output format: orbax | openai | "
-                    "hf | hf_text (text encoder + tokenizer).")
+                    "hf (CLIPModel + tokenizer + image processor) | hf_text "
+                    "(text encoder + tokenizer).")
   flags.DEFINE_enum("act", None, ["quick_gelu", "gelu"], "Activation of an "
                     "OpenAI-layout source (not stored in the file); default quick_gelu.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing dst.")
   flags.DEFINE_integer(
       "stretch", None, "Prepare for long-text training: stretch the text "
       "positions to this many rows with Long-CLIP's knowledge-preserved "
-      "stretching (248 from 77) and create the two-table scheme (method.md §2).")
+      "stretching (248 from 77) and create the two-table scheme (docs/method.md §2).")
   flags.DEFINE_bool(
       "drop_extra", False, "Write without FIX-CLIP's prompts / mask token / GTA "
       "heads: a plain Long-CLIP-layout model (text encoder complete).")
+  flags.mark_flags_as_required(["src", "dst"])
 
 
 def stretch_transform(context_length: int, keep: int = LONGCLIP_KEEP) -> ParamsTransform:
@@ -866,15 +905,19 @@ def compose(*transforms: Optional[ParamsTransform]) -> Optional[ParamsTransform]
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not fileio.exists(FLAGS.src):
+    raise cli.UserError(f"--src={FLAGS.src}: no such file or directory")
   transform = compose(
       stretch_transform(FLAGS.stretch) if FLAGS.stretch else None,
       strip_fixclip if FLAGS.drop_extra else None)
-  convert(FLAGS.src, FLAGS.dst, FLAGS.to, act=FLAGS.act,
-          params_transform=transform, overwrite=FLAGS.overwrite)
+  cfg, fmt = convert(FLAGS.src, FLAGS.dst, FLAGS.to, act=FLAGS.act,
+                     params_transform=transform, overwrite=FLAGS.overwrite)
+  print(f"Wrote {FLAGS.dst} ({FLAGS.to}) from {FLAGS.src} ({fmt}): "
+        f"{cfg.vision_layers}-layer {cfg.image_size}px vision, "
+        f"{cfg.context_length}-token text, embed_dim {cfg.embed_dim}", flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["src", "dst"])
-  app.run(main)
+  cli.run(main)

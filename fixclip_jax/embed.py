@@ -1,8 +1,14 @@
-"""Text and image features from one of our model checkpoints.
+"""Text and image features from a checkpoint, into a .npz file.
 
-  python -m fixclip_jax.embed --checkpoint=/ckpt/longclip_b16 \
+  fixclip-embed --checkpoint=/ckpt/longclip_b16 \
       --texts=captions.txt --images='photos/*.jpg' --out=features.npz \
       [--tokenizer=clip | --tokenizer=/path/spm.model]
+  python -m fixclip_jax.embed --checkpoint=WORKDIR [--step=N] ...
+
+--checkpoint is anything `fixclip_jax.load` reads (api.py): one of our model
+directories, a training WORKDIR (its latest step, or --step), an OpenAI /
+open_clip / Long-CLIP .pt / .safetensors file, a Hugging Face CLIPModel
+directory. Preprocessing and tokenization: docs/method.md §1.
 
 The .npz holds L2-normalised float32 `text_features` [N, d] and
 `image_features` [M, d], the `texts` (one per non-blank line of --texts) and
@@ -10,47 +16,30 @@ The .npz holds L2-normalised float32 `text_features` [N, d] and
 (files that could not be decoded; each is also logged as a warning).
 
 Batches always have --batch_size rows (the last is zero-padded and its padded
-rows dropped), so each tower compiles once. --tokenizer is what the model was
-trained with (config.data.tokenizer); it must fit the model's vocab_size and
-eot_token_id (tokenizers.check_model_compatible).
+rows dropped), so each tower compiles once (the text tower once per length
+bucket: each text batch is cut to the smallest of --text_buckets holding its
+longest text, which gives the same features, buckets.py). --tokenizer is what the model was
+trained with (config.data.tokenizer; a WORKDIR's own by default); it must fit
+the model's vocab_size and eot_token_id (tokenizers.check_model_compatible).
 """
 import concurrent.futures
 import glob
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from absl import app
 from absl import flags
 from absl import logging
-import jax
 import numpy as np
 
-from fixclip_jax import checkpoint as ckpt_lib
+from fixclip_jax import api
+from fixclip_jax import buckets
+from fixclip_jax import cli
+from fixclip_jax import config_base
 from fixclip_jax import fileio
-from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
-from fixclip_jax.models import clip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _tower_fns(params, cfg):
-  """Jitted (pixels [B,H,W,3] -> [B,d], tokens [B,C] -> [B,d]) normalised features."""
-  model = clip.CLIP(cfg)
-  params = jax.device_put(params)
-
-  @jax.jit
-  def image_fn(pixels):
-    out = model.apply({"params": params}, pixels, method=clip.CLIP.encode_image)
-    return clip.normalize(out["embedding"])
-
-  @jax.jit
-  def text_fn(tokens):
-    out = model.apply({"params": params}, tokens, method=clip.CLIP.encode_text)
-    return clip.normalize(out["embedding"])
-
-  return image_fn, text_fn
 
 
 def _try_load(path: str, image_size: int) -> Optional[np.ndarray]:
@@ -97,43 +86,52 @@ def embed_image_files(paths: Sequence[str], image_fn, batch_size: int,
   return _stack(features), kept, skipped
 
 
-def embed_texts(texts: Sequence[str], text_fn, tokenizer, batch_size: int) -> np.ndarray:
-  """Tokenises (truncating to the context) and embeds texts: [N, d]."""
-  if not texts:
-    return np.zeros((0, 0), np.float32)
-  feats = retrieval.embed_texts(list(texts), text_fn, tokenizer, batch_size)
-  logging.info("texts: %d embedded", len(texts))
-  return feats
-
-
 def _stack(parts):
   return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+# The eval's text buckets (config_base defaults): embed and eval cut alike.
+TEXT_BUCKETS = buckets.eval_buckets(config_base.base_config())
+
+
+def encode_texts_bucketed(model: api.Model, texts: List[str],
+                          text_buckets: Sequence[int]) -> np.ndarray:
+  """model.encode_text, each batch cut to its length bucket (buckets.py:
+  the same features, less compute for short texts): [N, d]."""
+  if not texts or not text_buckets:
+    return model.encode_text(texts)
+  tokens = model.tokenize(texts)                                   # [N, C]
+  return np.concatenate([
+      model.encode_tokens(buckets.cut_to_bucket(
+          tokens[start:start + model.batch_size], text_buckets,
+          model.cfg.eot_token_id))
+      for start in range(0, len(tokens), model.batch_size)])
+
+
 def embed(checkpoint: str, texts: Sequence[str] = (),
           image_paths: Sequence[str] = (), batch_size: int = 64,
-          tokenizer: str = "clip") -> Dict[str, np.ndarray]:
-  """Features of texts and images under the model in `checkpoint` (our orbax dir).
+          tokenizer: Optional[str] = None,
+          step: Optional[int] = None,
+          text_buckets: Sequence[int] = TEXT_BUCKETS) -> Dict[str, np.ndarray]:
+  """Features of texts and images under the model in `checkpoint`.
 
-  `tokenizer`: "clip" or a SentencePiece .model path (tokenizers.get_tokenizer).
+  checkpoint: anything api.load reads (model dir, training WORKDIR, .pt,
+    .safetensors, HF directory); `step` picks a WORKDIR's saved step.
+  tokenizer: "clip" or a SentencePiece .model path (tokenizers.get_tokenizer);
+    None: a WORKDIR's config.data.tokenizer, else "clip".
 
   Returns a dict of numpy arrays: text_features [N, d], image_features [M, d]
   (L2-normalised float32; rows follow `texts` / the readable `image_paths`),
   texts [N], image_paths [M], skipped_images [K].
   """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  params, cfg = ckpt_lib.load_model(checkpoint)
-  logging.info("Loaded %s: %s", checkpoint, cfg)
-  image_fn, text_fn = _tower_fns(params, cfg)
-  tok = tokenizers.get_tokenizer(tokenizer, context_length=cfg.context_length)
-  tokenizers.check_model_compatible(tok, cfg.vocab_size, cfg.eot_token_id,
-                                    f"{checkpoint} with --tokenizer={tokenizer}")
-
-  text_features = embed_texts(texts, text_fn, tok, batch_size)
+  model = api.load(checkpoint, step=step, tokenizer=tokenizer,
+                   batch_size=batch_size)
+  logging.info("Loaded %s (%s): %s", checkpoint, model.format, model.cfg)
+  text_features = encode_texts_bucketed(model, list(texts), text_buckets)
+  logging.info("texts: %d embedded", len(texts))
   image_features, kept, skipped = embed_image_files(
-      list(image_paths), image_fn, batch_size, cfg.image_size)
-  d = cfg.embed_dim
+      list(image_paths), model.encode_pixels, batch_size, model.image_size)
+  d = model.cfg.embed_dim
   return {
       "text_features": text_features.reshape(-1, d).astype(np.float32),
       "image_features": image_features.reshape(-1, d).astype(np.float32),
@@ -178,32 +176,41 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The CLI's flags (defined only when run as a program: no clash on import)."""
-  flags.DEFINE_string("checkpoint", None, "Model directory "
-                      "(checkpoint.save_model / convert output).")
+  flags.DEFINE_string("checkpoint", None, "Model directory, training workdir, "
+                      ".pt/.safetensors file or HF CLIPModel directory.")
+  flags.DEFINE_integer("step", None, "With a training workdir: this saved "
+                       "step instead of the latest.")
   flags.DEFINE_string("texts", None, "Text file, one text per line.")
   flags.DEFINE_string("images", None, "Image directory or glob pattern.")
   flags.DEFINE_string("out", None, "Output .npz file.")
-  flags.DEFINE_integer("batch_size", 64, "Rows per model call.")
-  flags.DEFINE_string("tokenizer", "clip", "'clip' (CLIP's BPE) or the path "
-                      "of the SentencePiece .model the model was trained with.")
+  flags.DEFINE_integer("batch_size", 64, "Rows per model call.", lower_bound=1)
+  flags.DEFINE_string("tokenizer", None, "'clip' (CLIP's BPE) or the path of "
+                      "the SentencePiece .model the model was trained with; "
+                      "default: a workdir's config.data.tokenizer, else clip.")
+  flags.DEFINE_list("text_buckets", [str(n) for n in TEXT_BUCKETS],
+                    "Text batches are cut to the smallest of these lengths "
+                    "holding their longest text (same features); '' = off.")
+  flags.mark_flags_as_required(["checkpoint", "out"])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.texts and not FLAGS.images:
-    raise app.UsageError("Give --texts and/or --images")
+    raise cli.UserError("Give --texts and/or --images")
+  if FLAGS.texts and not os.path.isfile(FLAGS.texts):
+    raise cli.UserError(f"--texts={FLAGS.texts}: no such file")
   texts = read_texts(FLAGS.texts) if FLAGS.texts else []
   paths = list_images(FLAGS.images) if FLAGS.images else []
   result = embed(FLAGS.checkpoint, texts, paths, FLAGS.batch_size,
-                 FLAGS.tokenizer)
+                 FLAGS.tokenizer, FLAGS.step,
+                 [int(n) for n in FLAGS.text_buckets])
   save_npz(FLAGS.out, result)
-  logging.info("Wrote %s: %d text and %d image features (%d images skipped)",
-               FLAGS.out, len(result["text_features"]),
-               len(result["image_features"]), len(result["skipped_images"]))
+  print(f"Wrote {FLAGS.out}: {len(result['text_features'])} text and "
+        f"{len(result['image_features'])} image features "
+        f"({len(result['skipped_images'])} images skipped)", flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["checkpoint", "out"])
-  app.run(main)
+  cli.run(main)

@@ -32,7 +32,7 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
 
 All numbers are per *global* batch (config.data.global_batch), as Python ints.
 """
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from fixclip_jax import losses
 from fixclip_jax.models import fixclip
@@ -114,10 +114,19 @@ def logits_flops(batch: int, embed_dim: int) -> int:
 # Configs -> shapes.
 
 def text_lengths(config) -> tuple:
-  """(long, short) caption lengths of a train batch, as the data pipeline makes."""
+  """(long, short) caption lengths of a train batch, as the data pipeline makes
+  them (before any length bucket cuts them, buckets.py)."""
   long_len = int(config.data.text_context)
   short_len = int(config.data.short_context) or long_len
   return long_len, short_len
+
+
+def batch_text_lengths(batch: dict) -> tuple:
+  """(long, short) lengths of an actual (host or global) batch: what the step
+  runs on, e.g. after buckets.py cut it. A missing short caption counts 0."""
+  short = batch.get("text_short")
+  return (int(batch["text_long"].shape[1]),
+          int(short.shape[1]) if short is not None else 0)
 
 
 def kept_patches(config, cfg: sizes.CLIPConfig) -> int:
@@ -132,12 +141,17 @@ def kept_patches(config, cfg: sizes.CLIPConfig) -> int:
 # ----------------------------------------------------------------------------
 # Public API.
 
-def train_step_flops(config, batch: Optional[int] = None) -> Dict[str, int]:
+def train_step_flops(config, batch: Optional[int] = None,
+                     lengths: Optional[Tuple[int, int]] = None
+                     ) -> Dict[str, int]:
   """Analytic FLOPs of one train step on a global batch, by component.
 
   Args:
     config: a training config (config_base.base_config() and overrides).
     batch: global batch size; default config.data.global_batch.
+    lengths: (long, short) text token lengths the step runs on (a batch cut
+      to length buckets, `batch_text_lengths`); default the config's contexts
+      (`text_lengths(config)`).
 
   Returns a dict of ints (see the module docstring for the convention):
     vision_raw, vision_masked, text_long, text_short: forward FLOPs of each
@@ -149,9 +163,10 @@ def train_step_flops(config, batch: Optional[int] = None) -> Dict[str, int]:
   cfg = sizes.model_config(config)
   b = int(config.data.global_batch if batch is None else batch)
   objective = losses.get_objective(config.objective)
-  long_len, short_len = text_lengths(config)
+  long_len, short_len = (text_lengths(config) if lengths is None
+                         else (int(n) for n in lengths))
   if max(long_len, short_len) > cfg.context_length:
-    raise ValueError(f"config.data text lengths ({long_len}, {short_len}) exceed "
+    raise ValueError(f"text lengths ({long_len}, {short_len}) exceed "
                      f"config.model.context_length={cfg.context_length}")
   d = cfg.embed_dim
   uses_short = objective.short_caption

@@ -17,8 +17,10 @@ The console shows one config line, progress and the results; everything else
 (the full config, library logs) is in WORKDIR/config.json and WORKDIR/log.txt.
 """
 import difflib
+import logging as py_logging
+from logging import handlers as py_log_handlers
 import os
-from typing import List
+from typing import List, Tuple
 
 from absl import flags
 from absl import logging
@@ -28,6 +30,7 @@ from ml_collections import config_flags
 
 from fixclip_jax import cli
 from fixclip_jax import config_base
+from fixclip_jax import config_check
 from fixclip_jax import train
 
 DEFAULT_CONFIG = "demo"
@@ -68,14 +71,26 @@ def maybe_initialize_distributed(mode: str) -> None:
 # ----------------------------------------------------------------------------
 # The command line: --config by name or path, overrides checked before parsing.
 
-def _config_value_index(argv: List[str]) -> int:
-  """Index of the argument holding --config's value (-1 when absent)."""
+def _config_values(argv: List[str]) -> List[Tuple[int, str]]:
+  """(index, text before the value) of each argument holding a --config
+  value: ("--config=" for `--config=demo`, "" for `--config demo`)."""
+  found = []
   for i, arg in enumerate(argv[1:], start=1):
-    if arg.startswith(("--config=", "-config=")):
-      return i
-    if arg in ("--config", "-config") and i + 1 < len(argv):
-      return i + 1
-  return -1
+    for flag in ("--config", "-config"):
+      if arg.startswith(flag + "="):
+        found.append((i, flag + "="))
+      elif arg == flag and i + 1 < len(argv):
+        found.append((i + 1, ""))
+  return found
+
+
+def _resolve_config_value(value: str) -> str:
+  """NAME or PATH[:args] -> the config file's PATH[:args]."""
+  name, colon, args = value.partition(":")
+  try:
+    return config_base.resolve_config_file(name) + colon + args
+  except FileNotFoundError as e:
+    raise cli.UserError(f"--config={value}: {e}") from e
 
 
 def _unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
@@ -106,21 +121,16 @@ def resolve_config_argv(argv: List[str]) -> List[str]:
   among the packaged configs; no --config means the demo), after checking
   that every --config.key override names a knob. Raises cli.UserError."""
   argv = list(argv)
-  index = _config_value_index(argv)
-  if index < 0:  # before any override: ml_collections wants --config first
+  values = _config_values(argv)
+  if not values:  # before any override: ml_collections wants --config first
     argv.insert(1, f"--config={DEFAULT_CONFIG}")
-    index = 1
-  prefix, value = "", argv[index]
-  if value.startswith("-"):
-    prefix, value = value.split("=", 1)[0] + "=", value.split("=", 1)[1]
-  name, colon, args = value.partition(":")
-  try:
-    path = config_base.resolve_config_file(name)
-    config = config_base.load_config_file(path) if not colon else None
-  except FileNotFoundError as e:
-    raise cli.UserError(f"--config={value}: {e}") from e
-  argv[index] = prefix + path + colon + args
-  if config is not None:  # a parameterised config's keys depend on its args
+    values = [(1, "--config=")]
+  for i, prefix in values:
+    argv[i] = prefix + _resolve_config_value(argv[i][len(prefix):])
+  last, prefix = values[-1]
+  path = argv[last][len(prefix):]
+  if ":" not in path:  # a parameterised config's keys depend on its args
+    config = config_base.load_config_file(path)
     for key in _override_keys(argv):
       message = _unknown_key_message(config, key)
       if message:
@@ -154,6 +164,27 @@ def config_summary(config: ml_collections.ConfigDict, name: str, mode: str,
           f"{os.path.join(workdir, train.CONFIG_FILE)})")
 
 
+def log_file_opener(workdir: str, process: int):
+  """Holds log records in memory until the run's checks pass, then opens
+  WORKDIR/log.txt (process 0; log_processN.txt on the others) with them: a
+  user error leaves the workdir as it was. Returns the opener."""
+  held = py_log_handlers.MemoryHandler(capacity=1 << 30,
+                                       flushLevel=py_logging.CRITICAL + 1)
+  held.setLevel(py_logging.INFO)
+  py_logging.getLogger().addHandler(held)
+
+  def open_log():
+    py_logging.getLogger().removeHandler(held)
+    handler = cli.log_to_file(os.path.join(
+        workdir, cli.LOG_FILE if process == 0 else f"log_process{process}.txt"))
+    if handler is not None:
+      held.setTarget(handler)
+      held.flush()
+    held.close()
+
+  return open_log
+
+
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -162,19 +193,24 @@ def main(argv):
   mode = flags.FLAGS.mode
   maybe_initialize_distributed(config.distributed)
   process = jax.process_index()
-  cli.log_to_file(os.path.join(workdir, cli.LOG_FILE if process == 0 else
-                               f"log_process{process}.txt"))
+  # Config errors end here, in one line, before anything is written.
+  config_check.check_config(config, mode)
+  open_log = log_file_opener(workdir, process)
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__,
                process, jax.process_count(), jax.devices())
   logging.info("Config:\n%s", config)
   if process == 0:
-    name = os.path.splitext(os.path.basename(
-        flags.FLAGS["config"].config_filename))[0]
-    print(config_summary(config, name, mode, workdir), flush=True)
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    name = os.path.splitext(os.path.basename(path.split(":")[0]))[0]
+    summary = config_summary(config, name, mode, workdir)
+    logging.info("%s", summary)
+    print(summary, flush=True)
+  # train.py checks the workdir and init_from, then opens the log.
   if mode == "eval":
-    train.evaluate_checkpoint(config, workdir)
+    train.evaluate_checkpoint(config, workdir, on_start=open_log)
   else:
-    train.train_and_evaluate(config, workdir, evaluate=mode == "train_and_eval")
+    train.train_and_evaluate(config, workdir, evaluate=mode == "train_and_eval",
+                             on_start=open_log)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from fixclip_jax import losses
+from fixclip_jax import pixels
 from fixclip_jax import sharding
 from fixclip_jax.models import clip
 from fixclip_jax.models import fixclip
@@ -125,6 +126,9 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
                     ) -> Callable:
   """(state, batch) -> (state, metrics); jit it with shardings (`jit_train_step`).
 
+  batch: image uint8 (or normalised float) [B, H, W, 3]; text_long [B, T],
+  text_short [B, Ts] int32, any T <= context_length (buckets.py cuts them to
+  length buckets; one compiled variant per shape).
   The objective's spec (losses.OBJECTIVES) says which branches run: the short
   caption and the masked image are computed only for objectives that read them.
   """
@@ -135,12 +139,15 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
 
   def step_fn(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    masks = (image_masks(config, rng, batch["image"].shape[0], num_patches)
+    # The pipeline sends uint8 pixels; normalised here, bit-identical to the
+    # eval transform (pixels.py). Float batches are taken as normalised.
+    images = pixels.model_input(batch["image"], jnp)                # [B, H, W, 3]
+    masks = (image_masks(config, rng, images.shape[0], num_patches)
              if objective.masked_image else {})
     text_short = batch["text_short"] if objective.short_caption else None
 
     def loss_fn(params):
-      out = model.apply({"params": params}, batch["image"], batch["text_long"],
+      out = model.apply({"params": params}, images, batch["text_long"],
                         text_short, method=clip.CLIP.train_outputs, **masks)
       out["logit_scale"] = losses.clamp_logit_scale(out["logit_scale"], max_logit_scale)
       return loss_of_outputs(out)

@@ -4,8 +4,11 @@ host batches (data/pipeline.py) -> global batch on the mesh -> jitted step ->
 metrics, periodic evaluation (evaluation/run.py) and checkpoints
 (checkpoint.py); init_from through pretrained.py. Resume is automatic.
 """
+import functools
+import os
 import signal
 import time
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -13,6 +16,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
+from fixclip_jax import buckets
 from fixclip_jax import checkpoint
 from fixclip_jax import fileio
 from fixclip_jax import flops
@@ -22,15 +26,26 @@ from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import tokenizers
+from fixclip_jax.evaluation import report
 from fixclip_jax.evaluation import run as eval_run
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
 TrainState = step_lib.TrainState
+CONFIG_FILE = "config.json"
 
 
 class PreemptionGuard:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps.
+
+  The loop then saves synchronously and returns; worst-case stop time: the
+  step computing when the signal comes and the one queued behind it (the
+  loop keeps at most one step queued), plus one synchronous save. Waiting for
+  a batch is given up at once (polled every 0.1 s: a stuck read never holds
+  the stop up), and the pipeline's threads are released on the way out. A
+  second signal gets the default action: the process ends at once, even
+  inside a long compile or a stuck save.
+  """
 
   def __init__(self):
     self.requested = False
@@ -45,8 +60,11 @@ class PreemptionGuard:
     return self
 
   def _handle(self, signum, _frame):
-    logging.warning("Signal %d: saving a checkpoint and stopping.", signum)
+    logging.warning("Signal %d: saving a checkpoint and stopping (a second "
+                    "signal ends the process at once).", signum)
     self.requested = True
+    for sig in self._previous:
+      signal.signal(sig, signal.SIG_DFL)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -65,8 +83,43 @@ def _write_config_copy(config, workdir: str) -> None:
   """WORKDIR/config.json: the resolved config of this run (process 0)."""
   if jax.process_index() != 0:
     return
-  fileio.atomic_write(fileio.path(workdir) / "config.json",
+  fileio.atomic_write(fileio.path(workdir) / CONFIG_FILE,
                       config.to_json_best_effort(indent=2))
+
+
+def _say(message: str) -> None:
+  """A line for the user: stdout on process 0, and the log file."""
+  logging.info("%s", message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def _restore(config, workdir, manager, model, mesh, train_iter):
+  """The train state at config.resume_step (0: the latest saved step).
+
+  Going back to an earlier step deletes the later checkpoints once the state
+  is restored: orbax cannot save a step that exists, and would skip saves of
+  steps below its latest.
+  """
+  steps = manager.all_steps()
+  step = config.resume_step or manager.latest_step()
+  if step not in steps:
+    raise ValueError(f"config.resume_step={config.resume_step}: no such "
+                     f"checkpoint in {manager.directory} (saved steps: "
+                     f"{sorted(steps) or 'none'})")
+  abstract, shardings, tx = step_lib.abstract_state(config, model, mesh)
+  # The latest step falls back to the newest older one that restores (the
+  # broken ones are moved aside, never deleted); a requested step does not.
+  state, step = checkpoint.restore_newest(manager, abstract, train_iter,
+                                          newest=step,
+                                          fallback=not config.resume_step)
+  later = sorted(s for s in manager.all_steps() if s > step)
+  for s in later:
+    manager.delete(s)
+  if later:
+    _say(f"Deleted the checkpoints after step {step}: {later}")
+  _say(f"Resumed from {workdir} at step {step}")
+  return state, shardings, tx
 
 
 def _sum_over_hosts(counts: np.ndarray) -> np.ndarray:
@@ -85,11 +138,32 @@ def _progress(step: int, total: int, step_time: float, metrics: dict) -> str:
           f"{metrics['images_per_s']:.1f} img/s, ETA {eta / 60:.1f} min")
 
 
+def _check_resume_step(config, workdir: str, resuming: bool) -> None:
+  if not config.resume_step:
+    return
+  if not resuming:
+    raise ValueError(f"config.resume_step={config.resume_step}: {workdir} "
+                     "holds no training checkpoint")
+  steps = checkpoint.saved_steps(workdir)
+  if config.resume_step not in steps:
+    raise ValueError(f"config.resume_step={config.resume_step}: no such "
+                     f"checkpoint in {workdir}/{checkpoint.TRAIN_CHECKPOINT_SUBDIR}"
+                     f" (saved steps: {steps})")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       evaluate: bool = True) -> TrainState:
+                       evaluate: bool = True,
+                       on_start: Optional[Callable[[], None]] = None
+                       ) -> TrainState:
   """Trains config.num_train_steps micro-steps, resuming from WORKDIR if it
   holds a checkpoint; evaluates every config.eval_every steps and at the end
-  (and before the first step when config.eval_at_start)."""
+  (and before the first step when config.eval_at_start).
+
+  Everything that can be wrong with the config, the data source, the
+  workdir (another model, another process count) or init_from raises before
+  anything is written; `on_start()` runs after those checks, before the
+  first write (main.py opens its log file there).
+  """
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("Devices: %s", sharding.describe(mesh))
   cfg = sizes.model_config(config)
@@ -102,26 +176,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if data_config.image_size != cfg.image_size:
     raise ValueError(f"config.data.image_size={data_config.image_size} but model "
                      f"{config.model_name} takes {cfg.image_size}px images")
-  train_iter = pipeline.make_train_iterator(data_config, tokenizer)
+  # Batches come from a thread: a stuck read never holds up a stop; the
+  # checkpointed data state includes the skip totals (they carry on).
+  train_iter = pipeline.BackgroundBatches(
+      pipeline.make_train_iterator(data_config, tokenizer))
+  resuming = checkpoint.check_resume(workdir, cfg)
+  _check_resume_step(config, workdir, resuming)
+  params = None
+  if config.init_from and not resuming:
+    fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
+    params = pretrained.load_pretrained(config.init_from, cfg, fresh,
+                                        logit_scale=config.init_logit_scale)
 
-  _write_config_copy(config, workdir)
-  checkpoint.write_workdir_model_config(workdir, cfg)  # convert --src=WORKDIR
+  if on_start is not None:
+    on_start()
+  if not resuming:  # the workdir's record of its checkpoints, written once
+    _write_config_copy(config, workdir)
+    checkpoint.write_workdir_model_config(workdir, cfg)  # convert --src=WORKDIR
+    checkpoint.write_run_record(workdir)
   manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints,
                                           best_metric=config.checkpoint_best_metric)
-  if manager.latest_step() is not None:  # resume: restore into the abstract state
-    abstract, shardings, tx = step_lib.abstract_state(config, model, mesh)
-    state = checkpoint.restore_train_state(manager, abstract, train_iter)
-    logging.info("Resumed from %s at step %d", workdir, int(state["step"]))
+  if resuming:  # restore into the abstract state
+    state, shardings, tx = _restore(config, workdir, manager, model, mesh,
+                                    train_iter)
   else:
-    params = None
-    if config.init_from:
-      fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
-      params = pretrained.load_pretrained(config.init_from, cfg, fresh,
-                                          logit_scale=config.init_logit_scale)
     state, shardings, tx = step_lib.init_state(config, model, mesh, params)
   start = int(jax.device_get(state["step"]))
 
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, config=config)
   eval_metrics = {}
 
   def run_eval(step):
@@ -136,26 +218,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   step_fn = step_lib.make_train_step(config, model, tx)
   train_step = None  # jitted on the first batch, whose structure it needs
-  flops_per_step = flops.train_step_flops(config)["total"]
+  # Text cut to length buckets (buckets.py): exact, one compiled step per
+  # bucket pair; FLOPs (for MFU) are those of the cut lengths.
+  text_buckets = buckets.TextBuckets.from_config(config, cfg.eot_token_id)
+  step_flops = functools.lru_cache(lambda lengths: flops.train_step_flops(
+      config, lengths=lengths)["total"])
+  window_flops = 0
   peak = 1e12 * (config.peak_tflops or
                  flops.peak_tflops_for(jax.devices()[0].device_kind) or 0.0)
-  skipped = np.zeros(len(pipeline.SKIP_REASONS), np.int64)  # this host, this run
+  skipped = train_iter.skip_totals  # this host, since the run's first step
   images_per_step = config.data.global_batch
   eval_every = config.eval_every or config.num_train_steps
   timer_start, timer_steps = time.perf_counter(), 0
   step = start
   skipped_logged, last_logged = int(jax.device_get(state["num_skipped"])), start
-  with PreemptionGuard() as guard:
+  in_flight = None  # the previous step's loss: at most one step queued
+  preempted = False
+  with PreemptionGuard() as guard, train_iter:
     while step < config.num_train_steps:
-      host = next(train_iter)
-      skipped += np.asarray(host["skipped"]).sum(0)
-      batch = sharding.global_batch(_host_batch(host), mesh)
+      host = train_iter.next(stop=lambda: guard.requested)
+      if host is None:  # a signal while waiting for data (a read may be stuck)
+        preempted = True
+        if step not in manager.all_steps():
+          checkpoint.save_train_state(manager, step, state, train_iter,
+                                      metrics=eval_metrics or None, force=True,
+                                      wait=True)
+        logging.warning("Preempted at step %d while waiting for data: "
+                        "checkpoint saved, exiting.", step)
+        break
+      skipped = train_iter.skip_totals
+      host_batch = text_buckets(_host_batch(host))
+      window_flops += step_flops(flops.batch_text_lengths(host_batch))
+      batch = sharding.global_batch(host_batch, mesh)
       if train_step is None:
         train_step = step_lib.jit_train_step(step_fn, mesh, shardings, batch)
       state, metrics = train_step(state, batch)
+      if in_flight is not None:  # a signal then stops within one step
+        jax.block_until_ready(in_flight)
+      in_flight = metrics["loss"]
       step += 1
       timer_steps += 1
-      if step % config.log_every == 0 or step == config.num_train_steps:
+      # The first step of a run is logged too: a progress line right away
+      # (its time includes compilation).
+      if (step % config.log_every == 0 or step == config.num_train_steps or
+          step == start + 1):
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - timer_start
         metrics["step_time_s"] = elapsed / timer_steps
@@ -164,8 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             step // config.optim.accum_steps))
         metrics["logit_scale"] = float(np.log(metrics["temperature"]))
         if peak:
-          metrics["mfu"] = flops_per_step / metrics["step_time_s"] / (
-              peak * jax.device_count())
+          metrics["mfu"] = window_flops / elapsed / (peak * jax.device_count())
         for reason, count in zip(pipeline.SKIP_REASONS, _sum_over_hosts(skipped)):
           metrics[f"data/skipped_{reason}"] = int(count)
         if metrics["skipped_total"] > skipped_logged:
@@ -178,43 +283,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_logged = step
         writer.write(step, metrics)
         if jax.process_index() == 0:
+          note = " (first step: includes compilation)" if step == start + 1 else ""
           print(_progress(step, config.num_train_steps, metrics["step_time_s"],
-                          metrics), flush=True)
-        timer_start, timer_steps = time.perf_counter(), 0
+                          metrics) + note, flush=True)
+        timer_start, timer_steps, window_flops = time.perf_counter(), 0, 0
       preempted = guard.requested or manager.reached_preemption(step)
       if evaluate and not preempted and (step % eval_every == 0 or
                                          step == config.num_train_steps):
         eval_metrics = run_eval(step)
-      if (step % config.checkpoint_every == 0 or preempted or
-          step == config.num_train_steps):
+      last = preempted or step == config.num_train_steps
+      if step % config.checkpoint_every == 0 or last:
         checkpoint.save_train_state(manager, step, state, train_iter,
-                                    metrics=eval_metrics or None, force=True)
+                                    metrics=eval_metrics or None, force=True,
+                                    wait=last)
+      checkpoint.check_saves(manager)  # a failed save stops the run at once
       if preempted:
         logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
         break
-  manager.wait_until_finished()
+  checkpoint.check_saves(manager, wait=True)
   writer.close()
+  if preempted:
+    _say(f"Stopped by a signal at step {step}; its checkpoint is saved: rerun "
+         "the same command to resume.")
+  elif jax.process_index() == 0:
+    _print_outcome(workdir, evaluated=evaluate)
   return state
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> list:
-  """--mode=eval: scores config.init_from, or WORKDIR's latest train state."""
+def _print_outcome(workdir: str, evaluated: bool) -> None:
+  """The end of a run on the console: the eval table, plots, TensorBoard, report."""
+  report.write_train_curves(workdir, metrics_lib.read_metrics(workdir))
+  root = fileio.path(workdir)
+  if evaluated:
+    print(report.console_table(report.read_results(workdir)), end="")
+  plots = [os.fspath(root / name) for name in
+           (report.RECALL_PNG, report.HISTORY_PNG, report.TRAIN_PNG)
+           if fileio.exists(root / name)]
+  if plots:
+    print("Plots: " + ", ".join(plots))
+  print(f"TensorBoard: tensorboard --logdir={os.fspath(root / metrics_lib.TB_SUBDIR)}")
+  if evaluated:
+    print(f"Report: {os.fspath(root / report.MARKDOWN_NAME)}", flush=True)
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        on_start: Optional[Callable[[], None]] = None) -> list:
+  """--mode=eval: scores config.init_from, or WORKDIR's latest train state
+  (config.resume_step: that step's). `on_start()` runs once the model is
+  loaded, before the first write."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   cfg = sizes.model_config(config)
   model = step_lib.make_model(config, cfg)
-  manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
-  step = manager.latest_step()
+  steps = checkpoint.saved_steps(workdir)  # read only: nothing created
+  step = config.resume_step or (steps[-1] if steps else None)
+  if not config.init_from and config.resume_step and step not in steps:
+    raise ValueError(f"config.resume_step={step}: no such checkpoint in "
+                     f"{workdir}/{checkpoint.TRAIN_CHECKPOINT_SUBDIR} (saved "
+                     f"steps: {steps or 'none'})")
   if config.init_from:
     fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
     params = pretrained.load_pretrained(config.init_from, cfg, fresh, logit_scale=0.0)
     params = jax.device_put(params, sharding.replicated(mesh))
   elif step is not None:
+    checkpoint.check_resume(workdir, cfg, with_data=False)
+    manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
     abstract, _, _ = step_lib.abstract_state(config, model, mesh)
-    params = checkpoint.restore_train_state(manager, abstract)["params"]
+    state, step = checkpoint.restore_newest(manager, abstract, newest=step,
+                                            fallback=not config.resume_step)
+    params = state["params"]
   else:
     raise ValueError(f"--mode=eval needs --config.init_from or a training "
                      f"checkpoint in {workdir}/{checkpoint.TRAIN_CHECKPOINT_SUBDIR}")
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer,
                                        context_length=cfg.context_length)
-  return eval_run.evaluate(config, model, params, mesh, tokenizer,
-                           workdir=workdir, step=step)
+  if on_start is not None:
+    on_start()
+  results = eval_run.evaluate(config, model, params, mesh, tokenizer,
+                              workdir=workdir, step=step)
+  if jax.process_index() == 0:
+    print(report.console_table(report.read_results(workdir)), end="")
+    print(f"Report: {os.fspath(fileio.path(workdir) / report.MARKDOWN_NAME)}",
+          flush=True)
+  return results

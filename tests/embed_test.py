@@ -130,7 +130,7 @@ class EmbedTest(absltest.TestCase):
     np.testing.assert_allclose(result["text_features"],
                                clip.normalize(out["embedding"]), atol=2e-6)
     # The CLIP-vocabulary model pools at argmax: a SentencePiece eos is not it.
-    with self.assertRaisesRegex(ValueError, r"ckpt with --tokenizer=.*spm\.model"
+    with self.assertRaisesRegex(ValueError, r"ckpt with tokenizer .*spm\.model"
                                 r".*eot_token_id="):
       embed.embed(self.ckpt, _TEXTS, [], tokenizer=prefix + ".model")
     with self.assertRaisesRegex(ValueError, r"config\.data\.tokenizer='bpe'"):

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 
 from fixclip_jax import config_base
+from fixclip_jax.data import synthetic
+from fixclip_jax.data import tokenizers
 from fixclip_jax.evaluation import datasets
 from fixclip_jax.evaluation import imagenet_classes
 from fixclip_jax.evaluation import run
@@ -235,6 +237,25 @@ class RetrievalLoadersTest(absltest.TestCase):
     self.assertEqual(long_ds.texts, [r["caption"] for r in rows])
     self.assertEqual(short_ds.texts, [r["short_caption"] for r in rows])
     _check_pairing(self, long_ds)
+
+  def test_synthetic_long77_cuts_long_captions_to_77_tokens(self):
+    root = os.path.dirname(synthetic.make_synthetic_dataset(
+        os.path.join(self.root, "synth"), 4, image_size=32))
+    long_ds = datasets.load_dataset("synthetic_long", root)
+    cut_ds = datasets.load_dataset("synthetic-long77", root)
+    self.assertEqual(cut_ds.protocol, "synthetic-long77")
+    self.assertEqual(cut_ds.texts, long_ds.texts)
+    self.assertEqual((long_ds.text_context, cut_ds.text_context), (None, 77))
+    tok = tokenizers.get_tokenizer("clip", context_length=248)
+    self.assertIs(run.dataset_tokenizer(tok, long_ds, 248), tok)
+    cut = run.dataset_tokenizer(tok, cut_ds, 248)(cut_ds.texts)
+    self.assertEqual(cut.shape, (4, 77))
+    np.testing.assert_array_equal(cut[:, -1], tok.eot_token_id)  # captions > 77
+    np.testing.assert_array_equal(cut[:, :76], tok(cut_ds.texts)[:, :76])
+    self.assertEqual(run.dataset_tokenizer(tok, cut_ds, 32)(cut_ds.texts).shape,
+                     (4, 32))
+    with self.assertRaisesRegex(ValueError, "long77"):
+      datasets.load_synthetic(root, which="long76")
 
   def test_unknown_name(self):
     with self.assertRaisesRegex(KeyError, "urban1k"):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fixclip_jax.data import captions
 from fixclip_jax.data import synthetic
+from fixclip_jax.data import tokenizers
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,27 +46,78 @@ class SyntheticTest(absltest.TestCase):
       caption, short = ex["caption"], ex["short_caption"]
       objects = ex["scene"]["objects"]
       self.assertLen(objects, 4)
+      # Long-CLIP's rule (method.md §2), written out, and the pipeline's.
+      self.assertEqual(short, caption.replace("\n", " ").split(". ")[0])
       self.assertEqual(short, captions.first_sentence(caption))
-      self.assertBetween(len(caption.split()), 60, 150)
-      # The short caption names the salient (largest) object and nothing else.
-      first = objects[0]
-      self.assertIn(f"{first['size']} {first['colour']} {first['shape']}", short)
-      sizes = list(synthetic.SIZES)
-      self.assertEqual(sizes.index(first["size"]),
-                       max(sizes.index(o["size"]) for o in objects))
-      for obj in objects[1:]:
-        self.assertNotIn(obj["colour"], short.split())
+      self.assertIn("\n", caption)  # paragraph break, as in ShareGPT4V
+      self.assertBetween(len(caption.split()), 100, 180)
+      # The short caption is a global summary: every shape, no sizes or places.
+      for obj in objects:
+        self.assertIn(f"{obj['colour']} {obj['shape']}", short)
         self.assertIn(f"{obj['size']} {obj['colour']} {obj['shape']} in "
                       f"{synthetic.POSITIONS[obj['cell']]}", caption)
+        self.assertNotIn(f"{obj['size']} {obj['colour']}", short)
+      self.assertNotIn("corner", short)
+      # Salience order: larger shapes are described first.
+      sizes = list(synthetic.SIZES)
+      if not ex["scene"]["late_twin"]:
+        ranks = [sizes.index(o["size"]) for o in objects]
+        self.assertEqual(ranks, sorted(ranks, reverse=True))
+
+  def test_late_twins_differ_only_after_token_77(self):
+    tok = tokenizers.get_tokenizer("clip")
+    examples = synthetic.synthetic_examples(120, image_size=32, seed=5)
+    num_twins = 0
+    for a, b in zip(examples[0::2], examples[1::2]):
+      self.assertEqual(a["scene"]["late_twin"], b["scene"]["late_twin"])
+      cut_a, cut_b = tok([a["caption"], b["caption"]], 77)
+      full_a, full_b = tok([a["caption"], b["caption"]], 248)
+      for full in (full_a, full_b):  # nothing is cut at 248 tokens
+        self.assertLess(int((full > 0).sum()), 248)
+      self.assertFalse(np.array_equal(full_a, full_b))
+      self.assertNotEqual(a["image"], b["image"])
+      if a["scene"]["late_twin"]:
+        num_twins += 1
+        # What a 77-token text tower reads is the same; the summary too.
+        np.testing.assert_array_equal(cut_a, cut_b)
+        self.assertEqual(a["short_caption"], b["short_caption"])
+        early = synthetic.EARLY_OBJECTS
+        self.assertEqual(a["scene"]["objects"][:early],
+                         b["scene"]["objects"][:early])
+        self.assertNotEqual(
+            [o["cell"] for o in a["scene"]["objects"][early:]],
+            [o["cell"] for o in b["scene"]["objects"][early:]])
+      else:
+        self.assertFalse(np.array_equal(cut_a, cut_b))
+    self.assertBetween(num_twins, 15, 45)  # late_detail_share 0.5 of 60 pairs
+
+  def test_late_detail_share(self):
+    def twins(share, num_objects=4):
+      return [synthetic.scene_for_index(i, 7, num_objects, share)["late_twin"]
+              for i in range(0, 200, 2)]
+    self.assertEqual(sum(twins(0.0)), 0)
+    self.assertEqual(sum(twins(1.0)), 100)
+    low, high = twins(0.3), twins(0.7)
+    self.assertBetween(sum(low), 15, 45)
+    self.assertBetween(sum(high), 55, 85)
+    # A larger share keeps every twin pair of a smaller one.
+    self.assertTrue(all(h for l, h in zip(low, high) if l))
+    # Two shapes are all early: no twins.
+    self.assertEqual(sum(twins(1.0, num_objects=2)), 0)
+    with self.assertRaisesRegex(ValueError, "late_detail_share"):
+      synthetic.scene_for_index(0, late_detail_share=1.5)
 
   def test_image_shows_the_described_objects(self):
-    ex = synthetic.synthetic_example(7, image_size=90, seed=0)
-    img = np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB"))
-    self.assertEqual(img.shape, (90, 90, 3))
-    for obj in ex["scene"]["objects"]:
-      row, col = divmod(obj["cell"], 3)
-      centre = img[int((row + 0.5) * 30), int((col + 0.5) * 30)]
-      np.testing.assert_array_equal(centre, synthetic.COLOURS[obj["colour"]])
+    for index in (6, 7):  # a late twin pair (late_detail_share=1)
+      ex = synthetic.synthetic_example(index, image_size=90, seed=0,
+                                       late_detail_share=1.0)
+      self.assertTrue(ex["scene"]["late_twin"])
+      img = np.asarray(Image.open(io.BytesIO(ex["image"])).convert("RGB"))
+      self.assertEqual(img.shape, (90, 90, 3))
+      for obj in ex["scene"]["objects"]:
+        row, col = divmod(obj["cell"], 3)
+        centre = img[int((row + 0.5) * 30), int((col + 0.5) * 30)]
+        np.testing.assert_array_equal(centre, synthetic.COLOURS[obj["colour"]])
 
   def test_make_synthetic_dataset(self):
     dst = os.path.join(_tempdir(self), "shapes")
@@ -85,9 +137,12 @@ class SyntheticTest(absltest.TestCase):
   def test_cli(self):
     dst = os.path.join(_tempdir(self), "cli")
     subprocess.run([sys.executable, "-m", "fixclip_jax.data.synthetic",
-                    "--num=3", f"--dst={dst}", "--image_size=16"],
+                    "--num=4", f"--dst={dst}", "--image_size=16",
+                    "--late_detail_share=1"],
                    check=True, cwd=_REPO, capture_output=True)
-    self.assertLen(os.listdir(os.path.join(dst, "images")), 3)
+    self.assertLen(os.listdir(os.path.join(dst, "images")), 4)
+    with open(os.path.join(dst, "manifest.jsonl")) as f:
+      self.assertTrue(all(json.loads(line)["scene"]["late_twin"] for line in f))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ epoch, record id), so a restored iterator (get_state/set_state) reproduces the
 same batches, with or without worker processes.
 
 Batches (numpy, per host):
-  image       float32 [B, H, W, 3]  CLIP-normalised
+  image       uint8   [B, H, W, 3]  resized/cropped pixels; the train step
+                                    normalises them on the device
+                                    (pixels.py: bit-identical to the eval
+                                    transform, 4x less to send and hold)
   text_long   int32   [B, C]        the caption, C = text_context (248)
   text_short  int32   [B, Cs]       short caption (see below)
   index       int32   [B]           record id in the source
@@ -25,15 +28,22 @@ Batches (numpy, per host):
 Bad data never stops a train run (unless data.raise_on_bad_data, for
 debugging). An example is skipped, for the first problem found (reading the
 source, then the cheap caption checks, then decoding the image), when its
-image file is missing ("missing_file"), its image does not decode
-("unreadable_image": truncated or corrupt bytes, unknown format), its
-caption is empty or blank ("empty_caption"), its caption bytes are not
-UTF-8 ("bad_caption_encoding", tar/ArrayRecord/TFDS; a non-UTF-8 JSONL line is
-a malformed manifest and fails at construction), its caption (or provided
-short caption) has more than data.max_caption_chars characters
-("caption_too_long"; truncation to the token context is normal, this catches
-runaway MLLM output), or, with data.filter_captions, a caption filter rejects
-it ("caption_filter"). Each skip is logged with its file/key (absl, the first
+image file is missing ("missing_file"), its image path is no readable
+regular file ("unreadable_file": a directory, a device, a symlink loop, no
+permission, an I/O error), its read takes longer than data.read_timeout_s
+("read_timeout": a FIFO, a stalled mount; the read is abandoned on a daemon
+thread), its record has missing or ill-typed fields ("bad_record": "image":
+123, a "short_caption" that is no string, a manifest line that is not JSON,
+any other error reading it), its image does not decode ("unreadable_image":
+truncated or corrupt bytes, unknown format), has more than
+data.max_image_pixels pixels even at the 1/8 scale a JPEG decodes at
+("image_too_large"; only JPEGs decode reduced), its caption is empty or blank
+("empty_caption"), its caption bytes are not UTF-8 ("bad_caption_encoding"),
+its caption (or provided short caption) has more than data.max_caption_chars
+characters ("caption_too_long"; truncation to the token context is normal,
+this catches runaway MLLM output), or, with data.filter_captions, a caption
+filter rejects it ("caption_filter"). Each skip is logged with its file/key
+(manifest line, shard key) (absl, the first
 SKIP_LOG_FIRST per reason and process, then every SKIP_LOG_EVERY-th) and
 counted: the count rides on the next kept example's `skipped` row, so the
 column sums of a batch's `skipped` are the examples skipped per reason since
@@ -57,13 +67,17 @@ parsed absl flags (app.run, or flags.FLAGS(argv) in tests) and run under an
 classes, so they pickle.
 """
 import collections
+import io
+import json
+import queue
 import threading
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 from absl import logging
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import sources as sources_lib
@@ -73,7 +87,9 @@ SHORT_CAPTION_POLICIES = ("provided", "first_sentence")
 
 # Why a train example was skipped; the columns of a batch's `skipped` array.
 SKIP_REASONS = ("unreadable_image", "missing_file", "empty_caption",
-                "bad_caption_encoding", "caption_too_long", "caption_filter")
+                "bad_caption_encoding", "caption_too_long", "caption_filter",
+                "unreadable_file", "bad_record", "read_timeout",
+                "image_too_large")
 SKIP_LOG_FIRST = 10  # every skip is logged up to this many per reason...
 SKIP_LOG_EVERY = 1000  # ...then every this-many-th
 
@@ -104,6 +120,38 @@ class SkippedExample(NamedTuple):
 
 class BadExampleError(ValueError):
   """Raised instead of skipping when data.raise_on_bad_data is set."""
+
+
+class ImageTooLargeError(ValueError):
+  """An image with more pixels than data.max_image_pixels allows."""
+
+
+JPEG_SCALES = (2, 4, 8)  # the reductions libjpeg decodes at (PIL's draft)
+
+
+def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
+  """None if `data` holds at most max_pixels pixels (decode it as usual).
+
+  Else the image decoded at the largest JPEG scale (1/2, 1/4, 1/8: libjpeg's
+  DCT scaling, PIL's draft) within the limit, as RGB; ImageTooLargeError if
+  no scale fits or it is not a JPEG (other formats decode at full size only).
+  Only the header is parsed before that decision.
+  """
+  img = Image.open(io.BytesIO(data))
+  width, height = img.size
+  if not max_pixels or width * height <= max_pixels:
+    return None
+  if img.format == "JPEG":
+    for factor in JPEG_SCALES:
+      if -(-width // factor) * -(-height // factor) <= max_pixels:
+        img.draft("RGB", (width // factor, height // factor))
+        if img.size[0] * img.size[1] <= max_pixels:
+          img.load()
+          return img.convert("RGB")
+  how = ("even at 1/8 scale" if img.format == "JPEG" else
+         f"({img.format}: only JPEGs decode reduced)")
+  raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels > "
+                           f"data.max_image_pixels={max_pixels} {how}")
 
 
 class SkipLog:
@@ -152,6 +200,7 @@ class _ExampleProcessor:
     self.rrc_scale = tuple(config.rrc_scale)
     self.rrc_ratio = tuple(config.rrc_ratio)
     self.rrc_jpeg_draft = bool(config.rrc_jpeg_draft)
+    self.max_image_pixels = int(config.get("max_image_pixels", 0) or 0)
     self.raise_on_bad_data = bool(config.raise_on_bad_data)
     self.max_caption_chars = int(config.max_caption_chars)
     self.text_context = int(config.text_context)
@@ -167,15 +216,26 @@ class _ExampleProcessor:
     return captions_lib.short_caption(example["caption"], provided)
 
   def image(self, data: bytes, record_id: int, epoch: int) -> np.ndarray:
+    """uint8 [S, S, 3], not normalised (the step normalises on the device).
+
+    An image over data.max_image_pixels is decoded reduced first
+    (decode_oversized), then transformed like any other.
+    """
+    reduced = decode_oversized(data, self.max_image_pixels)
     if self.transform == "random_resized_crop":
       rng = np.random.default_rng([self.seed, epoch, record_id, 1])
-      return transforms.normalize_pixels(transforms.decode_random_resized_crop(
+      if reduced is not None:
+        return np.asarray(transforms.random_resized_crop(
+            reduced, self.image_size, rng, self.rrc_scale, self.rrc_ratio),
+                          np.uint8)
+      return np.asarray(transforms.decode_random_resized_crop(
           data, self.image_size, rng, self.rrc_scale, self.rrc_ratio,
-          draft=self.rrc_jpeg_draft))
+          draft=self.rrc_jpeg_draft), np.uint8)
     # resize_center_crop, the default (Long-CLIP's recipe): CLIP's exact
     # preprocessing, full-size decode.
-    return transforms.clip_eval_transform(transforms.decode_image(data),
-                                          self.image_size)
+    return transforms.clip_eval_crop(
+        reduced if reduced is not None else transforms.decode_image(data),
+        self.image_size)
 
   def caption_problem(self, example) -> Optional[Tuple[str, str]]:
     """(skip reason, detail) for a caption that is bad data, else None."""
@@ -211,11 +271,20 @@ class _ExampleProcessor:
       return self.skip(reason, where, detail)
     try:
       image = self.image(example["image"], record_id, epoch)
+    except ImageTooLargeError as e:
+      return self.skip("image_too_large", where, str(e), e)
+    except Image.DecompressionBombError as e:  # over PIL's own limit
+      return self.skip("image_too_large", where, str(e), e)
     except transforms.DECODE_ERRORS as e:
       return self.skip("unreadable_image", where,
                        f"cannot decode the image: {e}", e)
+    except Exception as e:  # pylint: disable=broad-except
+      # Malformed files make PIL raise more than DECODE_ERRORS (struct.error,
+      # IndexError, ...): still one bad image, not a dead run.
+      return self.skip("unreadable_image", where, f"cannot decode the image: "
+                       f"{type(e).__name__}: {e}", e)
     return {
-        "image": np.asarray(image, np.float32),  # no copy if float32
+        "image": np.asarray(image, np.uint8),  # no copy if uint8
         "text_long": self.tokenizer([example["caption"]],
                                     self.text_context)[0].astype(np.int32),
         "text_short": self.tokenizer([self.short_text(example)],
@@ -231,8 +300,19 @@ class _ExampleProcessor:
       example = source.get(record_id, epoch)
     except FileNotFoundError as e:
       return self.skip("missing_file", where, str(e), e)
+    except sources_lib.ReadTimeoutError as e:
+      return self.skip("read_timeout", where, str(e), e)
+    except OSError as e:  # sources.UnreadableFileError, pread errors, ...
+      return self.skip("unreadable_file", where, str(e), e)
     except sources_lib.CaptionEncodingError as e:
       return self.skip("bad_caption_encoding", where, str(e), e)
+    except sources_lib.BadRecordError as e:
+      return self.skip("bad_record", where, str(e), e)
+    except Exception as e:  # pylint: disable=broad-except
+      # Any other error of one record (a TFDS feature of an odd type, ...)
+      # is that record's problem; a systematic one still stops the run
+      # through data.max_consecutive_skips, with this message.
+      return self.skip("bad_record", where, f"{type(e).__name__}: {e}", e)
     return self(example, record_id, epoch, where)
 
 
@@ -362,3 +442,99 @@ def make_train_iterator(config, tokenizer, *, source=None,
   return iter(make_train_dataset(config, tokenizer, source=source,
                                  process_index=process_index,
                                  process_count=process_count))
+
+
+class BackgroundBatches:
+  """The train loop's batch iterator: `next(stop)` can give up while a batch
+  is stuck (a signal arrived), and the saved state is where the loop is.
+
+  A daemon thread takes batches from `iterator` one ahead of the loop, so a
+  read that never returns holds up neither the loop nor the process's exit.
+  The state (get_state/set_state, JSON bytes: grain's checkpoint handler
+  saves it as it saves a DataLoader iterator) is the position after the last
+  batch the loop took, plus this host's skip totals per SKIP_REASONS, which
+  so continue across resumes.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+    self._state = iterator.get_state()
+    self._batches = queue.Queue(maxsize=1)
+    self._thread: Optional[threading.Thread] = None
+    self._closed = False
+    self.skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
+
+  def _fetch(self) -> None:
+    while not self._closed:
+      try:
+        batch = next(self._iterator)
+        item = (batch, self._iterator.get_state(), None)
+      except BaseException as e:  # pylint: disable=broad-except  # StopIteration too: raised in next()
+        item = (None, None, e)
+      self._batches.put(item)
+      if item[2] is not None:
+        return
+
+  def next(self, stop: Callable[[], bool] = lambda: False,
+           poll_s: float = 0.1) -> Optional[Dict[str, np.ndarray]]:
+    """The next batch; None as soon as stop() is true (checked every poll_s
+    while waiting). Errors of the pipeline are raised here."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._fetch, daemon=True,
+                                      name="fixclip-batches")
+      self._thread.start()
+    while not stop():
+      try:
+        batch, state, error = self._batches.get(timeout=poll_s)
+      except queue.Empty:
+        continue
+      if error is not None:
+        self._closed = True
+        raise error
+      self._state = state
+      self.skip_totals += np.asarray(batch["skipped"]).sum(0)
+      return batch
+    return None
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    return self.next()
+
+  def __iter__(self) -> "BackgroundBatches":
+    return self
+
+  def __enter__(self) -> "BackgroundBatches":
+    return self
+
+  def __exit__(self, *exc) -> bool:
+    self.close()
+    return False
+
+  def get_state(self) -> bytes:
+    return json.dumps({
+        "pipeline": self._state,
+        "skip_totals": dict(zip(SKIP_REASONS, self.skip_totals.tolist())),
+    }).encode()
+
+  def set_state(self, state: bytes) -> None:
+    if self._thread is not None:
+      raise RuntimeError("BackgroundBatches.set_state after the first batch")
+    state = json.loads(state)
+    if "pipeline" not in state:  # saved before skip totals were kept
+      state = {"pipeline": state}
+    self._iterator.set_state(state["pipeline"])
+    self._state = state["pipeline"]
+    totals = state.get("skip_totals", {})
+    self.skip_totals = np.array([int(totals.get(r, 0)) for r in SKIP_REASONS],
+                                np.int64)
+
+  def start_prefetch(self) -> None:
+    """(grain's checkpoint handler calls it after a restore; the thread starts
+    at the first batch.)"""
+
+  def close(self) -> None:
+    """Stops fetching: waiting reads give up (sources.abandon_reads) and the
+    pipeline's reader threads and worker processes are shut down, so the
+    process can exit at once even with a read stuck for good."""
+    self._closed = True
+    sources_lib.abandon_reads()
+    self._iterator.close()

@@ -27,20 +27,35 @@ pipeline derives `epoch` from the position in its repeated stream
 (position // examples_per_host_epoch). `__getitem__(index)` is `get(index, 0)`.
 
 Bad examples: reading one raises, so the pipeline can skip it and count why
-(pipeline.SKIP_REASONS): a missing image file raises FileNotFoundError, a
-caption whose bytes are not UTF-8 (tar, ArrayRecord, TFDS) CaptionEncodingError;
-both messages name the file/key. `location(index)` says where an example lives
-(for skip logs) without reading it. A malformed JSONL manifest line is not a
-bad example but a broken manifest: it raises at construction, naming the line.
+(pipeline.SKIP_REASONS); every message names the file / manifest line / key:
+  FileNotFoundError     the image file does not exist
+  UnreadableFileError   it exists but is no readable regular file: a directory,
+                        a device or socket, a symlink loop, no permission, I/O
+  ReadTimeoutError      the read did not finish within `read_timeout_s` (a FIFO
+                        with no writer, a stalled network mount); the blocked
+                        read stays on a daemon thread, which never holds up exit
+  CaptionEncodingError  caption bytes that are not UTF-8
+  BadRecordError        missing fields or wrong types ("image": 123, a
+                        "short_caption" that is no string, a manifest line or
+                        tar .json that is not JSON, a record without the magic)
+A JSONL line's problems are found at construction, but only raised when that
+example is read, so one bad line costs one example, not the run (a manifest
+without a single usable line is an error at construction). `location(index)`
+says where an example lives (for skip logs) without reading it.
 """
+import functools
 import glob as glob_lib
 import io
 import json
 import logging
 import os
+import queue
+import stat
 import struct
 import tarfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from grain import sources as grain_sources
 import numpy as np
@@ -63,6 +78,98 @@ class CaptionEncodingError(ValueError):
   """A caption (or record header) whose bytes do not decode as UTF-8."""
 
 
+class BadRecordError(ValueError):
+  """A record with a missing field or a field of the wrong type."""
+
+
+class UnreadableFileError(OSError):
+  """An image path that exists but is no readable regular file."""
+
+
+class ReadTimeoutError(OSError):
+  """A read that did not finish within the source's read timeout."""
+
+
+# ----------------------------------------------------------------------------
+# Reads with a timeout. A read blocked in the kernel (open() of a FIFO, a hung
+# NFS/FUSE mount) cannot be interrupted; it runs on a daemon thread that the
+# caller stops waiting for. Threads are reused; one stuck in a read is simply
+# never handed work again (and, a daemon, never holds up interpreter exit).
+
+_POLL_S = 0.05  # how often a waiting read checks for abandon_reads()
+
+
+class _ReadThreads:
+  """Daemon worker threads of this process, each with its own job queue."""
+
+  def __init__(self):
+    self.pid = os.getpid()  # a forked child starts with no threads: new pool
+    self._idle: List[queue.SimpleQueue] = []
+    self._lock = threading.Lock()
+
+  def _work(self, jobs: queue.SimpleQueue):
+    while True:
+      job = jobs.get()
+      job()
+      with self._lock:
+        self._idle.append(jobs)
+
+  def run(self, job: Callable[[], None]) -> None:
+    with self._lock:
+      jobs = self._idle.pop() if self._idle else None
+    if jobs is None:
+      jobs = queue.SimpleQueue()
+      threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                       name="fixclip-read").start()
+    jobs.put(job)
+
+
+_read_threads = _ReadThreads()
+_abandon_generation = 0  # bumped by abandon_reads()
+
+
+def abandon_reads() -> None:
+  """Makes every timed read now waiting give up at once (ReadTimeoutError).
+
+  A stopping train loop calls it, so the pipeline's reader threads are free
+  and the process exits without waiting out a stuck read.
+  """
+  global _abandon_generation
+  _abandon_generation += 1
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float,
+                      where: Callable[[], str]) -> Any:
+  """fn() on a read thread; ReadTimeoutError naming where() after timeout_s."""
+  global _read_threads
+  if _read_threads.pid != os.getpid():
+    _read_threads = _ReadThreads()
+  generation = _abandon_generation
+  done = threading.Event()
+  outcome = []
+
+  def job():
+    try:
+      outcome.append((True, fn()))
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
+      outcome.append((False, e))
+    done.set()
+
+  _read_threads.run(job)
+  deadline = time.monotonic() + timeout_s
+  while not done.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
+    if _abandon_generation != generation:
+      raise ReadTimeoutError(f"{where()}: read abandoned (the run is stopping)")
+    if time.monotonic() >= deadline:
+      raise ReadTimeoutError(
+          f"{where()}: read did not finish within data.read_timeout_s="
+          f"{timeout_s:g}s (a FIFO or other special file? a stalled mount?)")
+  ok, value = outcome[0]
+  if ok:
+    return value
+  raise value
+
+
 def decode_caption(data: bytes, where: str) -> str:
   """UTF-8 bytes -> str; CaptionEncodingError naming `where` otherwise."""
   try:
@@ -78,13 +185,25 @@ def encode_record(header: Mapping[str, Any], image: bytes) -> bytes:
 
 
 def decode_record(record: bytes) -> tuple:
-  """Inverse of encode_record: (header dict, image bytes)."""
+  """Inverse of encode_record: (header dict, image bytes); BadRecordError
+  (CaptionEncodingError for non-UTF-8 header bytes) if it is not one."""
   if record[:4] != RECORD_MAGIC:
-    raise ValueError(f"Not a fixclip record (magic {record[:4]!r}, "
-                     f"expected {RECORD_MAGIC!r})")
+    raise BadRecordError(f"Not a fixclip record (magic {record[:4]!r}, "
+                         f"expected {RECORD_MAGIC!r})")
+  if len(record) < 8:
+    raise BadRecordError(f"Record of {len(record)} bytes has no header length")
   (n,) = struct.unpack("<I", record[4:8])
+  if len(record) < 8 + n:
+    raise BadRecordError(f"Record of {len(record)} bytes is shorter than its "
+                         f"{n}-byte header")
   header = decode_caption(record[8:8 + n], "record header")
-  return json.loads(header), record[8 + n:]
+  try:
+    fields = json.loads(header)
+  except json.JSONDecodeError as e:
+    raise BadRecordError(f"Record header is not JSON ({e.msg})") from None
+  if not isinstance(fields, dict):
+    raise BadRecordError("Record header is not a JSON object")
+  return fields, record[8 + n:]
 
 
 def choose_caption(captions: Sequence[str], seed: int, epoch: int,
@@ -96,20 +215,51 @@ def choose_caption(captions: Sequence[str], seed: int, epoch: int,
   return captions[int(rng.integers(len(captions)))]
 
 
+def _type_name(value: Any) -> str:
+  return "null" if value is None else type(value).__name__
+
+
 def _captions_of(record: Mapping[str, Any], where: str) -> List[str]:
   """The caption list of a manifest line / tar json / record header."""
   if "captions" in record:
     captions = record["captions"]
     if (not isinstance(captions, list) or not captions
         or not all(isinstance(c, str) for c in captions)):
-      raise ValueError(f"{where}: field 'captions' must be a non-empty list "
-                       "of strings")
+      raise BadRecordError(f"{where}: field 'captions' must be a non-empty "
+                           f"list of strings (found {_type_name(captions)})")
     return list(captions)
   if "caption" in record:
     if not isinstance(record["caption"], str):
-      raise ValueError(f"{where}: field 'caption' must be a string")
+      raise BadRecordError(f"{where}: field 'caption' must be a string "
+                           f"(found {_type_name(record['caption'])})")
     return [record["caption"]]
-  raise ValueError(f"{where}: missing field 'caption' (or 'captions')")
+  raise BadRecordError(f"{where}: missing field 'caption' (or 'captions')")
+
+
+def _short_caption_of(record: Mapping[str, Any], where: str) -> Optional[str]:
+  short = record.get("short_caption")
+  if short is not None and not isinstance(short, str):
+    raise BadRecordError(f"{where}: field 'short_caption' must be a string "
+                         f"or null (found {_type_name(short)})")
+  return short
+
+
+def _checked(rec: Mapping[str, Any], where: Callable[[], str]
+             ) -> Mapping[str, Any]:
+  """`rec` if its fields have the types raw() promises, else BadRecordError
+  naming where() (called only then: locations cost a little to format)."""
+  image, captions = rec.get("image"), rec.get("captions")
+  short = rec.get("short_caption")
+  if (isinstance(image, (bytes, bytearray)) and isinstance(captions, list)
+      and captions and all(isinstance(c, str) for c in captions)
+      and (short is None or isinstance(short, str))):
+    return rec
+  if not isinstance(image, (bytes, bytearray)):
+    raise BadRecordError(f"{where()}: image must be encoded bytes (found "
+                         f"{_type_name(image)})")
+  _captions_of(rec, where())
+  _short_caption_of(rec, where())
+  return rec
 
 
 class Source:
@@ -120,6 +270,11 @@ class Source:
   """
 
   seed: int = 0
+  # Reads slower than this raise ReadTimeoutError (0 = wait forever); set by
+  # make_source from data.read_timeout_s. Sources holding their examples in
+  # memory set reads_storage = False: nothing of theirs can stall.
+  read_timeout_s: float = 0.0
+  reads_storage: bool = True
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -138,28 +293,64 @@ class Source:
   def get(self, index: int, epoch: int = 0) -> Example:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range [0, {len(self)})")
-    rec = self.raw(index)
+    if self.read_timeout_s > 0 and self.reads_storage:
+      rec = call_with_timeout(functools.partial(self.raw, index),
+                              self.read_timeout_s,
+                              functools.partial(self.location, index))
+    else:
+      rec = self.raw(index)
+    rec = _checked(rec, functools.partial(self.location, index))
     return {
         "image": rec["image"],
         "caption": choose_caption(rec["captions"], self.seed, epoch, index),
         "short_caption": rec.get("short_caption"),
-        "key": rec["key"],
+        "key": str(rec["key"]),
     }
 
   def __getitem__(self, index: int) -> Example:
     return self.get(int(index), 0)
 
 
+def _file_kind(mode: int) -> str:
+  for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                     (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device"),
+                     (stat.S_ISSOCK, "a socket")):
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
 def _read_file(path: str, where: str) -> bytes:
+  """The bytes of the regular file `path`; errors name it and `where`."""
   try:
     with open(path, "rb") as f:
+      # fstat of what was opened (no race with a rename): a device such as
+      # /dev/zero would otherwise be read forever.
+      mode = os.fstat(f.fileno()).st_mode
+      if not stat.S_ISREG(mode):
+        raise UnreadableFileError(f"{path}: {_file_kind(mode)}, not an image "
+                                  f"file ({where})")
       return f.read()
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: image not found ({where})") from None
+  except IsADirectoryError:
+    raise UnreadableFileError(f"{path}: a directory, not an image file "
+                              f"({where})") from None
+  except UnreadableFileError:
+    raise
+  except OSError as e:  # ELOOP, EACCES, EIO, ENXIO (a socket), ...
+    raise UnreadableFileError(f"{path}: cannot read it ({e.strerror or e}) "
+                              f"({where})") from None
 
 
 class JsonlSource(Source):
-  """A JSONL manifest; all lines are parsed and checked at construction."""
+  """A JSONL manifest; all lines are parsed and checked at construction.
+
+  A line with a problem (not UTF-8, not JSON, a missing or ill-typed field)
+  keeps its place: reading that example raises (CaptionEncodingError /
+  BadRecordError naming the line), so the pipeline skips and counts it.
+  """
 
   def __init__(self, path: str, image_root: Optional[str] = None,
                seed: int = 0):
@@ -169,30 +360,54 @@ class JsonlSource(Source):
     self.image_root = image_root or os.path.dirname(os.path.abspath(path))
     self.seed = seed
     self.records = []
-    # Binary lines, decoded one by one: a non-UTF-8 byte is a malformed line
-    # whose number the error names (text mode would fail without one).
+    # Binary lines, decoded one by one: a non-UTF-8 byte is a bad line whose
+    # number the error names (text mode would fail without one).
     with open(path, "rb") as f:
       for lineno, line in enumerate(f, start=1):
         if line.strip():
           self.records.append(self._parse_line(line, lineno))
+    bad = [r for r in self.records if "error" in r]
+    if bad and len(bad) == len(self.records):
+      raise ValueError(f"{path}: no usable line ({len(bad)} bad, the first: "
+                       f"{bad[0]['error'][1]})")
+    if bad:
+      logging.warning("%s: %d of %d lines are bad records, skipped when read; "
+                      "the first: %s", path, len(bad), len(self.records),
+                      bad[0]["error"][1])
 
   def _parse_line(self, raw_line: bytes, lineno: int) -> Dict[str, Any]:
     where = f"{self.path}:{lineno}"
     try:
+      return self._record_of_line(raw_line, where, lineno)
+    except CaptionEncodingError as e:
+      error = ("encoding", str(e))
+    except BadRecordError as e:
+      error = ("record", str(e))
+    return {"error": error, "line": lineno, "key": f"line {lineno}"}
+
+  @staticmethod
+  def _record_of_line(raw_line: bytes, where: str, lineno: int
+                      ) -> Dict[str, Any]:
+    try:
       line = raw_line.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise ValueError(f"{where}: line is not UTF-8 ({e})") from None
+      raise CaptionEncodingError(f"{where}: line is not UTF-8 ({e})") from None
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+      raise BadRecordError(f"{where}: invalid JSON ({e.msg})") from None
     if not isinstance(rec, dict):
-      raise ValueError(f"{where}: expected a JSON object")
+      raise BadRecordError(f"{where}: expected a JSON object, found "
+                           f"{_type_name(rec)}")
     if "image" not in rec:
-      raise ValueError(f"{where}: missing field 'image'")
+      raise BadRecordError(f"{where}: missing field 'image'")
+    if not isinstance(rec["image"], str) or not rec["image"]:
+      raise BadRecordError(f"{where}: field 'image' must be a non-empty path "
+                           f"string (found {_type_name(rec['image'])} "
+                           f"{rec['image']!r})")
     # Only the fields we use are kept: manifests can have millions of lines.
     out = {"image": rec["image"], "captions": _captions_of(rec, where),
-           "short_caption": rec.get("short_caption"),
+           "short_caption": _short_caption_of(rec, where),
            "key": str(rec.get("key", rec["image"])), "line": lineno}
     for name in ("prompt", "prompt_id"):  # MLLM prompt templates (prepare)
       if name in rec:
@@ -205,15 +420,24 @@ class JsonlSource(Source):
   def key(self, index: int) -> str:
     return self.records[index]["key"]
 
-  def image_path(self, index: int) -> str:
-    return os.path.join(self.image_root, self.records[index]["image"])
+  def image_path(self, index: int) -> Optional[str]:
+    """The image file of example `index` (None for a bad line)."""
+    rec = self.records[index]
+    return None if "error" in rec else os.path.join(self.image_root, rec["image"])
 
   def location(self, index: int) -> str:
+    rec = self.records[index]
+    if "error" in rec:
+      return f"manifest {self.path}:{rec['line']}"
     return (f"{self.image_path(index)} (manifest {self.path}:"
-            f"{self.records[index]['line']}, key {self.key(index)!r})")
+            f"{rec['line']}, key {self.key(index)!r})")
 
   def raw(self, index: int) -> Dict[str, Any]:
     rec = dict(self.records[index])
+    if "error" in rec:
+      kind, message = rec["error"]
+      raise (CaptionEncodingError if kind == "encoding" else BadRecordError)(
+          message)
     rec["image"] = _read_file(self.image_path(index),
                               f"manifest {self.path}:{rec['line']}")
     return rec
@@ -249,9 +473,10 @@ class TarSource(Source):
   threads can share them and the pickled source (index only) moves cheaply to
   worker processes. Keys with no image ("missing_file") or no caption
   ("empty_caption") are skipped and counted in `self.skipped` (reason ->
-  count). A caption file that is not UTF-8 keeps
-  its key in the index; reading that example raises CaptionEncodingError, so
-  the pipeline skips (and counts) it instead of the whole shard failing.
+  count). A caption file that is not UTF-8, not JSON or of the wrong types
+  keeps its key in the index; reading that example raises
+  CaptionEncodingError / BadRecordError, so the pipeline skips (and counts)
+  it instead of the whole shard failing.
   """
 
   def __init__(self, paths: Union[str, Sequence[str]], seed: int = 0):
@@ -285,24 +510,7 @@ class TarSource(Source):
       raise ValueError(f"{path}: not a readable tar file ({e})") from None
     for key in order:
       g = groups[key]
-      where = f"{path}:{key}"
-      rec: Dict[str, Any] = {"key": key, "short_caption": None}
-      if "json" in g:
-        try:
-          meta = json.loads(decode_caption(g["json"], where + ".json"))
-        except CaptionEncodingError as e:
-          meta = {}
-          rec["captions"], rec["encoding_error"] = [], str(e)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}.json: invalid JSON ({e.msg})") from None
-        if "caption" in meta or "captions" in meta:
-          rec["captions"] = _captions_of(meta, where + ".json")
-          rec["short_caption"] = meta.get("short_caption")
-      if "captions" not in rec and "txt" in g:
-        try:
-          rec["captions"] = [decode_caption(g["txt"], where + ".txt").strip()]
-        except CaptionEncodingError as e:
-          rec["captions"], rec["encoding_error"] = [], str(e)
+      rec = self._record_of_key(g, key, f"{path}:{key}")
       if "image" not in g or "captions" not in rec:
         # pipeline.SKIP_REASONS names, which prepare's report uses.
         reason = "missing_file" if "image" not in g else "empty_caption"
@@ -311,6 +519,32 @@ class TarSource(Source):
       self.entries.append((shard_index, *g["image"], rec))
     if self.skipped:
       logging.info("%s: skipped %s", path, self.skipped)
+
+  @staticmethod
+  def _record_of_key(g: Dict[str, Any], key: str, where: str
+                     ) -> Dict[str, Any]:
+    """A key's record; its caption problems kept as rec["error"] = (kind,
+    message), raised when the example is read (one key, not the shard)."""
+    rec: Dict[str, Any] = {"key": key, "short_caption": None}
+    try:
+      if "json" in g:
+        try:
+          meta = json.loads(decode_caption(g["json"], where + ".json"))
+        except json.JSONDecodeError as e:
+          raise BadRecordError(f"{where}.json: invalid JSON ({e.msg})") from None
+        if not isinstance(meta, dict):
+          raise BadRecordError(f"{where}.json: expected a JSON object, found "
+                               f"{_type_name(meta)}")
+        if "caption" in meta or "captions" in meta:
+          rec["captions"] = _captions_of(meta, where + ".json")
+          rec["short_caption"] = _short_caption_of(meta, where + ".json")
+      if "captions" not in rec and "txt" in g:
+        rec["captions"] = [decode_caption(g["txt"], where + ".txt").strip()]
+    except CaptionEncodingError as e:
+      rec["captions"], rec["error"] = [], ("encoding", str(e))
+    except BadRecordError as e:
+      rec["captions"], rec["error"] = [], ("record", str(e))
+    return rec
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -333,8 +567,10 @@ class TarSource(Source):
 
   def raw(self, index: int) -> Dict[str, Any]:
     shard_index, offset, size, rec = self.entries[index]
-    if "encoding_error" in rec:
-      raise CaptionEncodingError(rec["encoding_error"])
+    if "error" in rec:
+      kind, message = rec["error"]
+      raise (CaptionEncodingError if kind == "encoding" else BadRecordError)(
+          message)
     rec = dict(rec)
     rec["image"] = os.pread(self._fd(shard_index), size, offset)
     return rec
@@ -359,8 +595,11 @@ class ArrayRecordSource(Source):
       header, image = decode_record(self._data[index])
     except CaptionEncodingError as e:
       raise CaptionEncodingError(f"{self.location(index)}: {e}") from None
+    except BadRecordError as e:
+      raise BadRecordError(f"{self.location(index)}: {e}") from None
     header["image"] = image
     header.setdefault("short_caption", None)
+    header.setdefault("key", str(index))
     return header
 
 
@@ -436,6 +675,8 @@ class TfdsSource(Source):
 class InMemorySource(Source):
   """A list of records already in memory (tests, synthetic demos)."""
 
+  reads_storage = False  # nothing to wait for
+
   def __init__(self, records: Sequence[Mapping[str, Any]], seed: int = 0):
     self.seed = seed
     self.records = []
@@ -459,6 +700,12 @@ class InMemorySource(Source):
 
 def make_source(config) -> Source:
   """The source named by `config.type` (`config.data`, see config_base)."""
+  source = _make_source(config)
+  source.read_timeout_s = float(config.get("read_timeout_s", 0.0) or 0.0)
+  return source
+
+
+def _make_source(config) -> Source:
   kind = config.type
   seed = int(config.shuffle_seed)
   if kind == "jsonl":

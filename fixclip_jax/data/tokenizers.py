@@ -32,6 +32,8 @@ import numpy as np
 import regex
 import sentencepiece
 
+from fixclip_jax import fileio
+
 DEFAULT_VOCAB_PATH = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 VOCAB_SHA256 = (
@@ -43,6 +45,9 @@ VOCAB_SHA256 = (
 _NUM_MERGES = 49152 - 256 - 2
 _SOT_TEXT = "<start_of_text>"
 _EOT_TEXT = "<end_of_text>"
+# The same two tokens as Hugging Face's CLIP vocabularies spell them.
+HF_SOT_TEXT = "<|startoftext|>"
+HF_EOT_TEXT = "<|endoftext|>"
 _END_OF_WORD = "</w>"
 
 # CLIP's word splitter. The special-token strings come first so that a text
@@ -122,6 +127,24 @@ def clean_text(text: str) -> str:
   text = html.unescape(html.unescape(text))
   # str.split() with no argument also strips, as open_clip's .strip() does.
   return " ".join(text.split()).lower()
+
+
+def normalize_text(text: str) -> str:
+  """Our text normalisation, to run before a Hugging Face CLIP tokenizer.
+
+  Our ids (open_clip's, and those our models were trained on) come from text
+  cleaned by `clean_text`: ftfy's fixes (mojibake, curly quotes, ligatures,
+  full-width forms, control characters, NFC), HTML entities unescaped twice,
+  whitespace collapsed, lower case. transformers' CLIPTokenizer and
+  CLIPTokenizerFast only apply NFC, whitespace collapsing and lower case, so on
+  text with HTML entities, curly quotes, mojibake etc. their ids differ.
+
+    hf_tokenizer(normalize_text(text))  ->  the ids ClipTokenizer gives
+
+  for the files `ClipTokenizer.save_hf_files` writes (tests/hf_export_test.py
+  checks this on a few hundred varied lines).
+  """
+  return clean_text(text)
 
 
 def _read_verified(path: str, sha256: Optional[str]) -> bytes:
@@ -286,22 +309,32 @@ class ClipTokenizer:
         _SOT_TEXT: (self.sot_token_id,), _EOT_TEXT: (self.eot_token_id,)}
 
   def save_hf_files(self, directory: str) -> None:
-    """Writes a Hugging Face `CLIPTokenizer` for this vocabulary and context:
-    vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
-    (for diffusion pipelines that take our text encoder, method.md §3)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-      json.dump(self._symbol_to_id, f, ensure_ascii=False)
-    with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
-      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
-    special = {"bos_token": _SOT_TEXT, "eos_token": _EOT_TEXT,
-               "unk_token": _EOT_TEXT, "pad_token": _EOT_TEXT}
-    with open(os.path.join(directory, "special_tokens_map.json"), "w") as f:
-      json.dump(special, f, indent=2)
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-      json.dump({"tokenizer_class": "CLIPTokenizer",
-                 "model_max_length": self.context_length,
-                 "do_lower_case": True, **special}, f, indent=2)
+    """Writes Hugging Face tokenizer files for this vocabulary and context:
+    vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json,
+    loadable by transformers' `CLIPTokenizer` and `CLIPTokenizerFast` (and
+    diffusion pipelines that take our text encoder, docs/method.md §3).
+
+    The special tokens get HF's names (<|startoftext|>, <|endoftext|>, as in
+    OpenAI's HF checkpoints); rows are padded with <|endoftext|>, as Stable
+    Diffusion's tokenizers do. HF's tokenizers skip ftfy and the HTML
+    unescape: feed them `normalize_text(text)` to get our ids on any text.
+    """
+    names = {_SOT_TEXT: HF_SOT_TEXT, _EOT_TEXT: HF_EOT_TEXT}
+    vocab = {names.get(s, s): i for s, i in self._symbol_to_id.items()}
+    special = {"bos_token": HF_SOT_TEXT, "eos_token": HF_EOT_TEXT,
+               "unk_token": HF_EOT_TEXT, "pad_token": HF_EOT_TEXT}
+    tokenizer_config = {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
+        "do_lower_case": True, "add_prefix_space": False, "errors": "replace",
+        **special}
+    files = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges),
+        "special_tokens_map.json": json.dumps(special, indent=2),
+        "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+    }
+    for name, text in files.items():
+      fileio.atomic_write(os.path.join(directory, name), text)
 
   def _bpe(self, symbols: List[str]) -> List[str]:
     """Applies merges lowest rank first until none applies.

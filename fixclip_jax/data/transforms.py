@@ -2,7 +2,10 @@
 
 The eval transform reproduces OpenAI/open_clip preprocessing on PIL images:
 bicubic resize of the short side, center crop, [0, 1] scaling, normalisation
-with CLIP's mean/std. Output is HWC float32 (JAX's layout).
+with CLIP's mean/std. Output is HWC float32 (JAX's layout). The train pipeline
+stops before the normalisation (HWC uint8: `clip_eval_crop`, or the random
+resized crop as an image) and the train step normalises on the device with the
+same bits (fixclip_jax/pixels.py).
 """
 import io
 import math
@@ -11,8 +14,10 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from fixclip_jax import pixels
+
+CLIP_MEAN = pixels.CLIP_MEAN
+CLIP_STD = pixels.CLIP_STD
 
 # What PIL raises for bytes it cannot decode (truncated, corrupt, unknown
 # format, too many pixels): callers that skip bad images catch these.
@@ -50,10 +55,12 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 def normalize_pixels(img: Union[Image.Image, np.ndarray]) -> np.ndarray:
   """uint8 HWC (or PIL) -> float32 HWC normalised with CLIP's mean/std.
 
-  (x / 255 - mean) / std in float32. For HxWx3 input the ops run in place
-  on an [H, W*3] view against mean/std tiled W times: the same operations on
-  the same values (bit-identical), ~10x faster than numpy broadcasting a
-  3-long channel axis, whose inner loops are 3 elements long.
+  (x / 255 - mean) / std in float32: pixels.normalize_formula, bit for bit,
+  and so the device-side pixels.normalize_uint8 too. For HxWx3 input the ops
+  run in place on an [H, W*3] view against mean/std tiled W times: the same
+  operations on the same values (bit-identical), ~10x faster than numpy
+  broadcasting a 3-long channel axis, whose inner loops are 3 elements long
+  (and than the table lookup).
   """
   x = np.array(img, dtype=np.float32)  # a fresh C-contiguous copy
   mean = np.asarray(CLIP_MEAN, np.float32)
@@ -68,10 +75,16 @@ def normalize_pixels(img: Union[Image.Image, np.ndarray]) -> np.ndarray:
   return x
 
 
+def clip_eval_crop(img: Image.Image, image_size: int) -> np.ndarray:
+  """CLIP's resize + centre crop, not normalised: [S, S, 3] uint8."""
+  img = img.convert("RGB")
+  return np.asarray(center_crop(resize_short_side(img, image_size), image_size),
+                    np.uint8)
+
+
 def clip_eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
   """CLIP's standard preprocessing: [image_size, image_size, 3] float32."""
-  img = img.convert("RGB")
-  return normalize_pixels(center_crop(resize_short_side(img, image_size), image_size))
+  return normalize_pixels(clip_eval_crop(img, image_size))
 
 
 # ---------------------------------------------------------------------------

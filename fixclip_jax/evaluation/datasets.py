@@ -45,6 +45,8 @@ the benchmark's own top folder where one exists, e.g. `.../data` for
                     "short_caption"} (this project's synthetic generator);
                     "long" pairs images with `caption`, "short" with
                     `short_caption` (first sentence when missing).
+  synthetic_long77  the long captions cut to 77 tokens (end token kept): what
+                    a 77-token CLIP reads, scored with any model.
 
 Zero-shot classification datasets become a `ClassificationDataset`: ImageNet
 val as an ImageFolder (`val/<wnid or index>/*.JPEG`) or TFDS `imagenet2012`,
@@ -84,6 +86,10 @@ class RetrievalDataset:
   texts: List[str]
   text_to_image: np.ndarray
   image_to_texts: List[List[int]]
+  # Texts are cut to this many tokens instead of the model's context (a
+  # protocol that shows what a shorter-context model would read); None = the
+  # model's context.
+  text_context: Optional[int] = None
 
   def __post_init__(self):
     t2i = np.asarray(self.text_to_image)
@@ -371,12 +377,20 @@ def load_flickr30k_full(root: str, image_dir: str = "flickr30k-images",
                      list(by_image.values()))
 
 
+# Captions of the synthetic protocols: which -> (caption field, token context).
+SYNTHETIC_CAPTIONS = {"long": ("long", None), "short": ("short", None),
+                      "long77": ("long", 77)}
+
+
 def load_synthetic(root: str, which: str = "long",
                    manifest: str = "manifest.jsonl",
                    image_root: Optional[str] = None) -> RetrievalDataset:
-  """The synthetic generator's JSONL manifest; `which` picks long or short captions."""
-  if which not in ("long", "short"):
-    raise ValueError(f"synthetic: which must be 'long' or 'short', got {which!r}")
+  """The synthetic generator's JSONL manifest; `which` picks long or short
+  captions, or long captions cut to 77 tokens ("long77")."""
+  if which not in SYNTHETIC_CAPTIONS:
+    raise ValueError(f"synthetic: which must be one of "
+                     f"{sorted(SYNTHETIC_CAPTIONS)}, got {which!r}")
+  kind, text_context = SYNTHETIC_CAPTIONS[which]
   path = root if os.path.isfile(root) else os.path.join(root, manifest)
   _expect_file(path, "synthetic", "the JSONL manifest")
   image_root = image_root or os.path.dirname(path)
@@ -384,14 +398,15 @@ def load_synthetic(root: str, which: str = "long",
   for i, row in enumerate(_read_jsonl(path, "synthetic")):
     where = f"{path} line {i + 1}"
     long_caption = _field(row, "caption", "synthetic", where)
-    text = (long_caption if which == "long" else
+    text = (long_caption if kind == "long" else
             captions_lib.short_caption(long_caption, row.get("short_caption")))
     paths.append(os.path.join(image_root, _field(row, "image", "synthetic", where)))
     caps.append([text])
   if not paths:
     raise ValueError(f"synthetic: {path} has no rows")
   _check_first_images(paths, "synthetic")
-  return from_groups("synthetic", f"synthetic-{which}", paths, caps)
+  ds = from_groups("synthetic", f"synthetic-{which}", paths, caps)
+  return dataclasses.replace(ds, text_context=text_context)
 
 
 RETRIEVAL_LOADERS: Dict[str, Callable[..., RetrievalDataset]] = {
@@ -406,6 +421,7 @@ RETRIEVAL_LOADERS: Dict[str, Callable[..., RetrievalDataset]] = {
     "flickr30k_full": load_flickr30k_full,
     "synthetic_long": functools.partial(load_synthetic, which="long"),
     "synthetic_short": functools.partial(load_synthetic, which="short"),
+    "synthetic_long77": functools.partial(load_synthetic, which="long77"),
 }
 
 

@@ -13,6 +13,9 @@ leaves a half-written or clobbered file; the workdir may be a URL, gs://...):
                       results carry a step); long-caption and short-caption
                       benchmarks (e.g. synthetic-long / synthetic-short) are
                       separate lines.
+  train_curves.png    loss terms, learning rate and throughput against step,
+                      from metrics.jsonl rows (written by the training loop).
+`console_table` is the short form of the table that runs print at the end.
 """
 import io
 import json
@@ -29,6 +32,7 @@ JSON_NAME = "eval_results.json"
 MARKDOWN_NAME = "eval_results.md"
 RECALL_PNG = "eval_recall.png"
 HISTORY_PNG = "eval_history.png"
+TRAIN_PNG = "train_curves.png"
 KEY_FIELDS = ("model", "step", "dataset", "protocol")
 # Metrics first in this order, then any other numeric fields alphabetically.
 METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
@@ -107,6 +111,23 @@ def markdown_table(results: Sequence[Dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+# The console table's metric columns (those present), with short headers.
+CONSOLE_COLUMNS = (("i2t_R@1", "I2T R@1"), ("i2t_R@10", "I2T R@10"),
+                   ("t2i_R@1", "T2I R@1"), ("t2i_R@10", "T2I R@10"),
+                   ("top1", "top-1"), ("top5", "top-5"))
+
+
+def console_table(results: Sequence[Dict[str, Any]]) -> str:
+  """| step | benchmark | I2T R@1 | ... |: the few columns worth a terminal."""
+  present = [(k, h) for k, h in CONSOLE_COLUMNS if any(k in r for r in results)]
+  lines = ["| step | benchmark | " + " | ".join(h for _, h in present) + " |",
+           "|---|---|" + "---|" * len(present)]
+  for r in results:
+    cells = [_fmt(r.get("step")), _label(r)] + [_fmt(r.get(k)) for k, _ in present]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _png_bytes(fig) -> bytes:
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -170,6 +191,39 @@ def history_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
   axes[0].set_ylabel("recall@1 (%)")
   axes[1].legend(fontsize=7)
   return _png_bytes(fig)
+
+
+def train_curves_png(rows: Sequence[Dict[str, float]]) -> Optional[bytes]:
+  """Loss terms, learning rate and images/s against step (metrics.jsonl rows)."""
+  rows = [r for r in rows if "loss" in r]
+  if not rows:
+    return None
+  steps = [r["step"] for r in rows]
+  fig = Figure(figsize=(14, 3.6))
+  loss_ax, lr_ax, speed_ax = fig.subplots(1, 3)
+  for key in sorted({k for r in rows for k in r if k.startswith("loss")}):
+    loss_ax.plot(steps, [r.get(key, math.nan) for r in rows], label=key,
+                 linewidth=2 if key == "loss" else 1)
+  loss_ax.set_title("loss")
+  loss_ax.legend(fontsize=7)
+  for key, ax, title in (("lr", lr_ax, "learning rate"),
+                         ("images_per_s", speed_ax, "images / s")):
+    ax.plot(steps, [r.get(key, math.nan) for r in rows], marker=".")
+    ax.set_title(title)
+  for ax in (loss_ax, lr_ax, speed_ax):
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  return _png_bytes(fig)
+
+
+def write_train_curves(workdir: str, rows: Sequence[Dict[str, float]]) -> Optional[str]:
+  """WORKDIR/train_curves.png from metrics rows; its path (None without rows)."""
+  data = train_curves_png(rows)
+  if data is None:
+    return None
+  path = fileio.path(workdir) / TRAIN_PNG
+  fileio.atomic_write(path, data)
+  return str(path)
 
 
 def write_report(workdir: str, results: Sequence[Dict[str, Any]],

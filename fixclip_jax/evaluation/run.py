@@ -5,6 +5,7 @@
 encoders, scores retrieval (R@K both ways) or zero-shot classification, and
 merges the results into WORKDIR/eval_results.{json,md} and the PNG plots.
 """
+import functools
 import os
 import tempfile
 from typing import Any, Dict, List, Optional
@@ -14,6 +15,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from fixclip_jax import buckets
 from fixclip_jax import sharding
 from fixclip_jax.data import synthetic
 from fixclip_jax.data import tokenizers
@@ -27,8 +29,12 @@ from fixclip_jax.models import clip
 SYNTHETIC_EVAL_SEED = 10_000
 
 
-def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
-  """(images -> [B, d], texts -> [B, d]) jitted with the batch over the mesh."""
+def embed_fns(model: clip.CLIP, params, mesh, text_buckets=()) -> tuple:
+  """(images -> [B, d], texts -> [B, d]) jitted with the batch over the mesh.
+
+  text_buckets: token batches are cut to the smallest of these lengths that
+  holds their longest text (buckets.py: the same features; () = off).
+  """
   batch = sharding.batch_sharding(mesh)
 
   @jax.jit
@@ -39,18 +45,22 @@ def embed_fns(model: clip.CLIP, params, mesh) -> tuple:
   def _text(params, t):
     return model.apply({"params": params}, t, method=clip.CLIP.encode_text)["embedding"]
 
-  def on_mesh(fn):
+  def cut_text(t):
+    # Every host holds the whole batch, so every host cuts it alike.
+    return buckets.cut_to_bucket(t, text_buckets, model.cfg.eot_token_id)
+
+  def on_mesh(fn, prepare=np.asarray):
     # Every host holds the whole eval batch: each fills its own devices' rows,
     # and every host gets all the embeddings back (multi-host safe).
     def run(x):
-      x = np.asarray(x)
+      x = prepare(np.asarray(x))
       out = fn(params, jax.make_array_from_callback(x.shape, batch, lambda i: x[i]))
       if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))
       return np.asarray(out)
     return run
 
-  return on_mesh(_image), on_mesh(_text)
+  return on_mesh(_image), on_mesh(_text, cut_text)
 
 
 def synthetic_eval_root(workdir: str, config) -> str:
@@ -79,11 +89,25 @@ def load_eval_sets(config, workdir: str) -> List[Any]:
       root = config.eval.root or synthetic_eval_root(workdir, config)
       out.append(datasets.load_synthetic(root, which="long"))
       out.append(datasets.load_synthetic(root, which="short"))
+    elif datasets.canonical_name(name) == datasets.canonical_name("synthetic_long77"):
+      root = config.eval.root or synthetic_eval_root(workdir, config)
+      out.append(datasets.load_synthetic(root, which="long77"))
     elif datasets.is_classification(name):
       out.append(datasets.load_classification(name, config.eval.root))
     else:
       out.append(datasets.load_dataset(name, config.eval.root))
   return out
+
+
+def dataset_tokenizer(tokenizer, ds: datasets.RetrievalDataset,
+                      model_context: int):
+  """The tokenizer at the dataset's own context when it names one (e.g.
+  synthetic-long77 cuts captions to 77 tokens, end token kept), never longer
+  than the model's."""
+  if ds.text_context is None:
+    return tokenizer
+  return functools.partial(tokenizer,
+                           context_length=min(ds.text_context, model_context))
 
 
 def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
@@ -102,7 +126,7 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
       tokenizer, cfg.vocab_size, cfg.eot_token_id,
       f"evaluation of config.model (config.data.tokenizer="
       f"{config.data.tokenizer!r})")
-  image_fn, text_fn = embed_fns(model, params, mesh)
+  image_fn, text_fn = embed_fns(model, params, mesh, buckets.eval_buckets(config))
   batch_size = config.eval.batch_size
   if batch_size % sharding.num_batch_shards(mesh):
     raise ValueError(f"config.eval.batch_size={batch_size} must divide over "
@@ -113,7 +137,9 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
       r = zeroshot.evaluate_zeroshot(ds, image_fn, text_fn, tokenizer,
                                      batch_size, cfg.image_size)
     else:
-      r = retrieval.evaluate_retrieval(ds, image_fn, text_fn, tokenizer,
+      r = retrieval.evaluate_retrieval(ds, image_fn, text_fn,
+                                       dataset_tokenizer(tokenizer, ds,
+                                                         cfg.context_length),
                                        batch_size, cfg.image_size)
     logging.info("eval %s", r)
     results.append(r)

@@ -191,15 +191,17 @@ class TextTower(nn.Module):
       raise ValueError(f"Text of {t} tokens exceeds context_length {c.context_length}")
     tok = self.param("token_embedding", nn.initializers.normal(0.02),
                      (c.vocab_size, w))
+    # Only the first T rows: a batch cut to a length bucket (buckets.py) gets
+    # the same positions as at full context, and no gradient reaches the rest.
     pos = self.param("positional_embedding", nn.initializers.normal(0.01),
-                     (c.context_length, w))
+                     (c.context_length, w))[:t]                      # [T, w]
     if c.positional_keep is not None:
       # Long-CLIP (method.md §2): rows < keep from the frozen table, rows >= keep
       # from the trainable residual table.
       pos_res = self.param("positional_embedding_res",
                            nn.initializers.normal(0.01), (c.context_length, w))
-      pos = combined_positional_embedding(pos, pos_res, c.positional_keep)
-    x = (jnp.take(tok, text, axis=0) + pos[:t]).astype(self.dtype)   # [B, T, w]
+      pos = combined_positional_embedding(pos, pos_res[:t], c.positional_keep)
+    x = (jnp.take(tok, text, axis=0) + pos).astype(self.dtype)       # [B, T, w]
     if c.eot_token_id is None:
       eot = jnp.argmax(text, axis=-1)                                # [B]
     else:

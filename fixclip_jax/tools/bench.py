@@ -19,13 +19,15 @@ no FIX-CLIP additions: the same work as open_clip's step). The three steps are
 timed interleaved in one loop so that machine noise hits them alike, and the
 table gives twin / open_clip step-time ratios (< 1 = we are faster).
 """
+import ast
 import datetime
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -37,9 +39,11 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 
+from fixclip_jax import buckets
 from fixclip_jax import fileio
 from fixclip_jax import flops as flops_lib
 from fixclip_jax import losses
+from fixclip_jax import pixels
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax.models import clip
@@ -51,26 +55,58 @@ NA = "n/a"
 # ----------------------------------------------------------------------------
 # Inputs and timing.
 
-def synthetic_batch(config, cfg, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
+# Token lengths (with start and end tokens) of the synthetic generator's
+# captions (data/synthetic.py, 4 shapes, CLIP BPE): long captions and their
+# first-sentence summaries. bench_test checks them against the generator.
+CAPTION_LENGTHS = {
+    "uniform": None,                      # EOT anywhere in the context
+    "synthetic": ((166, 194), (28, 34)),
+}
+Lengths = Optional[Tuple[Tuple[int, int], Tuple[int, int]]]
+
+
+def parse_caption_lengths(spec: str) -> Lengths:
+  """A CAPTION_LENGTHS name, or "LO:HI,LO:HI" (long, short token ranges)."""
+  if spec in CAPTION_LENGTHS:
+    return CAPTION_LENGTHS[spec]
+  try:
+    long_range, short_range = (tuple(int(n) for n in part.split(":"))
+                               for part in spec.split(","))
+    if len(long_range) != 2 or len(short_range) != 2:
+      raise ValueError(spec)
+  except ValueError:
+    raise ValueError(f"caption lengths {spec!r}: use one of "
+                     f"{sorted(CAPTION_LENGTHS)} or LO:HI,LO:HI") from None
+  return long_range, short_range
+
+
+def synthetic_batch(config, cfg, batch: int, seed: int = 0,
+                    caption_lengths: Lengths = None) -> Dict[str, np.ndarray]:
   """Random host batch with the data pipeline's shapes and dtypes.
 
-  image float32 [B, S, S, 3]; text_long int32 [B, C]; text_short int32 [B, Cs]
-  holding random ids, an EOT (the largest id) at a random length, zero padding.
+  image uint8 [B, S, S, 3] (the pipeline's; the step normalises it);
+  text_long int32 [B, C]; text_short int32 [B, Cs] holding random ids, an EOT
+  (the largest id) ending a caption of random length, zero padding.
+  caption_lengths: ((lo, hi), (lo, hi)) token lengths (with EOT) of long and
+  short captions, uniform in [lo, hi]; None = EOT anywhere in the context.
   """
   rng = np.random.default_rng(seed)
   long_len, short_len = flops_lib.text_lengths(config)
+  ranges = caption_lengths or ((2, long_len), (2, short_len))
 
-  def texts(length):
-    ids = rng.integers(1, cfg.vocab_size - 1, (batch, length), dtype=np.int32)
-    ends = rng.integers(1, length, (batch,))                      # EOT position
-    pos = np.arange(length)[None, :]
+  def texts(width, length_range):
+    lo, hi = (min(n, width) for n in length_range)
+    ids = rng.integers(1, cfg.vocab_size - 1, (batch, width), dtype=np.int32)
+    ends = rng.integers(lo, hi + 1, (batch,)) - 1                 # EOT position
+    pos = np.arange(width)[None, :]
     ids = np.where(pos < ends[:, None], ids, 0)
     ids[np.arange(batch), ends] = cfg.vocab_size - 1
     return ids.astype(np.int32)
 
-  return {"image": rng.standard_normal(
-              (batch, cfg.image_size, cfg.image_size, 3), dtype=np.float32),
-          "text_long": texts(long_len), "text_short": texts(short_len)}
+  return {"image": rng.integers(0, 256, (batch, cfg.image_size, cfg.image_size, 3),
+                                dtype=np.uint8),
+          "text_long": texts(long_len, ranges[0]),
+          "text_short": texts(short_len, ranges[1])}
 
 
 def time_interleaved(fns: Dict[str, Callable[[], Any]], warmup: int,
@@ -121,22 +157,42 @@ def device_peak_memory(devices) -> Any:
 
 def compiled_memory(compiled) -> Any:
   """Bytes XLA plans per device for a program (args + outputs + temps - aliased)."""
+  plan = memory_plan(compiled)
+  if plan == NA:
+    return NA
+  return plan["arguments"] + plan["outputs"] + plan["temps"] - plan["aliased"]
+
+
+def memory_plan(compiled) -> Any:
+  """XLA's memory plan of a compiled program per device, in bytes: arguments
+  (state + batch), outputs, temps (activations kept for the backward pass and
+  scratch), aliased (donated state reused for the output), generated code."""
   try:
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes +
-               m.temp_size_in_bytes - m.alias_size_in_bytes)
-  except Exception:  # pylint: disable=broad-except
+    return {"arguments": int(m.argument_size_in_bytes),
+            "outputs": int(m.output_size_in_bytes),
+            "temps": int(m.temp_size_in_bytes),
+            "aliased": int(m.alias_size_in_bytes),
+            "code": int(m.generated_code_size_in_bytes)}
+  except Exception:  # pylint: disable=broad-except  # backends may not implement it
     return NA
+
+
+def host_peak_rss() -> int:
+  """This process' peak resident memory so far, in bytes (getrusage; Linux
+  reports KiB). A high-water mark: it never goes down."""
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ----------------------------------------------------------------------------
 # Our train step.
 
 class JaxTrainStep:
-  """The training step as training builds it (step.py), compiled once,
+  """The training step as training builds it (step.py; text cut to the
+  config's length buckets as train.py cuts it, buckets.py), compiled once,
   callable in a loop."""
 
-  def __init__(self, config, mesh, seed: int = 0):
+  def __init__(self, config, mesh, seed: int = 0, caption_lengths: Lengths = None):
     self.config = config
     self.cfg = sizes.model_config(config)
     self.model = step_lib.make_model(config, self.cfg)
@@ -146,12 +202,16 @@ class JaxTrainStep:
                        f"by the {sharding.num_batch_shards(mesh)} batch shards of "
                        f"mesh {dict(mesh.shape)}")
     self.state, shardings, tx = step_lib.init_state(config, self.model, mesh)
-    step_fn = step_lib.make_train_step(config, self.model, tx,
-                                       sharding.num_batch_shards(mesh))
-    local = synthetic_batch(config, self.cfg, self.batch_size, seed)
+    step_fn = step_lib.make_train_step(config, self.model, tx)
+    local = synthetic_batch(config, self.cfg, self.batch_size, seed, caption_lengths)
     per_host = self.batch_size // jax.process_count()
     start = jax.process_index() * per_host
-    self.host_batch = jax.tree.map(lambda x: x[start:start + per_host], local)
+    host_batch = jax.tree.map(lambda x: x[start:start + per_host], local)
+    self.host_batch = buckets.TextBuckets.from_config(
+        config, self.cfg.eot_token_id)(host_batch)
+    self.text_lengths = flops_lib.batch_text_lengths(self.host_batch)
+    self.analytic_flops = flops_lib.train_step_flops(
+        config, lengths=self.text_lengths)["total"]
     self.batch = sharding.global_batch(self.host_batch, mesh)
     jitted = step_lib.jit_train_step(step_fn, mesh, shardings, self.batch)
     t0 = time.perf_counter()
@@ -159,6 +219,7 @@ class JaxTrainStep:
     self.compile_s = time.perf_counter() - t0
     self.xla_flops_per_device = _cost_flops(self.compiled)
     self.memory_plan = compiled_memory(self.compiled)
+    self.memory_breakdown = memory_plan(self.compiled)
     self.metrics = None
 
   def __call__(self):
@@ -179,6 +240,14 @@ def plain_clip_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return twin
 
 
+def without_buckets(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config with text length buckets off: every step at full context."""
+  off = config.copy_and_resolve_references()
+  off.data.long_buckets = ()
+  off.data.short_buckets = ()
+  return off
+
+
 # ----------------------------------------------------------------------------
 # Eval embedding throughput.
 
@@ -189,7 +258,8 @@ def eval_throughput(step: JaxTrainStep, mesh, warmup: int, steps: int) -> dict:
   n = sharding.num_batch_shards(mesh)
   batch = max(n, (int(config.eval.batch_size) // n) * n)
   host = synthetic_batch(config, cfg, batch, seed=1)
-  images = sharding.global_batch(host["image"], mesh)
+  # Eval sends normalised float pixels (evaluation/retrieval.py).
+  images = sharding.global_batch(pixels.normalize_uint8(host["image"]), mesh)
   texts = sharding.global_batch(host["text_long"], mesh)
 
   @jax.jit
@@ -237,7 +307,12 @@ def open_clip_model_config(cfg) -> dict:
 
 
 class TorchTrainStep:
-  """open_clip CLIP of the same size: random init, AdamW, ClipLoss, grad clip."""
+  """open_clip CLIP of the same size: random init, AdamW, ClipLoss, grad clip.
+
+  Its context is the width of host_batch's text_long (open_clip adds its whole
+  positional table, so a cut batch needs a model of that context): a batch
+  padded to 248 tokens, as open_clip's tokenizer pads, or one cut to a bucket.
+  """
 
   def __init__(self, config, cfg, host_batch: dict, seed: int = 0):
     import open_clip  # pylint: disable=g-import-not-at-top  # optional: --torch only
@@ -248,8 +323,9 @@ class TorchTrainStep:
     name = f"fixclip-bench-{os.getpid()}-{id(self)}"
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, name + ".json")
+      context = cfg.replace(context_length=host_batch["text_long"].shape[1])
       with open(path, "w") as f:
-        json.dump(open_clip_model_config(cfg), f)
+        json.dump(open_clip_model_config(context), f)
       open_clip.add_model_config(path)
       self.model = open_clip.create_model(name, device=self.device, output_dict=True)
     self.model.train()
@@ -259,8 +335,9 @@ class TorchTrainStep:
         weight_decay=o.weight_decay)
     self.grad_clip = o.grad_clip
     self.loss_fn = open_clip.ClipLoss()
+    images = pixels.model_input(host_batch["image"])  # float32, normalised
     self.images = torch.from_numpy(
-        np.ascontiguousarray(host_batch["image"].transpose(0, 3, 1, 2))).to(self.device)
+        np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(self.device)
     self.texts = torch.from_numpy(host_batch["text_long"].astype(np.int64)).to(self.device)
     # bf16 autocast on GPU as open_clip trains; CPU autocast bf16 is slow and
     # not what our float32 demo computes.
@@ -290,17 +367,18 @@ class TorchTrainStep:
     return NA
 
 
-def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int) -> dict:
-  """Interleaved timing of our step, our plain-CLIP twin and open_clip's step."""
+def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int,
+                     caption_lengths: Lengths = None) -> dict:
+  """Interleaved timing of our step, our plain-CLIP twin and open_clip's step
+  (on the twin's batch: the same captions, cut to the same bucket)."""
   import torch  # pylint: disable=g-import-not-at-top  # optional: --torch only
   twin_config = plain_clip_twin(config)
-  twin = JaxTrainStep(twin_config, mesh)
+  twin = JaxTrainStep(twin_config, mesh, caption_lengths=caption_lengths)
   theirs = TorchTrainStep(twin_config, twin.cfg, twin.host_batch)
   times = time_interleaved({"ours": ours, "twin": twin, "torch": theirs},
                            warmup, steps)
   s = {k: summarize(v) for k, v in times.items()}
-  twin_flops = flops_lib.train_step_flops(twin_config)["total"]
-  ours_flops = flops_lib.train_step_flops(config)["total"]
+  twin_flops, ours_flops = twin.analytic_flops, ours.analytic_flops
   b = ours.batch_size
   return {
       "torch_version": torch.__version__,
@@ -325,6 +403,67 @@ def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int) 
   }
 
 
+def bucket_comparison(config, mesh, warmup: int, steps: int,
+                      caption_lengths: Lengths, compare_torch: bool = False) -> dict:
+  """Length buckets on vs off, timed interleaved in one loop on the same
+  captions: our step (the config's objective) and, with compare_torch, our
+  plain-CLIP twin and open_clip's step, open_clip both at full context (its
+  tokenizer pads every caption to it) and at the bucket's length.
+
+  Predicted gain: analytic FLOPs at the cut lengths / at full context.
+  """
+  off = without_buckets(config)
+  if not (config.data.long_buckets or config.data.short_buckets):
+    raise ValueError("bucket comparison: config.data.long_buckets and "
+                     "short_buckets are both empty")
+  fns = {"unbucketed": JaxTrainStep(off, mesh, caption_lengths=caption_lengths),
+         "bucketed": JaxTrainStep(config, mesh, caption_lengths=caption_lengths)}
+  if compare_torch:
+    twin_config = plain_clip_twin(config)
+    fns["twin_unbucketed"] = JaxTrainStep(without_buckets(twin_config), mesh,
+                                          caption_lengths=caption_lengths)
+    fns["twin_bucketed"] = JaxTrainStep(twin_config, mesh,
+                                        caption_lengths=caption_lengths)
+    cfg = fns["twin_bucketed"].cfg
+    fns["open_clip_full"] = TorchTrainStep(twin_config, cfg,
+                                           fns["twin_unbucketed"].host_batch)
+    fns["open_clip_cut"] = TorchTrainStep(twin_config, cfg,
+                                          fns["twin_bucketed"].host_batch)
+  times = {k: summarize(v) for k, v in
+           time_interleaved(fns, warmup, steps).items()}
+  median = {k: t["median"] for k, t in times.items()}
+  on, unb = fns["bucketed"], fns["unbucketed"]
+  out = {
+      "bucket_caption_lengths": caption_lengths or "uniform",
+      "bucket_text_lengths": list(on.text_lengths),
+      "unbucketed_text_lengths": list(unb.text_lengths),
+      "bucket_step_time_s": times,
+      "bucket_analytic_flops": {"bucketed": on.analytic_flops,
+                                "unbucketed": unb.analytic_flops},
+      "bucket_xla_memory_plan": {"bucketed": on.memory_breakdown,
+                                 "unbucketed": unb.memory_breakdown},
+      "ratio_bucketed_over_unbucketed": median["bucketed"] / median["unbucketed"],
+      "predicted_bucketed_over_unbucketed": on.analytic_flops / unb.analytic_flops,
+  }
+  if compare_torch:
+    out.update({
+        # Buckets vs open_clip as it trains (captions padded to the context).
+        "ratio_twin_bucketed_over_open_clip_full":
+            median["twin_bucketed"] / median["open_clip_full"],
+        # Matched work: the same cut lengths on both sides.
+        "ratio_twin_bucketed_over_open_clip_cut":
+            median["twin_bucketed"] / median["open_clip_cut"],
+        "ratio_twin_unbucketed_over_open_clip_full":
+            median["twin_unbucketed"] / median["open_clip_full"],
+        "ratio_ours_bucketed_over_open_clip_full":
+            median["bucketed"] / median["open_clip_full"],
+        "predicted_twin_bucketed_over_unbucketed": (
+            fns["twin_bucketed"].analytic_flops /
+            fns["twin_unbucketed"].analytic_flops),
+    })
+  return out
+
+
 # ----------------------------------------------------------------------------
 # The benchmark.
 
@@ -345,7 +484,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
                   steps: int = 20, warmup: int = 3, peak_tflops: Optional[float] = None,
                   compare_torch: bool = False, eval_steps: Optional[int] = None,
                   devices=None, json_path: Optional[str] = None,
-                  config_name: str = "") -> dict:
+                  config_name: str = "", caption_lengths: Lengths = None,
+                  compare_buckets: bool = False) -> dict:
   """Benchmarks one config's train step (and eval towers); returns the table.
 
   Args:
@@ -359,6 +499,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
     eval_steps: timed eval batches (default `steps`; 0 = skip eval).
     devices: devices of the mesh (default all, as training).
     json_path: also write the result there (atomically; a local path or a URL).
+    caption_lengths: token-length ranges of the synthetic captions
+      (CAPTION_LENGTHS, parse_caption_lengths); None = EOT anywhere.
+    compare_buckets: also time the step with the config's text length
+      buckets on vs off (`bucket_comparison`; with compare_torch it includes
+      the open_clip steps instead of `torch_comparison`).
   Returns a flat-ish dict; see `format_table`.
   """
   if steps < 1 or warmup < 0:
@@ -370,12 +515,13 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       raise ValueError(f"--batch={batch} must be >= 1")
     config.data.global_batch = int(batch)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
-  ours = JaxTrainStep(config, mesh)
+  ours = JaxTrainStep(config, mesh, caption_lengths=caption_lengths)
   times = time_interleaved({"ours": ours}, warmup, steps)["ours"]
   step_time = summarize(times)
   peak_memory = device_peak_memory(mesh.devices.flat)
+  rss_after_step = host_peak_rss()
   b = ours.batch_size
-  analytic = flops_lib.train_step_flops(config)
+  analytic = flops_lib.train_step_flops(config, lengths=ours.text_lengths)
   device = mesh.devices.flat[0]
   if peak_tflops is None:
     peak_tflops = flops_lib.peak_tflops_for(device.device_kind)
@@ -401,7 +547,11 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       "remat": str(config.remat),
       "batch": b,
       "image_size": ours.cfg.image_size,
-      "text_lengths": list(flops_lib.text_lengths(config)),
+      "text_lengths": list(ours.text_lengths),
+      "context_lengths": list(flops_lib.text_lengths(config)),
+      "caption_lengths": caption_lengths or "uniform",
+      "text_buckets": [list(config.data.long_buckets),
+                       list(config.data.short_buckets)],
       "steps": steps, "warmup": warmup,
       "compile_s": ours.compile_s,
       "step_time_s": step_time,
@@ -417,13 +567,22 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       "mfu": (achieved / (peak_tflops * mesh.size)) if peak_tflops else NA,
       "peak_memory_bytes": peak_memory,
       "compiled_memory_bytes_per_device": ours.memory_plan,
+      "xla_memory_plan_per_device": ours.memory_breakdown,
+      # getrusage high-water marks: after our step ran; at the end (eval,
+      # open_clip and further steps included).
+      "host_peak_rss_after_step_bytes": rss_after_step,
       "flops_convention": flops_lib.CONVENTION,
   }
   eval_steps = steps if eval_steps is None else eval_steps
   if eval_steps:
     result.update(eval_throughput(ours, mesh, warmup, eval_steps))
-  if compare_torch:
-    result.update(torch_comparison(config, ours, mesh, warmup, steps))
+  if compare_buckets:
+    result.update(bucket_comparison(config, mesh, warmup, steps, caption_lengths,
+                                    compare_torch))
+  elif compare_torch:
+    result.update(torch_comparison(config, ours, mesh, warmup, steps,
+                                   caption_lengths))
+  result["host_peak_rss_bytes"] = host_peak_rss()
   if json_path:
     write_json(result, json_path)
   return result
@@ -466,6 +625,11 @@ def format_table(r: dict) -> str:
       ("peak device memory", _fmt(r["peak_memory_bytes"], " GiB", 2.0 ** -30)),
       ("XLA memory plan per device", _fmt(r["compiled_memory_bytes_per_device"],
                                           " GiB", 2.0 ** -30)),
+      ("XLA plan: arguments / outputs / temps / aliased",
+       _fmt_plan(r.get("xla_memory_plan_per_device", NA))),
+      ("host peak RSS (after our step / at the end)",
+       f"{_fmt(r.get('host_peak_rss_after_step_bytes'), ' GiB', 2.0 ** -30)} / "
+       f"{_fmt(r.get('host_peak_rss_bytes'), ' GiB', 2.0 ** -30)}"),
   ]
   if "eval_images_per_s" in r:
     rows += [("eval images/s", f"{_fmt(r['eval_images_per_s'])} (batch {r['eval_batch']})"),
@@ -484,9 +648,42 @@ def format_table(r: dict) -> str:
         ("ours / open_clip time per FLOP", _fmt(r["ratio_ours_over_torch_per_flop"],
                                                 "", 1.0, 3)),
     ]
+  if "bucket_step_time_s" in r:
+    t = r["bucket_step_time_s"]
+    rows += [
+        ("buckets: text lengths on / off", f"{r['bucket_text_lengths']} / "
+                                           f"{r['unbucketed_text_lengths']}"),
+        ("buckets: step on / off", f"{_fmt(t['bucketed'], ' ms', 1e3)} / "
+                                   f"{_fmt(t['unbucketed'], ' ms', 1e3)}"),
+        ("buckets: on / off, measured (predicted from FLOPs)",
+         f"{_fmt(r['ratio_bucketed_over_unbucketed'])} "
+         f"({_fmt(r['predicted_bucketed_over_unbucketed'])})"),
+    ]
+    if "open_clip_full" in t:
+      rows += [
+          ("buckets: twin on / off", f"{_fmt(t['twin_bucketed'], ' ms', 1e3)} / "
+                                     f"{_fmt(t['twin_unbucketed'], ' ms', 1e3)}"),
+          ("buckets: open_clip full context / cut", f"{_fmt(t['open_clip_full'], ' ms', 1e3)} / "
+                                                    f"{_fmt(t['open_clip_cut'], ' ms', 1e3)}"),
+          ("twin (buckets) / open_clip (full context)",
+           _fmt(r["ratio_twin_bucketed_over_open_clip_full"])),
+          ("twin (buckets) / open_clip (cut, matched)",
+           _fmt(r["ratio_twin_bucketed_over_open_clip_cut"])),
+          ("twin / open_clip, both full context",
+           _fmt(r["ratio_twin_unbucketed_over_open_clip_full"])),
+          ("ours (objective, buckets) / open_clip (full context)",
+           _fmt(r["ratio_ours_bucketed_over_open_clip_full"])),
+      ]
   lines = ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {v} |" for k, v in rows]
   return "\n".join(lines)
+
+
+def _fmt_plan(plan) -> str:
+  if not isinstance(plan, dict):
+    return NA
+  return " / ".join(_fmt(plan[k], " GiB", 2.0 ** -30) for k in (
+      "arguments", "outputs", "temps", "aliased"))
 
 
 # ----------------------------------------------------------------------------
@@ -508,6 +705,31 @@ def define_flags():
   flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU "
                      "(default: bf16 dense peak by device kind).")
   flags.DEFINE_bool("torch", False, "Also time open_clip's PyTorch step.")
+  flags.DEFINE_string("caption_lengths", "uniform", "Synthetic caption token "
+                      f"lengths: {' | '.join(CAPTION_LENGTHS)} | LO:HI,LO:HI "
+                      "(long, short).")
+  flags.DEFINE_bool("buckets", False, "Also time the step with the config's "
+                    "text length buckets on vs off (with --torch: open_clip "
+                    "at full context and cut).")
+  flags.DEFINE_list("model", [], "config.model overrides KEY=VALUE (fields "
+                    "the config does not list, too), e.g. "
+                    "vision_layers=4,text_layers=4,image_size=64.")
+
+
+def with_model_overrides(config, overrides: Sequence[str]):
+  """A copy of the config with config.model.KEY = VALUE (a Python literal)
+  for each "KEY=VALUE"; keys the config does not list yet are added."""
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--model={item!r}: use KEY=VALUE")
+    try:
+      config.model[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      raise app.UsageError(f"--model {item!r}: {value!r} is not a literal") from None
+  return config
 
 
 def main(argv):
@@ -519,10 +741,13 @@ def main(argv):
     # JAX's GPU client grabs 75% of the memory at start-up by default, which
     # would leave open_clip too little; read when the backend starts (below).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  result = run_benchmark(FLAGS.config, batch=FLAGS.batch, steps=FLAGS.steps,
+  result = run_benchmark(with_model_overrides(FLAGS.config, FLAGS.model),
+                         batch=FLAGS.batch, steps=FLAGS.steps,
                          warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
                          compare_torch=FLAGS.torch, eval_steps=FLAGS.eval_steps,
                          json_path=FLAGS.json,
+                         caption_lengths=parse_caption_lengths(FLAGS.caption_lengths),
+                         compare_buckets=FLAGS.buckets,
                          config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
   print(format_table(result))
 

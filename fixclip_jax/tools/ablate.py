@@ -1,0 +1,425 @@
+"""What 248 tokens, Long-CLIP and each FIX-CLIP module buy, at one budget.
+
+  python -m fixclip_jax.tools.ablate --budget=small|medium --workdir=DIR \
+      [--seeds=0,1] [--late_detail_share=0.5]
+
+On the synthetic late-detail benchmark (data/synthetic.py: a share of the
+scene pairs differ only after token 77), for every seed:
+
+ 1. pretrains CLIP at 77 tokens from scratch (objective clip, one positional
+    table, no prompts / mask token / GTA heads): the "CLIP-77" starting point;
+ 2. fine-tunes it (config.init_from = its workdir: KPS 77 -> 248, first 20
+    rows frozen, logit scale reset to ln 100; docs/method.md §2) with each
+    variant of VARIANTS, all with the same steps, batch, optimizer and lr;
+ 3. scores every model on the held-out set (evaluation/run.py
+    SYNTHETIC_EVAL_SEED scenes): long captions, the same captions cut to 77
+    tokens (synthetic-long77), and the one-sentence summaries (short), R@1
+    both ways.
+
+Training and evaluation are train.train_and_evaluate's; this module only
+builds configs and tabulates. WORKDIR gets data/ (train and eval manifests),
+seed_S/VARIANT/ (each run's workdir: checkpoints, eval_results.json) and
+ablation.md (mean +- std over seeds), ablation.json (every number, per-run
+wall times, the hyper-parameters) and ablation.png (bars with the spread).
+Rerunning with the same WORKDIR reuses finished runs and resumes the others.
+"""
+import dataclasses
+import io
+import json
+import os
+import platform
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import flags
+import jax
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+
+from fixclip_jax import cli
+from fixclip_jax import config_base
+from fixclip_jax import fileio
+from fixclip_jax import train
+from fixclip_jax.data import synthetic
+from fixclip_jax.evaluation import report
+from fixclip_jax.evaluation import run as eval_run
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Everything a budget fixes; the same for every variant."""
+  pretrain_steps: int          # CLIP-77 from scratch
+  finetune_steps: int          # each variant
+  batch: int                   # global batch, pretraining and fine-tuning
+  train_num: int               # training scenes (seed 0)
+  eval_num: int                # held-out scenes (SYNTHETIC_EVAL_SEED)
+  eval_batch: int
+
+
+BUDGETS = {
+    # A smoke run (tests/ablate_test.py): every path, no meaningful numbers.
+    "small": Budget(pretrain_steps=30, finetune_steps=10, batch=32,
+                    train_num=256, eval_num=64, eval_batch=32),
+    # RESULTS.md: about 40 minutes on a shared 2-core CPU for two seeds.
+    "medium": Budget(pretrain_steps=500, finetune_steps=100, batch=32,
+                     train_num=8192, eval_num=512, eval_batch=128),
+}
+
+# Method hyper-parameters shared by every fine-tune (RESULTS.md says why).
+PRETRAIN_LR = 1e-3             # from scratch, as configs/demo.py
+FINETUNE_LR = 3e-4             # pretrained weights
+NEW_PARAMS_LR = 1e-3           # prompts, mask token, GTA heads: from scratch
+WARMUP_SHARE = 0.1             # of each run's steps
+RENDER_SIZE = 64               # scenes are drawn at 64 px; tiny reads 32 px
+# PCM keeps this share of a batch's principal directions: Long-CLIP keeps 32
+# of the 128 features of a GPU's batch.
+PCM_SHARE = 0.25
+
+# FIX-CLIP modules off: config knobs of each variant.
+_NO_FIXCLIP_MODULES = {"model.num_prompts": 0, "model.mask_token": False,
+                       "model.gta_groups": 0}
+
+# (directory name, table label, overrides of the fine-tune config).
+VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
+    ("clip248", "CLIP-248", dict(_NO_FIXCLIP_MODULES, objective="clip")),
+    ("longclip", "Long-CLIP (PCM)",
+     dict(_NO_FIXCLIP_MODULES, objective="longclip", **{"loss.pcm": True})),
+    ("fixclip", "FIX-CLIP", {"objective": "fixclip"}),
+    ("fixclip_no_prompts", "FIX-CLIP w/o regional prompts",
+     {"objective": "fixclip", "model.num_prompts": 0}),
+    ("fixclip_no_masking", "FIX-CLIP w/o masked short branch",
+     {"objective": "fixclip", "masking.ratio": 0.0}),
+    ("fixclip_no_gta", "FIX-CLIP w/o GTA",
+     {"objective": "fixclip", "model.gta_groups": 0}),
+)
+PRETRAIN = ("clip77", "CLIP-77 (start)")
+
+# Table columns: (protocol, metric, header).
+COLUMNS = (
+    ("synthetic-long", "t2i_R@1", "long T2I"),
+    ("synthetic-long", "i2t_R@1", "long I2T"),
+    ("synthetic-long77", "t2i_R@1", "long cut to 77 T2I"),
+    ("synthetic-long77", "i2t_R@1", "long cut to 77 I2T"),
+    ("synthetic-short", "t2i_R@1", "short T2I"),
+    ("synthetic-short", "i2t_R@1", "short I2T"),
+)
+PROTOCOLS = tuple(sorted({c[0] for c in COLUMNS}))
+
+TABLE_MD = "ablation.md"
+TABLE_JSON = "ablation.json"
+PLOT_PNG = "ablation.png"
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config["a.b.c"] = value."""
+  *parents, name = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[name] = value
+
+
+def common_config(budget: Budget, seed: int, data: Dict[str, str]
+                  ) -> ml_collections.ConfigDict:
+  """Model, data, evaluation and loop knobs every run shares."""
+  c = config_base.base_config()
+  c.seed = seed
+  c.model_name = "tiny"
+  c.model.gta_groups = 2                  # tiny has 2 layers (configs/demo.py)
+  c.loss.gta_weights = (0.5,)
+  c.loss.gta_first_group = 2
+  c.loss.pcm_components = max(int(PCM_SHARE * budget.batch), 1)
+  c.dtype = "float32"
+  c.data.type = "jsonl"
+  c.data.path = data["train"]
+  c.data.image_size = 32
+  c.data.global_batch = budget.batch
+  c.data.shuffle_seed = seed
+  c.data.short_context = 77               # summaries are ~30 tokens
+  c.log_every = max(budget.finetune_steps // 4, 1)
+  c.checkpoint_every = 10 ** 9            # only the last step
+  c.keep_checkpoints = 1
+  c.eval_every = 0                        # evaluate once, at the end
+  c.eval.datasets = "synthetic,synthetic_long77"
+  c.eval.root = data["eval"]
+  c.eval.batch_size = budget.eval_batch
+  return c
+
+
+def pretrain_config(budget: Budget, seed: int, data: Dict[str, str]
+                    ) -> ml_collections.ConfigDict:
+  """CLIP-77 from scratch: OpenAI CLIP's recipe in miniature."""
+  c = common_config(budget, seed, data)
+  c.objective = "clip"
+  for key, value in _NO_FIXCLIP_MODULES.items():
+    _set(c, key, value)
+  c.model.context_length = 77
+  c.model.positional_keep = None          # one table, trained
+  c.optim.frozen_regex = ""
+  c.data.text_context = 77
+  c.loss.label_smoothing = 0.0            # CLIP trains without smoothing
+  c.num_train_steps = budget.pretrain_steps
+  c.optim.lr = PRETRAIN_LR
+  c.optim.new_params_lr = PRETRAIN_LR
+  c.optim.warmup_steps = max(int(WARMUP_SHARE * budget.pretrain_steps), 1)
+  return c
+
+
+def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
+                    init_from: str, overrides: Dict[str, Any]
+                    ) -> ml_collections.ConfigDict:
+  """A variant's fine-tune from the CLIP-77 workdir `init_from` (248 tokens,
+  base_config's two-table positions and frozen table, Long-CLIP's label
+  smoothing 0.1 and logit-scale reset for every variant)."""
+  c = common_config(budget, seed, data)
+  c.init_from = init_from
+  c.model.context_length = 248
+  c.data.text_context = 248
+  c.num_train_steps = budget.finetune_steps
+  c.optim.lr = FINETUNE_LR
+  c.optim.new_params_lr = NEW_PARAMS_LR
+  c.optim.warmup_steps = max(int(WARMUP_SHARE * budget.finetune_steps), 1)
+  for key, value in overrides.items():
+    _set(c, key, value)
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Data and runs.
+
+def make_data(workdir: str, budget: Budget, late_detail_share: float
+              ) -> Dict[str, str]:
+  """Train and held-out eval manifests under WORKDIR/data (made once)."""
+  out = {}
+  for split, num, seed in (("train", budget.train_num, 0),
+                           ("eval", budget.eval_num, eval_run.SYNTHETIC_EVAL_SEED)):
+    root = os.path.join(workdir, "data",
+                        f"{split}_{num}_share{late_detail_share:g}")
+    manifest = os.path.join(root, "manifest.jsonl")
+    if not os.path.isfile(manifest):
+      synthetic.make_synthetic_dataset(root, num, image_size=RENDER_SIZE,
+                                       seed=seed,
+                                       late_detail_share=late_detail_share)
+    out[split] = manifest if split == "train" else root
+  return out
+
+
+def final_results(run_dir: str, step: int) -> Optional[Dict[str, Dict]]:
+  """{protocol: result} of the evaluation at `step`, or None if incomplete."""
+  by_protocol = {r["protocol"]: r for r in report.read_results(run_dir)
+                 if r.get("step") == step}
+  if not all(p in by_protocol for p in PROTOCOLS):
+    return None
+  return by_protocol
+
+
+def check_same_config(config: ml_collections.ConfigDict, run_dir: str) -> None:
+  """ValueError if run_dir holds a run of another config (a changed budget or
+  hyper-parameter must not reuse old runs)."""
+  path = os.path.join(run_dir, train.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  if saved != json.loads(config.to_json_best_effort()):
+    raise ValueError(f"{run_dir} holds a run of another config; use a fresh "
+                     "--workdir (or delete that run)")
+
+
+def train_once(config: ml_collections.ConfigDict, run_dir: str
+               ) -> Tuple[Dict[str, Dict], float]:
+  """Trains and evaluates `config` in run_dir unless done; (results, seconds)."""
+  check_same_config(config, run_dir)
+  step = config.num_train_steps
+  done = final_results(run_dir, step)
+  if done is not None:
+    return done, 0.0
+  start = time.perf_counter()
+  train.train_and_evaluate(config, run_dir, evaluate=True)
+  if final_results(run_dir, step) is None:  # finished before, not evaluated
+    scored = config.copy_and_resolve_references()
+    scored.init_from = ""                   # the run's own checkpoint
+    train.evaluate_checkpoint(scored, run_dir)
+  results = final_results(run_dir, step)
+  if results is None:
+    raise RuntimeError(f"{run_dir}: no evaluation at step {step} of "
+                       f"{', '.join(PROTOCOLS)}")
+  return results, time.perf_counter() - start
+
+
+def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
+                 late_detail_share: float = synthetic.DEFAULT_LATE_DETAIL_SHARE,
+                 variants: Sequence[str] = ()) -> Dict[str, Any]:
+  """Every run of the ablation; writes and returns the table's data.
+
+  variants: directory names of VARIANTS to run (empty = all).
+  """
+  budget = BUDGETS[budget_name]
+  chosen = [v for v in VARIANTS if not variants or v[0] in variants]
+  if variants and len(chosen) != len(variants):
+    raise ValueError(f"Unknown variants in {list(variants)}; known: "
+                     f"{[v[0] for v in VARIANTS]}")
+  start = time.perf_counter()
+  data = make_data(workdir, budget, late_detail_share)
+  runs = []
+  for seed in seeds:
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    pretrain_dir = os.path.join(seed_dir, PRETRAIN[0])
+    jobs = [(PRETRAIN, pretrain_config(budget, seed, data), pretrain_dir)]
+    for name, label, overrides in chosen:
+      jobs.append(((name, label),
+                   finetune_config(budget, seed, data, pretrain_dir, overrides),
+                   os.path.join(seed_dir, name)))
+    for (name, label), config, run_dir in jobs:
+      print(f"[ablate] seed {seed}: {label} -> {run_dir}", flush=True)
+      results, seconds = train_once(config, run_dir)
+      runs.append({"variant": name, "label": label, "seed": seed,
+                   "seconds": round(seconds, 1),
+                   "recall": {f"{p}/{m}": results[p][m] for p, m, _ in COLUMNS}})
+  summary = {
+      "budget": dataclasses.asdict(budget), "budget_name": budget_name,
+      "seeds": list(seeds), "late_detail_share": late_detail_share,
+      "hyper_parameters": hyper_parameters(budget),
+      "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
+      "wall_seconds": round(time.perf_counter() - start, 1), "runs": runs,
+      "rows": table_rows(runs),
+  }
+  write_outputs(workdir, summary)
+  return summary
+
+
+def hyper_parameters(budget: Budget) -> Dict[str, Any]:
+  """The method hyper-parameters every fine-tune shares (for the JSON)."""
+  c = finetune_config(budget, 0, {"train": "", "eval": ""}, "", {})
+  return {"pretrain_lr": PRETRAIN_LR, "finetune_lr": FINETUNE_LR,
+          "new_params_lr": NEW_PARAMS_LR, "warmup_share": WARMUP_SHARE,
+          "weight_decay": c.optim.weight_decay, "grad_clip": c.optim.grad_clip,
+          "label_smoothing_finetune": c.loss.label_smoothing,
+          "short_weight": c.loss.short_weight, "masking_ratio": c.masking.ratio,
+          "num_prompts": c.model.num_prompts, "gta_groups": c.model.gta_groups,
+          "gta_weights": list(c.loss.gta_weights),
+          "pcm_components": c.loss.pcm_components,
+          "init_logit_scale": c.init_logit_scale,
+          "max_logit_scale": c.loss.max_logit_scale,
+          "positional_keep": c.model.positional_keep,
+          "render_size": RENDER_SIZE, "image_size": 32}
+
+
+# ----------------------------------------------------------------------------
+# The table and the plot.
+
+def table_rows(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """One row per variant (pretraining first): {column: (mean, std, n)}."""
+  order = [PRETRAIN[0]] + [v[0] for v in VARIANTS]
+  rows = []
+  for name in order:
+    mine = [r for r in runs if r["variant"] == name]
+    if not mine:
+      continue
+    row = {"variant": name, "label": mine[0]["label"], "num_seeds": len(mine)}
+    for protocol, metric, _ in COLUMNS:
+      values = np.asarray([r["recall"][f"{protocol}/{metric}"] for r in mine])
+      std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+      row[f"{protocol}/{metric}"] = {"mean": float(values.mean()), "std": std,
+                                     "values": values.tolist()}
+    rows.append(row)
+  return rows
+
+
+def markdown(summary: Dict[str, Any]) -> str:
+  """The R@1 table (mean +- sample std over seeds) with its provenance."""
+  b = summary["budget"]
+  lines = [
+      f"R@1 (%) on {b['eval_num']} held-out synthetic scenes (late-detail share "
+      f"{summary['late_detail_share']:g}), mean ± std over seeds "
+      f"{','.join(map(str, summary['seeds']))}; budget {summary['budget_name']}: "
+      f"CLIP-77 {b['pretrain_steps']} steps, each fine-tune "
+      f"{b['finetune_steps']} steps, batch {b['batch']}, {b['train_num']} "
+      f"training scenes.", "",
+      "| model | " + " | ".join(c[2] for c in COLUMNS) + " |",
+      "|---|" + "---|" * len(COLUMNS)]
+  for row in summary["rows"]:
+    cells = [f"{row[f'{p}/{m}']['mean']:.1f} ± {row[f'{p}/{m}']['std']:.1f}"
+             for p, m, _ in COLUMNS]
+    lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+  lines += ["", f"Wall time {summary['wall_seconds'] / 60:.1f} min on "
+                f"{summary['devices']}."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_png(summary: Dict[str, Any]) -> bytes:
+  """Bars of R@1 per model and protocol, error bars = std over seeds."""
+  rows = summary["rows"]
+  fig = Figure(figsize=(11, 4.2))
+  x = np.arange(len(rows))
+  width = 0.8 / 3
+  for k, direction in enumerate(("t2i_R@1", "i2t_R@1")):
+    ax = fig.add_subplot(1, 2, k + 1)
+    for j, (protocol, name) in enumerate((
+        ("synthetic-long", "long"), ("synthetic-long77", "long cut to 77"),
+        ("synthetic-short", "short"))):
+      cells = [row[f"{protocol}/{direction}"] for row in rows]
+      ax.bar(x + (j - 1) * width, [c["mean"] for c in cells], width,
+             yerr=[c["std"] for c in cells], capsize=2, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels([row["label"] for row in rows], rotation=35,
+                       ha="right", fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"{direction.split('_')[0].upper()} R@1 (%)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  buf = io.BytesIO()  # written by write_outputs through fileio
+  fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+  return buf.getvalue()
+
+
+def write_outputs(workdir: str, summary: Dict[str, Any]) -> None:
+  """ablation.md, ablation.json and ablation.png in WORKDIR (atomically)."""
+  root = fileio.path(workdir)
+  fileio.atomic_write(root / TABLE_MD, markdown(summary))
+  fileio.atomic_write(root / TABLE_JSON, json.dumps(summary, indent=1))
+  fileio.atomic_write(root / PLOT_PNG, plot_png(summary))
+
+
+# ----------------------------------------------------------------------------
+# CLI.
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program: no clash on import)."""
+  flags.DEFINE_enum("budget", "small", sorted(BUDGETS), "Steps, batch and "
+                    "data sizes (small: a smoke run; medium: RESULTS.md).")
+  flags.DEFINE_string("workdir", None, "Where data, runs and the table go.")
+  flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (model init, data "
+                    "order, masks); the table shows mean and std over them.")
+  flags.DEFINE_float("late_detail_share", synthetic.DEFAULT_LATE_DETAIL_SHARE,
+                     "Share of scene pairs that differ only after token 77.")
+  flags.DEFINE_list("variants", [], "Fine-tunes to run (default all): "
+                    + ",".join(v[0] for v in VARIANTS))
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise cli.UserError(f"--seeds={','.join(FLAGS.seeds)}: not integers") from None
+  cli.log_to_file(os.path.join(FLAGS.workdir, cli.LOG_FILE))
+  summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
+                         FLAGS.late_detail_share, FLAGS.variants)
+  print(markdown(summary))
+  print(f"Wrote {os.path.join(FLAGS.workdir, TABLE_MD)}, {TABLE_JSON}, "
+        f"{PLOT_PNG}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,151 @@
+"""Tests for fixclip_jax.tools.ablate: fair configs, the table, a small run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+from fixclip_jax import train
+from fixclip_jax.tools import ablate
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DATA = {"train": "/data/train/manifest.jsonl", "eval": "/data/eval"}
+
+
+def _tempdir(test: absltest.TestCase) -> str:
+  path = tempfile.mkdtemp()
+  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def _finetunes(budget="medium", seed=0):
+  b = ablate.BUDGETS[budget]
+  return {name: ablate.finetune_config(b, seed, _DATA, "/runs/clip77", overrides)
+          for name, _, overrides in ablate.VARIANTS}
+
+
+class ConfigTest(absltest.TestCase):
+
+  def test_pretrain_is_plain_clip_at_77_tokens(self):
+    c = ablate.pretrain_config(ablate.BUDGETS["medium"], 1, _DATA)
+    self.assertEqual(c.objective, "clip")
+    self.assertEqual((c.model.context_length, c.data.text_context), (77, 77))
+    self.assertIsNone(c.model.positional_keep)
+    self.assertEqual(c.optim.frozen_regex, "")  # its one table trains
+    self.assertEqual((c.model.num_prompts, c.model.mask_token,
+                      c.model.gta_groups), (0, False, 0))
+    self.assertEqual(c.init_from, "")
+    self.assertEqual((c.seed, c.data.shuffle_seed), (1, 1))
+
+  def test_finetunes_share_the_budget_and_differ_in_one_knob(self):
+    configs = _finetunes()
+    self.assertEqual(
+        [n for n, _, _ in ablate.VARIANTS],
+        ["clip248", "longclip", "fixclip", "fixclip_no_prompts",
+         "fixclip_no_masking", "fixclip_no_gta"])
+    for name, c in configs.items():
+      with self.subTest(name):
+        self.assertEqual(c.init_from, "/runs/clip77")
+        self.assertEqual((c.model.context_length, c.data.text_context),
+                         (248, 248))
+        self.assertEqual(c.model.positional_keep, 20)
+        self.assertEqual(c.optim.frozen_regex, r"text/positional_embedding")
+        for key in ("num_train_steps", "seed"):
+          self.assertEqual(c[key], configs["fixclip"][key])
+        for key in ("global_batch", "path", "shuffle_seed"):
+          self.assertEqual(c.data[key], configs["fixclip"].data[key])
+        self.assertEqual(c.optim.to_dict(), configs["fixclip"].optim.to_dict())
+        self.assertEqual(c.eval.to_dict(), configs["fixclip"].eval.to_dict())
+    self.assertEqual(configs["clip248"].objective, "clip")
+    self.assertEqual(configs["longclip"].objective, "longclip")
+    self.assertTrue(configs["longclip"].loss.pcm)
+    for name in ("clip248", "longclip"):
+      self.assertEqual((configs[name].model.num_prompts,
+                        configs[name].model.gta_groups), (0, 0))
+    full = configs["fixclip"]
+    self.assertEqual(full.objective, "fixclip")
+    self.assertGreater(full.model.num_prompts, 0)
+    self.assertGreater(full.masking.ratio, 0.0)
+    self.assertGreater(full.model.gta_groups, 0)
+    # Each ablation switches off exactly its module.
+    for name, (section, key, off) in {
+        "fixclip_no_prompts": ("model", "num_prompts", 0),
+        "fixclip_no_masking": ("masking", "ratio", 0.0),
+        "fixclip_no_gta": ("model", "gta_groups", 0)}.items():
+      ablated = configs[name].to_dict()
+      ablated[section][key] = full[section][key]
+      self.assertEqual(ablated, full.to_dict(), name)
+
+  def test_a_changed_config_does_not_reuse_an_old_run(self):
+    run_dir = _tempdir(self)
+    old = ablate.finetune_config(ablate.BUDGETS["small"], 0, _DATA, "/x", {})
+    with open(os.path.join(run_dir, train.CONFIG_FILE), "w") as f:
+      f.write(old.to_json_best_effort())
+    ablate.check_same_config(old, run_dir)
+    new = ablate.finetune_config(ablate.BUDGETS["medium"], 0, _DATA, "/x", {})
+    with self.assertRaisesRegex(ValueError, "another config"):
+      ablate.check_same_config(new, run_dir)
+
+
+class TableTest(absltest.TestCase):
+
+  def test_mean_and_std_over_seeds(self):
+    def run(variant, seed, value):
+      return {"variant": variant, "label": variant.upper(), "seed": seed,
+              "recall": {f"{p}/{m}": value for p, m, _ in ablate.COLUMNS}}
+    rows = ablate.table_rows([run("fixclip", 0, 40.0), run("clip77", 0, 10.0),
+                              run("fixclip", 1, 50.0), run("clip77", 1, 10.0)])
+    self.assertEqual([r["variant"] for r in rows], ["clip77", "fixclip"])
+    cell = rows[1]["synthetic-long/t2i_R@1"]
+    self.assertAlmostEqual(cell["mean"], 45.0)
+    self.assertAlmostEqual(cell["std"], 50 ** 0.5)  # sample std of (40, 50)
+    self.assertEqual(cell["values"], [40.0, 50.0])
+    self.assertEqual(rows[0]["synthetic-short/i2t_R@1"]["std"], 0.0)
+    summary = {"budget": {"eval_num": 8, "pretrain_steps": 1,
+                          "finetune_steps": 1, "batch": 8, "train_num": 8},
+               "budget_name": "small", "seeds": [0, 1],
+               "late_detail_share": 0.5, "rows": rows, "wall_seconds": 60.0,
+               "devices": ["cpu:0"]}
+    md = ablate.markdown(summary)
+    self.assertIn("| FIXCLIP | 45.0 ± 7.1 |", md)
+    self.assertTrue(ablate.plot_png(summary).startswith(b"\x89PNG"))
+
+
+class SmallBudgetTest(absltest.TestCase):
+  """The CLI end to end at the small budget (a few minutes on 2 CPU cores)."""
+
+  def test_small_budget_writes_a_sane_table(self):
+    workdir = os.path.join(_tempdir(self), "ablate")
+    subprocess.run(
+        [sys.executable, "-m", "fixclip_jax.tools.ablate", "--budget=small",
+         f"--workdir={workdir}", "--seeds=0,1"],
+        check=True, cwd=_REPO, capture_output=True)
+    with open(os.path.join(workdir, ablate.TABLE_JSON)) as f:
+      summary = json.load(f)
+    rows = summary["rows"]
+    self.assertEqual([r["variant"] for r in rows],
+                     [ablate.PRETRAIN[0]] + [v[0] for v in ablate.VARIANTS])
+    for row in rows:
+      self.assertEqual(row["num_seeds"], 2)
+      for protocol, metric, _ in ablate.COLUMNS:
+        cell = row[f"{protocol}/{metric}"]
+        self.assertLen(cell["values"], 2)
+        for value in cell["values"]:
+          self.assertBetween(value, 0.0, 100.0)
+        self.assertGreaterEqual(cell["std"], 0.0)
+    with open(os.path.join(workdir, ablate.TABLE_MD)) as f:
+      md = f.read()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    self.assertLen(table, 1 + len(rows))  # header + one line per model
+    for row in rows:
+      self.assertLen([line for line in table
+                      if line.startswith(f"| {row['label']} |")], 1)
+    with open(os.path.join(workdir, ablate.PLOT_PNG), "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+
+if __name__ == "__main__":
+  absltest.main()
