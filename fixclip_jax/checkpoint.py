@@ -147,10 +147,16 @@ class TrainCheckpointManager(ocp.CheckpointManager):
     return [s for s in steps if s not in kept]
 
   def delete_old_steps(self) -> None:
-    for step in self.steps_to_delete(self.all_steps(read=True)):
+    for step in self.steps_to_delete(_steps_on_disk(self)):
       logging.info("Deleting checkpoint step %d (keep_checkpoints=%d)", step,
                    self.keep)
       self.delete(step)
+
+
+def _steps_on_disk(manager: ocp.CheckpointManager) -> List[int]:
+  """The committed steps, read from the directory (not orbax's cache)."""
+  manager.reload()
+  return list(manager.all_steps())
 
 
 def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1,
@@ -165,7 +171,7 @@ def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1
 
 
 def _newest_good_step(manager: ocp.CheckpointManager) -> str:
-  steps = manager.all_steps(read=True)
+  steps = _steps_on_disk(manager)
   return (f"the newest good checkpoint, step {max(steps)}, is kept in "
           f"{manager.directory}" if steps else "there is no earlier checkpoint")
 
@@ -193,7 +199,7 @@ def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
     manager.check_for_errors()
   except Exception as e:  # pylint: disable=broad-except  # any failure of the save
     raise _save_failed(manager, step, e) from e
-  if step not in manager.all_steps(read=True):
+  if step not in _steps_on_disk(manager):
     raise _save_failed(manager, step, RuntimeError("the step was not committed"))
   manager.delete_old_steps()
 
@@ -262,21 +268,65 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state,
   return restored["state"]
 
 
+# tensorstore's status codes: the line that names the file that failed.
+_STORAGE_ERROR = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|"
+                            r"FAILED_PRECONDITION|INVALID_ARGUMENT|INTERNAL|"
+                            r"UNKNOWN|PERMISSION_DENIED):[^\n]*")
+
+
 def _restore_problem(manager: ocp.CheckpointManager, step: int,
                      error: BaseException) -> str:
   """One line: which step, which file, what went wrong."""
   step_dir = os.path.join(os.fspath(manager.directory), str(step))
   if fileio.isdir(step_dir) and not list(fileio.path(step_dir).iterdir()):
     return f"step {step}: {step_dir}/ is empty"
-  # The root cause names the array file (tensorstore: OUT_OF_RANGE/DATA_LOSS
-  # "Error reading ... at local file ...").
-  cause = error
-  while cause.__cause__ is not None or cause.__context__ is not None:
-    cause = cause.__cause__ or cause.__context__
-  detail = " ".join(str(cause).split())[:400] or type(cause).__name__
-  if cause is not error:
-    detail = f"{detail} (while restoring {step_dir})"
-  return f"step {step}: {type(cause).__name__}: {detail}"
+  chain, seen = [], error
+  while seen is not None and len(chain) < 20:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:  # tensorstore names the file it could not read
+    match = _STORAGE_ERROR.search(str(e))
+    if match:
+      return f"step {step}: {match.group(0)[:400]}"
+  broken = _broken_json_file(step_dir)
+  if broken:
+    return f"step {step}: {broken}"
+  first = (str(error).strip().splitlines() or [""])[0][:400]
+  return (f"step {step}: {type(error).__name__}: {first} (while restoring "
+          f"{step_dir})")
+
+
+# orbax's and grain's metadata files, all JSON.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding")
+
+
+def _files_under(directory, depth: int = 3) -> List[Any]:
+  """Files up to `depth` folders down, sorted (no '**': object stores)."""
+  files = []
+  for path in sorted(directory.iterdir()):
+    if fileio.isdir(path):
+      if depth > 1:
+        files += _files_under(path, depth - 1)
+    else:
+      files.append(path)
+  return files
+
+
+def _broken_json_file(step_dir: str) -> Optional[str]:
+  """'FILE: not valid JSON (...)' for the first metadata file of a step that
+  does not parse (a truncated write), else None."""
+  if not fileio.isdir(step_dir):
+    return None
+  for path in _files_under(fileio.path(step_dir)):
+    is_json = (path.name in _JSON_FILES or path.suffix == ".json" or
+               path.parent.name == "array_metadatas")
+    if not is_json:
+      continue
+    try:
+      json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      return f"{path}: not valid JSON ({e}; truncated?)"
+  return None
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
@@ -307,7 +357,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state,
   restores, RestoreError lists them all and nothing is moved (a model that
   does not fit any of them is a config problem, not a broken checkpoint).
   """
-  steps = sorted((s for s in manager.all_steps(read=True)
+  steps = sorted((s for s in _steps_on_disk(manager)
                   if newest is None or s <= newest), reverse=True)
   if not fallback:
     steps = steps[:1]

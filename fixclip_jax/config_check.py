@@ -104,6 +104,16 @@ def _type_name(value: Any) -> str:
   return "None" if value is None else type(value).__name__
 
 
+def _kind(default: Any) -> str:
+  """What a knob with this default accepts, in words."""
+  for types, words in ((bool, "true or false"), (int, "an integer"),
+                       (float, "a number"), (str, "a string"),
+                       ((tuple, list), "a tuple or list")):
+    if isinstance(default, types):
+      return words
+  return f"a {_type_name(default)}"
+
+
 def _type_ok(value: Any, default: Any) -> bool:
   if isinstance(default, bool):
     return isinstance(value, bool)
@@ -132,11 +142,11 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
       continue
     if value is None:
       if key not in NULLABLE:
-        raise _fail(key, value, f"must be a {_type_name(default)} (None is "
-                    f"only accepted for {', '.join(NULLABLE)})")
+        raise _fail(key, value, f"must be {_kind(default)} (None is only "
+                    f"accepted for {', '.join(NULLABLE)})")
       continue
     if not _type_ok(value, default):
-      raise _fail(key, value, f"must be a {_type_name(default)}, not a "
+      raise _fail(key, value, f"must be {_kind(default)}, not a "
                   f"{_type_name(value)}")
 
 
@@ -208,8 +218,8 @@ def check_model(config: ml_collections.ConfigDict) -> sizes.CLIPConfig:
   return cfg
 
 
-def check_devices(config: ml_collections.ConfigDict,
-                  device_count: int, process_count: int) -> None:
+def check_devices(config: ml_collections.ConfigDict, device_count: int,
+                  process_count: int, evaluate: bool = True) -> None:
   data, fsdp = config.mesh.data, config.mesh.fsdp
   if data == -1:
     if device_count % fsdp:
@@ -231,6 +241,9 @@ def check_devices(config: ml_collections.ConfigDict,
     raise _fail("data.global_batch", batch, f"must be divisible by the number "
                 f"of devices it is split over ({data * fsdp}: mesh data={data}"
                 f" x fsdp={fsdp})")
+  if evaluate and config.eval.batch_size % (data * fsdp):
+    raise _fail("eval.batch_size", config.eval.batch_size, f"must be divisible "
+                f"by the number of devices it is split over ({data * fsdp})")
 
 
 # ----------------------------------------------------------------------------
@@ -279,6 +292,6 @@ def check_config(config: ml_collections.ConfigDict, mode: str = "train",
   check_names(config)
   check_model(config)
   check_devices(config, device_count or jax.device_count(),
-                process_count or jax.process_count())
+                process_count or jax.process_count(), evaluate=mode != "train")
   check_paths(config, mode)
 

@@ -26,12 +26,15 @@ gives our ids on any text.
   python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
   python -m fixclip_jax.convert --src=WORKDIR --dst=hf_dir --to=hf --drop_extra
 """
+import collections
 import dataclasses
 import io
 import json
 import os
 import pickle
 import re
+import struct
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import flags
@@ -270,17 +273,42 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
                      "architecture (is this an OpenAI/open_clip CLIP state dict?)")
     return tuple(shapes[key])
 
+  def consensus(*candidates):
+    """The size most (key, axis) candidates agree on (ties: the first's):
+    one mis-shaped tensor then fails the check under its own key instead of
+    changing the inferred architecture, and every other key's shape."""
+    values = [tuple(shapes[k])[axis] for k, axis in candidates
+              if k in shapes and len(shapes[k]) > axis]
+    if not values:
+      shape(candidates[0][0])  # raises, naming the key
+    counts = collections.Counter(values)
+    return next(v for v in values if counts[v] == max(counts.values()))
+
   keys = list(shapes)
-  vw, _, patch, _ = shape("visual.conv1.weight")
+  vision_layers = _count_layers(keys, "visual.transformer.resblocks.")
+  text_layers = _count_layers(keys, "transformer.resblocks.")
+  vblock = lambda i, rest: f"visual.transformer.resblocks.{i}.{rest}"
+  tblock = lambda i, rest: f"transformer.resblocks.{i}.{rest}"
+  _, _, patch, _ = shape("visual.conv1.weight")
+  vw = consensus(("visual.conv1.weight", 0), ("visual.class_embedding", 0),
+                 ("visual.ln_pre.weight", 0), ("visual.ln_post.weight", 0),
+                 ("visual.proj", 0), ("visual.positional_embedding", 1),
+                 *[(vblock(i, "ln_1.weight"), 0) for i in range(vision_layers)])
+  vision_mlp = consensus(*[(vblock(i, "mlp.c_fc.weight"), 0)
+                           for i in range(vision_layers)])
   n_pos = shape("visual.positional_embedding")[0]
   grid = round((n_pos - 1) ** 0.5)
   if grid * grid + 1 != n_pos:
     raise ValueError(f"visual.positional_embedding has {n_pos} rows, not 1 + a square")
-  tw = shape("ln_final.weight")[0]
+  tw = consensus(("ln_final.weight", 0), ("ln_final.bias", 0),
+                 ("token_embedding.weight", 1), ("positional_embedding", 1),
+                 ("text_projection", 0),
+                 *[(tblock(i, "ln_1.weight"), 0) for i in range(text_layers)])
+  text_mlp = consensus(*[(tblock(i, "mlp.c_fc.weight"), 0)
+                         for i in range(text_layers)])
   keep = None
   if "positional_embedding_res" in shapes:
     keep = LONGCLIP_KEEP
-  vision_layers = _count_layers(keys, "visual.transformer.resblocks.")
   # FIX-CLIP's extra keys (documented above).
   prompt_ids = sorted(int(m.group(1)) for k in keys
                       if (m := re.fullmatch(r"fixclip\.visual\.prompts\.(\d+)", k)))
@@ -293,19 +321,19 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
   gta_groups = len([k for k in keys
                     if re.fullmatch(r"fixclip\.visual\.gta\.\d+\.linear\.weight", k)])
   return CLIPConfig(
-      embed_dim=shape("text_projection")[1],
+      embed_dim=consensus(("text_projection", 1), ("visual.proj", 1)),
       image_size=grid * patch,
       patch_size=patch,
       vision_width=vw,
       vision_layers=vision_layers,
       vision_heads=vision_heads or vw // head_dim,
-      vision_mlp_dim=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+      vision_mlp_dim=vision_mlp,
       context_length=shape("positional_embedding")[0],
       vocab_size=shape("token_embedding.weight")[0],
       text_width=tw,
-      text_layers=_count_layers(keys, "transformer.resblocks."),
+      text_layers=text_layers,
       text_heads=text_heads or tw // head_dim,
-      text_mlp_dim=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+      text_mlp_dim=text_mlp,
       act=act,
       positional_keep=keep,
       num_prompts=num_prompts,
@@ -483,14 +511,58 @@ def hf_config_dict(cfg: CLIPConfig) -> dict:
               text_config=text, vision_config=vision)
 
 
+# Fields that must be positive integers, per tower (checked before use).
+_HF_INT_FIELDS = {
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings"),
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers",
+                      "num_attention_heads", "image_size", "patch_size"),
+}
+
+
+def _hf_tower(hf: dict, tower: str, defaults: dict, source: str) -> dict:
+  """A tower's config with defaults; CheckpointError naming a missing tower,
+  a field that is no positive integer, or sizes that do not fit together."""
+  given = hf.get(tower) or hf.get(f"{tower}_dict")
+  if given is None:
+    raise CheckpointError(f"{source}: no {tower} (a transformers CLIPModel "
+                          "config.json has text_config and vision_config)")
+  if not isinstance(given, dict):
+    raise CheckpointError(f"{source}: {tower} must be a JSON object, found "
+                          f"{type(given).__name__}")
+  c = {**defaults, **given}
+  for field in _HF_INT_FIELDS[tower]:
+    value = c[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise CheckpointError(f"{source}: {tower}.{field}={value!r} must be a "
+                            "positive integer")
+  if c["hidden_size"] % c["num_attention_heads"]:
+    raise CheckpointError(
+        f"{source}: {tower}.num_attention_heads={c['num_attention_heads']} "
+        f"does not divide {tower}.hidden_size={c['hidden_size']}")
+  if tower == "vision_config" and c["image_size"] % c["patch_size"]:
+    raise CheckpointError(f"{source}: vision_config.patch_size={c['patch_size']}"
+                          f" does not divide image_size={c['image_size']}")
+  if not isinstance(c["layer_norm_eps"], (int, float)):
+    raise CheckpointError(f"{source}: {tower}.layer_norm_eps="
+                          f"{c['layer_norm_eps']!r} must be a number")
+  return c
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> CLIPConfig:
   """CLIPConfig from a transformers CLIPModel config.json dict."""
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{source}: expected a JSON object (a transformers "
+                          f"CLIPModel config), found {type(hf).__name__}")
   if hf.get("model_type", "clip") != "clip":
     raise CheckpointError(f"{source}: model_type {hf['model_type']!r} is not 'clip'")
-  text = {**_HF_TEXT_DEFAULTS,
-          **(hf.get("text_config") or hf.get("text_config_dict") or {})}
-  vision = {**_HF_VISION_DEFAULTS,
-            **(hf.get("vision_config") or hf.get("vision_config_dict") or {})}
+  text = _hf_tower(hf, "text_config", _HF_TEXT_DEFAULTS, source)
+  vision = _hf_tower(hf, "vision_config", _HF_VISION_DEFAULTS, source)
+  projection = hf.get("projection_dim", 512)
+  if isinstance(projection, bool) or not isinstance(projection, int) or projection <= 0:
+    raise CheckpointError(f"{source}: projection_dim={projection!r} must be a "
+                          "positive integer")
   acts = {}
   for tower, c in (("text_config", text), ("vision_config", vision)):
     if c["hidden_act"] not in _HF_ACTS:
@@ -508,7 +580,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> CLIPConfig:
     logging.warning("%s: eos_token_id=%s is not the largest id; HF pools at the "
                     "first eos token, our model at argmax(ids)", source, eos)
   return CLIPConfig(
-      embed_dim=hf.get("projection_dim", 512),
+      embed_dim=projection,
       image_size=vision["image_size"], patch_size=vision["patch_size"],
       vision_width=vision["hidden_size"], vision_layers=vision["num_hidden_layers"],
       vision_heads=vision["num_attention_heads"],
@@ -535,35 +607,112 @@ def _local_or_bytes(path: str):
   return io.BytesIO(fileio.path(path).read_bytes()) if fileio.is_url(path) else path
 
 
+def _refused_unpickle(path: str, detail: str) -> CheckpointError:
+  return CheckpointError(
+      f"{path}: refused: this file needs an arbitrary unpickle (it holds Python "
+      f"objects, not only tensors: {detail}), which could run any code. If you "
+      "trust it, convert it with python -c \"import torch; m = torch.load("
+      f"'{path}', weights_only=False); torch.save(m.state_dict() if "
+      "hasattr(m, 'state_dict') else m['state_dict'], 'weights.pt')\" or "
+      "re-save with torch.save(state_dict) where it was made, then pass that "
+      "file.")
+
+
 def _torch_load(path: str):
   import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
   try:
-    return torch.load(_local_or_bytes(path), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch's notes on pickle protocols and
+      warnings.simplefilter("ignore", UserWarning)  # TorchScript: errors say it
+      return torch.load(_local_or_bytes(path), map_location="cpu",
+                        weights_only=True)
   except pickle.UnpicklingError as e:
     msg = str(e)
-    if "Unsupported global" in msg or "GLOBAL" in msg:
-      detail = next((line.strip() for line in msg.splitlines()
-                     if "GLOBAL" in line), msg.splitlines()[0])
-      raise CheckpointError(
-          f"{path}: refused: loading it needs an arbitrary unpickle (it holds "
-          f"Python objects other than tensors); only plain state dicts are "
-          f"read, with torch.load(weights_only=True). Detail: {detail}") from e
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    detail = next((line for line in lines if "GLOBAL" in line or
+                   "Unsupported" in line), lines[0] if lines else msg)
+    corrupt = any(w in msg for w in ("truncated", "EOF", "ran out of input"))
+    if "Weights only load failed" in msg and not corrupt:
+      raise _refused_unpickle(path, detail) from e
     raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
-                          f"or corrupt?): {msg.splitlines()[0]}") from e
+                          f"or corrupt?): {detail}") from e
+  except RuntimeError as e:
+    if "TorchScript" in str(e):  # OpenAI's original .pt files
+      raise CheckpointError(
+          f"{path}: refused: a TorchScript archive (OpenAI's original .pt "
+          "files); loading it runs its code. If you trust it, convert it with "
+          "python -c \"import torch; torch.save(torch.jit.load("
+          f"'{path}', map_location='cpu').state_dict(), 'weights.pt')\", "
+          "then pass that file.") from e
+    raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
+                          f"or corrupt?): {type(e).__name__}: {e}") from e
   except Exception as e:  # zip/EOF/… errors of a truncated or foreign file
     raise CheckpointError(f"{path}: could not read the checkpoint (truncated "
                           f"or corrupt?): {type(e).__name__}: {e}") from e
 
 
-def _safetensors_load(path: str) -> StateDict:
-  # safetensors' torch reader keeps bfloat16, which numpy lacks.
-  from safetensors.torch import load as load_bytes  # pylint: disable=g-import-not-at-top  # optional: torch
+# safetensors dtype names -> numpy; BF16 has no numpy dtype (read as uint16,
+# upcast to float32 by bit shift: exact).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
+    "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_}
+
+
+def _safetensors_header(data: bytes, path: str) -> Tuple[dict, int]:
+  """(header {key: {dtype, shape, data_offsets}}, offset of the tensor bytes)."""
+  if len(data) < 8:
+    raise CheckpointError(f"{path}: could not read the safetensors file "
+                          f"(truncated or corrupt?): {len(data)} bytes")
+  (size,) = struct.unpack("<Q", data[:8])
   try:
-    tensors = load_bytes(fileio.path(path).read_bytes())
-  except Exception as e:
+    header = json.loads(data[8:8 + size])
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: could not read the safetensors file "
+                          f"(truncated or corrupt?): bad header ({e})") from e
+  header.pop("__metadata__", None)
+  return header, 8 + size
+
+
+def _safetensors_raw(data: bytes, header: dict, base: int, path: str
+                     ) -> StateDict:
+  """Tensors from their raw bytes (bfloat16 upcast to float32)."""
+  out = {}
+  for key, info in header.items():
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    raw = data[base + begin:base + end]
+    bf16 = info["dtype"] == "BF16"
+    if not bf16 and info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{path}: tensor {key!r} has dtype "
+                            f"{info['dtype']}, which is not read")
+    dtype = np.dtype("<u2" if bf16 else _SAFETENSORS_DTYPES[info["dtype"]])
+    if len(raw) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      raise CheckpointError(f"{path}: could not read the safetensors file "
+                            f"(truncated or corrupt?): tensor {key!r} has "
+                            f"{len(raw)} bytes for shape {shape}")
+    array = np.frombuffer(raw, dtype.newbyteorder("<")).reshape(shape)
+    out[key] = ((array.astype(np.uint32) << 16).view(np.float32) if bf16
+                else array)
+  return out
+
+
+def _safetensors_load(path: str) -> StateDict:
+  """A .safetensors file without torch: safetensors.numpy, or the raw bytes
+  when it holds bfloat16 tensors (which numpy lacks). Floats -> float32."""
+  data = fileio.path(path).read_bytes()
+  header, base = _safetensors_header(data, path)
+  try:
+    if any(info.get("dtype") == "BF16" for info in header.values()):
+      tensors = _safetensors_raw(data, header, base, path)
+    else:
+      tensors = safetensors_numpy.load(data)
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # a corrupt file
     raise CheckpointError(f"{path}: could not read the safetensors file "
                           f"(truncated or corrupt?): {type(e).__name__}: {e}") from e
-  return {k: _tensor_to_numpy(v) for k, v in tensors.items()}
+  return {k: np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating)
+          else np.asarray(v) for k, v in tensors.items()}
 
 
 def _unwrap(obj, path: str) -> StateDict:

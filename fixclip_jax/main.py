@@ -20,6 +20,7 @@ import difflib
 import logging as py_logging
 from logging import handlers as py_log_handlers
 import os
+import traceback
 from typing import List, Tuple
 
 from absl import flags
@@ -116,6 +117,18 @@ def _override_keys(argv: List[str]) -> List[str]:
   return keys
 
 
+def _load_config_file(path: str) -> ml_collections.ConfigDict:
+  """The config file's get_config(); its errors (a value of the wrong type for
+  a knob, a typo) as one line naming the file and line."""
+  try:
+    return config_base.load_config_file(path)
+  except Exception as e:  # pylint: disable=broad-except  # the user's code
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = f"{path}, line {lines[-1]}" if lines else path
+    raise cli.UserError(f"--config={where}: {type(e).__name__}: {e}") from e
+
+
 def resolve_config_argv(argv: List[str]) -> List[str]:
   """argv with --config's value made a file path (a bare name is looked up
   among the packaged configs; no --config means the demo), after checking
@@ -130,7 +143,7 @@ def resolve_config_argv(argv: List[str]) -> List[str]:
   last, prefix = values[-1]
   path = argv[last][len(prefix):]
   if ":" not in path:  # a parameterised config's keys depend on its args
-    config = config_base.load_config_file(path)
+    config = _load_config_file(path)
     for key in _override_keys(argv):
       message = _unknown_key_message(config, key)
       if message:

@@ -13,6 +13,8 @@ import numpy as np
 
 from fixclip_jax import config_base
 from fixclip_jax import flops
+from fixclip_jax.data import synthetic
+from fixclip_jax.data import tokenizers
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 from fixclip_jax.tools import bench
@@ -50,12 +52,54 @@ class SyntheticBatchTest(absltest.TestCase):
     cfg = sizes.model_config(c)
     b = bench.synthetic_batch(c, cfg, 4)
     self.assertEqual(b["image"].shape, (4, 32, 32, 3))
+    self.assertEqual(b["image"].dtype, np.uint8)             # as the pipeline sends
     self.assertEqual(b["text_long"].shape, (4, 248))
     self.assertEqual(b["text_short"].shape, (4, 77))
     for t in (b["text_long"], b["text_short"]):
       self.assertEqual(t.dtype, np.int32)
       # The EOT (largest id) is where the towers pool: exactly one per row.
       np.testing.assert_array_equal((t == cfg.vocab_size - 1).sum(1), 1)
+
+  def test_caption_length_ranges(self):
+    c = demo_config()
+    cfg = sizes.model_config(c)
+    b = bench.synthetic_batch(c, cfg, 64, caption_lengths=((166, 194), (28, 34)))
+    for key, (lo, hi) in (("text_long", (166, 194)), ("text_short", (28, 34))):
+      lengths = b[key].argmax(1) + 1                         # EOT = largest id
+      self.assertBetween(lengths.min(), lo, hi)
+      self.assertBetween(lengths.max(), lo, hi)
+      self.assertTrue((b[key][np.arange(64), lengths - 1] == cfg.vocab_size - 1).all())
+    self.assertIsNone(bench.parse_caption_lengths("uniform"))
+    self.assertEqual(bench.parse_caption_lengths("100:135,20:30"),
+                     ((100, 135), (20, 30)))
+    with self.assertRaisesRegex(ValueError, "LO:HI"):
+      bench.parse_caption_lengths("100-135")
+
+  def test_synthetic_lengths_are_the_generators(self):
+    """CAPTION_LENGTHS["synthetic"] is what data/synthetic.py's captions
+    tokenise to (CLIP BPE), long captions and their first-sentence summaries."""
+    tok = tokenizers.get_tokenizer("clip")
+    examples = synthetic.synthetic_examples(256, image_size=16)
+    (long_lo, long_hi), (short_lo, short_hi) = bench.CAPTION_LENGTHS["synthetic"]
+    for texts, lo, hi in (([e["caption"] for e in examples], long_lo, long_hi),
+                          ([e["short_caption"] for e in examples], short_lo, short_hi)):
+      lengths = tok(texts, 248).argmax(1) + 1
+      self.assertBetween(np.percentile(lengths, 1), lo, hi)
+      self.assertBetween(np.percentile(lengths, 99), lo, hi)
+      self.assertLessEqual(abs(lengths.min() - lo), 4)
+      self.assertLessEqual(abs(lengths.max() - hi), 4)
+
+
+class ModelOverridesTest(absltest.TestCase):
+
+  def test_overrides_add_and_change_model_fields(self):
+    c = bench.with_model_overrides(demo_config(), ["vision_layers=4", "gta_groups=4",
+                                                   "image_size=64"])
+    cfg = sizes.model_config(c)
+    self.assertEqual((cfg.vision_layers, cfg.gta_groups, cfg.image_size), (4, 4, 64))
+    self.assertEqual(cfg.text_layers, 2)                     # untouched
+    with self.assertRaises(Exception):
+      bench.with_model_overrides(demo_config(), ["vision_layers"])
 
 
 class MaskingModeTest(absltest.TestCase):
@@ -97,8 +141,13 @@ class RunBenchmarkTest(absltest.TestCase):
       self.assertTrue(all(positive(t[q]) for q in ("median", "p10", "p90")), t)
       self.assertLessEqual(t["p10"], t["median"])
       self.assertLessEqual(t["median"], t["p90"])
-    self.assertEqual(r["analytic_flops_per_step"],
-                     flops.train_step_flops(demo_config(), batch=n)["total"])
+    # The config's length buckets cut the random captions (EOT anywhere).
+    self.assertEqual(r["context_lengths"], [248, 77])
+    self.assertEqual(r["analytic_flops_per_step"], flops.train_step_flops(
+        demo_config(), batch=n, lengths=r["text_lengths"])["total"])
+    self.assertGreater(r["host_peak_rss_bytes"], 100 * 2 ** 20)
+    self.assertGreaterEqual(r["host_peak_rss_bytes"], r["host_peak_rss_after_step_bytes"])
+    self.assertGreater(r["xla_memory_plan_per_device"]["temps"], 0)
     self.assertAlmostEqual(r["mfu"], r["achieved_tflops_per_s"] / n, places=12)
     # The step is partitioned over the devices; cost_analysis x devices must
     # land near the analytic count (replicated optimizer work makes it larger).
@@ -129,6 +178,35 @@ class RunBenchmarkTest(absltest.TestCase):
     self.assertIsInstance(torch_step.model, open_clip.CLIP)
     torch_step()                                             # one real step runs
     torch_step()
+    # A batch cut to a bucket: open_clip's context follows the text width.
+    cut = dict(host, text_long=host["text_long"][:, :64])
+    cut_step = bench.TorchTrainStep(twin_config, cfg, cut)
+    self.assertEqual(cut_step.model.positional_embedding.shape[0], 64)
+    cut_step()
+
+  def test_bucket_comparison(self):
+    n = len(jax.devices())
+    lengths = bench.CAPTION_LENGTHS["synthetic"]
+    r = bench.run_benchmark(demo_config(), batch=n, steps=1, warmup=0,
+                            eval_steps=0, caption_lengths=lengths,
+                            compare_buckets=True)
+    # 166-194-token captions -> bucket 224 of 248; 28-34 -> 48 of 77.
+    self.assertEqual(r["bucket_text_lengths"], [224, 48])
+    self.assertEqual(r["unbucketed_text_lengths"], [248, 77])
+    self.assertEqual(r["text_lengths"], [224, 48])
+    want = (flops.train_step_flops(demo_config(), batch=n, lengths=(224, 48))["total"] /
+            flops.train_step_flops(demo_config(), batch=n)["total"])
+    self.assertAlmostEqual(r["predicted_bucketed_over_unbucketed"], want, places=12)
+    self.assertLess(want, 0.9)
+    self.assertTrue(positive(r["ratio_bucketed_over_unbucketed"]))
+    # (At one example per device the plan is mostly parameter-sized buffers,
+    # so only its presence is checked here.)
+    for plan in r["bucket_xla_memory_plan"].values():
+      self.assertGreater(plan["temps"], 0)
+    self.assertIn("| buckets: on / off, measured (predicted from FLOPs) |",
+                  bench.format_table(r))
+    with self.assertRaisesRegex(ValueError, "empty"):
+      bench.bucket_comparison(bench.without_buckets(demo_config()), None, 0, 1, None)
 
   def test_cli_writes_json(self):
     root = os.path.join(os.path.dirname(__file__), "..")

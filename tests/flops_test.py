@@ -60,15 +60,16 @@ def mid_config():
   return c
 
 
-def xla_step_flops(config) -> float:
-  """XLA's cost analysis of the train step exactly as training compiles it."""
+def xla_step_flops(config, lengths=None) -> float:
+  """XLA's cost analysis of the train step exactly as training compiles it;
+  lengths: (long, short) text widths of the batch (default: the contexts)."""
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])  # global = per device
   cfg = sizes.model_config(config)
   model = step_lib.make_model(config, cfg)
   state, shardings, tx = step_lib.init_state(config, model, mesh)
   step = step_lib.make_train_step(config, model, tx)
   b = config.data.global_batch
-  long_len, short_len = flops.text_lengths(config)
+  long_len, short_len = lengths or flops.text_lengths(config)
   batch = sharding.global_batch({
       "image": np.zeros((b, cfg.image_size, cfg.image_size, 3), np.float32),
       "text_long": np.ones((b, long_len), np.int32),
@@ -137,6 +138,24 @@ class HandCountTest(absltest.TestCase):
     c.masking.mode = "replace"                     # full length, mask token in place
     self.assertEqual(flops.train_step_flops(c)["vision_masked"], vision_tower(7))
 
+  def test_actual_text_lengths(self):
+    """A batch cut to length buckets: the text passes at its widths."""
+    c = toy_config("longclip")
+    cfg = sizes.model_config(c)
+    full = flops.train_step_flops(c)
+    cut = flops.train_step_flops(c, lengths=(4, 3))
+    self.assertEqual(cut["text_long"], flops.text_tower_flops(cfg, 2, 4))
+    self.assertEqual(cut["text_short"], flops.text_tower_flops(cfg, 2, 3))
+    self.assertEqual(full["text_short"], flops.text_tower_flops(cfg, 2, 6))
+    self.assertEqual(cut["vision_raw"], full["vision_raw"])
+    self.assertLess(cut["total"], full["total"])
+    self.assertEqual(flops.train_step_flops(c, lengths=flops.text_lengths(c)), full)
+    batch = {"text_long": np.zeros((2, 5)), "text_short": np.zeros((2, 3))}
+    self.assertEqual(flops.batch_text_lengths(batch), (5, 3))
+    self.assertEqual(flops.batch_text_lengths({"text_long": np.zeros((2, 5))}), (5, 0))
+    with self.assertRaisesRegex(ValueError, "context_length"):
+      flops.train_step_flops(c, lengths=(9, 3))
+
   def test_embed_flops_and_bad_input(self):
     c = toy_config()
     cfg = sizes.model_config(c)
@@ -170,13 +189,14 @@ class XlaAgreementTest(parameterized.TestCase):
       ("b32_clip", "mid", "clip", "replace"),
       ("b32_longclip", "mid", "longclip", "replace"),
       ("b32_fixclip_drop", "mid", "fixclip", "drop"),
+      ("tiny_fixclip_bucketed", "tiny", "fixclip", "replace", (64, 32)),
   )
-  def test_train_step(self, size, objective, mode):
+  def test_train_step(self, size, objective, mode, lengths=None):
     c = demo_config() if size == "tiny" else mid_config()
     c.objective = objective
     c.masking.mode = mode
-    analytic = flops.train_step_flops(c)["total"]
-    xla = xla_step_flops(c)
+    analytic = flops.train_step_flops(c, lengths=lengths)["total"]
+    xla = xla_step_flops(c, lengths)
     self.assertBetween(xla / analytic, 0.9, 1.1,
                        msg=f"xla {xla:.4g} analytic {analytic:.4g}")
 

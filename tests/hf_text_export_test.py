@@ -32,6 +32,10 @@ class HFTextEncoderExportTest(absltest.TestCase):
     ids = tok(texts)
     hf_tok = transformers.CLIPTokenizer.from_pretrained(out)
     self.assertEqual(hf_tok.model_max_length, 248)
+    self.assertEqual(transformers.CLIPTokenizerFast.from_pretrained(out).model_max_length,
+                     248)
+    self.assertEqual(transformers.CLIPTextConfig.from_pretrained(out)
+                     .max_position_embeddings, 248)
     hf_ids = hf_tok(texts, padding="max_length", max_length=248, truncation=True,
                     return_tensors="np")["input_ids"]
     # HF pads with EOT where we pad with 0; the tokens up to EOT agree.

@@ -1,7 +1,9 @@
-"""The entry point end to end: bad config keys, SIGTERM + resume, eval mode,
-TensorBoard scalars (issue 6, 7)."""
+"""The entry point end to end: bad config keys, SIGTERM + resume, resume from a
+chosen step, eval mode, TensorBoard scalars (issue 6, 7), the console and the
+files a run leaves (issue 16)."""
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -29,9 +31,13 @@ def _main(workdir, *extra, mode="train"):
           f"--workdir={workdir}", f"--mode={mode}", *_SMALL, *extra]
 
 
-def _run(cmd, timeout=600):
-  return subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True,
+def _run(cmd, timeout=600, cwd=_ROOT):
+  return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
                         timeout=timeout)
+
+
+# absl's INFO lines start with "I" and the date: "I1125 18:48:35.297 ...".
+_INFO_LINE = r"(?m)^I\d{4} "
 
 
 def _tfevent_scalars(directory):
@@ -70,15 +76,37 @@ class MainTest(absltest.TestCase):
     self.assertEqual(out.returncode, 0, out.stderr[-2000:])
     self.assertIn("backends 0", out.stdout)
 
-  def test_wrong_config_key_and_type_name_the_key(self):
+  def test_user_errors_are_one_line_naming_the_thing(self):
     tmp = tempfile.mkdtemp()
-    bad_key = _run(_main(tmp, "--config.optim.lrr=0.1"))
-    self.assertNotEqual(bad_key.returncode, 0)
-    self.assertIn("lrr", bad_key.stderr)
-    bad_type = _run(_main(tmp, "--config.num_train_steps=many"))
-    self.assertNotEqual(bad_type.returncode, 0)
-    self.assertIn("num_train_steps", bad_type.stderr)
+    cases = {
+        "--config.optim.lrr=0.1": "--config.optim.lrr: no such config key (did you "
+                                  "mean optim.lr?)",
+        "--config.num_train_steps=many": "flag --config.num_train_steps=many: "
+                                         "invalid literal for int()",
+        "--config.seed.x=1": "--config.seed.x: seed is a value, not a section",
+        "--mode=evaluate": "flag --mode=evaluate: value should be one of",
+        "--config=no_such.py": "--config=no_such.py: No config file at no_such.py",
+    }
+    for arg, message in cases.items():
+      proc = _run(_main(tmp, arg))
+      self.assertEqual(proc.returncode, 2, (arg, proc.stderr[-2000:]))
+      self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+      self.assertTrue(proc.stderr.startswith("fixclip_jax.main: error: "), proc.stderr)
+      self.assertIn(message, proc.stderr)
+      self.assertNotIn("Traceback", proc.stderr)
     self.assertFalse(os.listdir(tmp))  # nothing written before the error
+    # A missing file met while running: one line too, and --debug (or
+    # FIXCLIP_DEBUG=1) brings the traceback back.
+    missing = os.path.join(tmp, "missing.pt")
+    proc = _run(_main(tmp, f"--config.init_from={missing}"))
+    self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
+    self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+    self.assertTrue(proc.stderr.startswith("fixclip_jax.main: error: "), proc.stderr)
+    self.assertIn(missing, proc.stderr)
+    proc = _run(_main(tmp, f"--config.init_from={missing}", "--debug"))
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn("Traceback", proc.stderr)
+    self.assertIn("FileNotFoundError", proc.stderr)
 
   def test_sigterm_then_rerun_equals_uninterrupted_run(self):
     straight = tempfile.mkdtemp()
@@ -105,15 +133,28 @@ class MainTest(absltest.TestCase):
 
     rerun = _run(_main(workdir))
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
-    self.assertIn(f"Resumed from {workdir} at step {saved[-1]}", rerun.stderr)
+    self.assertIn(f"Resumed from {workdir} at step {saved[-1]}", rerun.stdout)
     p_straight, _, _ = convert.load_any(straight)
     p_resumed, _, _ = convert.load_any(workdir)
     jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
 
-    # TensorBoard event files hold the training scalars.
+    # Back to the step SIGTERM saved: the later checkpoint (8) goes, training
+    # repeats steps saved[-1]+1..8 on the same data and ends where it did.
+    again = _run(_main(workdir, f"--config.resume_step={saved[-1]}"))
+    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+    self.assertIn(f"Deleted the checkpoints after step {saved[-1]}: [8]", again.stdout)
+    self.assertIn(f"Resumed from {workdir} at step {saved[-1]}", again.stdout)
+    p_again, _, _ = convert.load_any(workdir)
+    jax.tree.map(np.testing.assert_array_equal, p_straight, p_again)
+    bad = _run(_main(workdir, "--config.resume_step=5000"))
+    self.assertEqual(bad.returncode, 2)
+    self.assertIn("config.resume_step=5000: no such checkpoint", bad.stderr)
+
+    # TensorBoard event files hold the training scalars and the config.
     scalars = _tfevent_scalars(os.path.join(straight, "tensorboard"))
     for tag in ("loss", "loss_long", "loss_short", "lr", "grad_norm", "images_per_s"):
       self.assertLen(scalars.get(tag, []), 8, tag)
+    self.assertIn("config/text_summary", scalars)
 
     # --mode=eval on that checkpoint writes the JSON, the table and the plot.
     ev = _run(_main(straight, mode="eval"))
@@ -123,6 +164,57 @@ class MainTest(absltest.TestCase):
                      {"synthetic-long", "synthetic-short"})
     self.assertIn("synthetic-long", open(os.path.join(straight, "eval_results.md")).read())
     self.assertGreater(os.path.getsize(os.path.join(straight, "eval_recall.png")), 1000)
+    self.assertIn("| 8 | synthetic-long |", ev.stdout)
+    self.assertEqual(ev.stdout.strip().splitlines()[-1],
+                     f"Report: {straight}/eval_results.md")
+
+
+class ConsoleTest(absltest.TestCase):
+
+  def test_demo_console_and_workdir_files(self):
+    # The demo's shape (progress every 2 steps, evaluations at 0, half way and
+    # the end, so as many lines as the 300-step demo), a few seconds long; from
+    # another directory, the config by name.
+    cwd, workdir = tempfile.mkdtemp(), os.path.join(tempfile.mkdtemp(), "demo")
+    demo = _run([sys.executable, "-m", "fixclip_jax.main", "--config=demo",
+                 f"--workdir={workdir}", "--config.num_train_steps=24",
+                 "--config.log_every=2", "--config.eval_every=12",
+                 "--config.checkpoint_every=12", "--config.data.global_batch=8",
+                 "--config.data.synthetic_num=64", "--config.eval.synthetic_num=16",
+                 "--config.eval.batch_size=8"], cwd=cwd)
+    self.assertEqual(demo.returncode, 0, demo.stderr[-3000:])
+    lines = demo.stdout.strip().splitlines()
+    print(f"demo stdout, {len(lines)} lines:\n{demo.stdout}")
+    self.assertLess(len(lines), 30)
+    self.assertTrue(lines[0].startswith("Config demo: tiny model, objective fixclip, "
+                                        "248-token text, 24 steps x batch 8 -> "), lines[0])
+    self.assertTrue(lines[1].startswith("[1/24] loss="), lines[1])
+    self.assertIn("(first step: includes compilation)", lines[1])
+    table = [l for l in lines if l.startswith("|")]
+    self.assertEqual(table[0], "| step | benchmark | I2T R@1 | I2T R@10 | T2I R@1 | "
+                     "T2I R@10 |")
+    self.assertLen(table, 2 + 6)  # steps 0, 12, 24 x long, short
+    self.assertEqual(lines[-1], f"Report: {workdir}/eval_results.md")
+    self.assertTrue(lines[-2].startswith("TensorBoard: "))
+    self.assertTrue(lines[-3].startswith("Plots: "))
+    for path in lines[-3][len("Plots: "):].split(", "):
+      self.assertTrue(os.path.isfile(path), path)
+    self.assertIn(os.path.join(workdir, "train_curves.png"), lines[-3])
+    # No library (or other) INFO logs on the console; they are in log.txt.
+    self.assertNotRegex(demo.stdout + demo.stderr, _INFO_LINE)
+    with open(os.path.join(workdir, "log.txt")) as f:
+      log = f.read()
+    self.assertRegex(log, _INFO_LINE)
+    self.assertIn("checkpoint_manager.py", log)  # orbax's
+    self.assertIn(lines[0], log)
+    self.assertTrue(os.path.isfile(os.path.join(workdir, "config.json")))
+    # Files get the usual modes (0644 / 0755 under umask 022).
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "eval_results.md", "train_curves.png", "log.txt"):
+      mode = os.stat(os.path.join(workdir, name)).st_mode & 0o777
+      self.assertEqual(mode, 0o666 & ~umask, name)
+    self.assertFalse(re.search(r"\bI\d{4}\b", demo.stdout))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from fixclip_jax import config_base
+from fixclip_jax import pixels
 from fixclip_jax.data import captions
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources
@@ -66,7 +67,7 @@ class TrainIteratorTest(absltest.TestCase):
                                       process_index=0, process_count=1)
     batch = next(it)
     self.assertEqual(batch["image"].shape, (4, 24, 24, 3))
-    self.assertEqual(batch["image"].dtype, np.float32)
+    self.assertEqual(batch["image"].dtype, np.uint8)  # normalised on the device
     self.assertEqual(batch["text_long"].shape, (4, 248))
     self.assertEqual(batch["text_long"].dtype, np.int32)
     self.assertEqual(batch["text_short"].shape, (4, 248))
@@ -79,8 +80,9 @@ class TrainIteratorTest(absltest.TestCase):
       np.testing.assert_array_equal(
           batch["text_short"][row],
           _tokenizer()([captions.first_sentence(ex["caption"])], 248)[0])
-      np.testing.assert_allclose(batch["image"][row], transforms.clip_eval_transform(
-          Image.open(io.BytesIO(ex["image"])), 24))
+      np.testing.assert_array_equal(
+          pixels.normalize_uint8(batch["image"][row]),
+          transforms.clip_eval_transform(Image.open(io.BytesIO(ex["image"])), 24))
 
   def test_short_caption_policy_and_context(self):
     records = [{"image": r["image"], "caption": r["caption"],
@@ -205,12 +207,13 @@ class TrainIteratorTest(absltest.TestCase):
           transforms.decode_image(records[index]["image"]), 48,
           np.random.default_rng([0, 0, int(index), 1]),
           kind="random_resized_crop", scale=(0.9, 1.0))
-      np.testing.assert_array_equal(exact["image"][row], want)
+      np.testing.assert_array_equal(pixels.normalize_uint8(exact["image"][row]), want)
     config.rrc_jpeg_draft = True  # 1/2-scale decode: same crops, close pixels
     drafted = next(pipeline.make_train_iterator(
         config, _tokenizer(), source=src, process_index=0, process_count=1))
     np.testing.assert_array_equal(drafted["index"], exact["index"])
-    diff = np.abs(drafted["image"] - exact["image"])
+    diff = np.abs(pixels.normalize_uint8(drafted["image"]) -
+                  pixels.normalize_uint8(exact["image"]))
     self.assertGreater(diff.max(), 0)
     self.assertLess(diff.mean(), 0.05)  # normalised units (~ 3 / 255 / std)
 

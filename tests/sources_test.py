@@ -6,6 +6,8 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import threading
+import time
 
 from absl.testing import absltest
 import numpy as np
@@ -117,15 +119,28 @@ class JsonlSourceTest(absltest.TestCase):
     with self.assertRaisesRegex(FileNotFoundError, "nope.jsonl"):
       sources.JsonlSource(os.path.join(root, "nope.jsonl"))
     good = {"image": "img/a.png", "caption": "c"}
-    bad_json = write_manifest(root, [good, "{not json"], "bad.jsonl")
-    with self.assertRaisesRegex(ValueError, r"bad\.jsonl:2: invalid JSON"):
-      sources.JsonlSource(bad_json)
-    no_image = write_manifest(root, [good, good, {"caption": "c"}], "ni.jsonl")
-    with self.assertRaisesRegex(ValueError, r"ni\.jsonl:3: missing field 'image'"):
-      sources.JsonlSource(no_image)
-    no_caption = write_manifest(root, [{"image": "img/a.png"}], "nc.jsonl")
-    with self.assertRaisesRegex(ValueError, r"nc\.jsonl:1: missing field 'caption'"):
-      sources.JsonlSource(no_caption)
+    # A bad line costs its example, not the run: it raises when read.
+    src = sources.JsonlSource(write_manifest(root, [
+        good, "{not json", {"caption": "c"}, {"image": "img/a.png"},
+        {"image": None, "caption": "c"}, {"image": 123, "caption": "c"},
+        {"image": "img/a.png", "caption": "c", "short_caption": 5},
+        {"image": "img/a.png", "caption": ["list"]}, "[1, 2]"], "bad.jsonl"))
+    self.assertLen(src, 9)
+    self.assertEqual(src[0]["caption"], "c")
+    for index, pattern in ((1, "bad.jsonl:2: invalid JSON"),
+                           (2, "bad.jsonl:3: missing field 'image'"),
+                           (3, "bad.jsonl:4: missing field 'caption'"),
+                           (4, "bad.jsonl:5: field 'image' must be a non-empty "
+                               "path string \\(found null\\)"),
+                           (5, "bad.jsonl:6: field 'image' .*found 123"),
+                           (6, "bad.jsonl:7: field 'short_caption' must be a "
+                               "string or null \\(found int\\)"),
+                           (7, "bad.jsonl:8: field 'caption' must be a string"),
+                           (8, "bad.jsonl:9: expected a JSON object")):
+      with self.assertRaisesRegex(sources.BadRecordError, pattern):
+        src[index]  # pylint: disable=pointless-statement
+      self.assertEqual(src.location(index),
+                       f"manifest {os.path.join(root, 'bad.jsonl')}:{index + 1}")
     missing = write_manifest(root, [good, {"image": "img/zz.png", "caption": "c"}],
                              "mi.jsonl")
     src = sources.JsonlSource(missing)
@@ -134,14 +149,67 @@ class JsonlSourceTest(absltest.TestCase):
     with self.assertRaises(IndexError):
       src[2]  # pylint: disable=pointless-statement
 
+  def test_a_manifest_without_a_usable_line_fails_at_once(self):
+    root = _tempdir(self)
+    path = write_manifest(root, ["{oops", {"caption": "no image"}], "all.jsonl")
+    with self.assertRaisesRegex(ValueError, r"all\.jsonl: no usable line \(2 "
+                                r"bad, the first: .*all\.jsonl:1: invalid JSON"):
+      sources.JsonlSource(path)
 
-  def test_non_utf8_line_is_a_malformed_manifest(self):
+  def test_non_utf8_line_is_a_bad_record(self):
     root = _tempdir(self)
     path = write_manifest(root, name="latin1.jsonl")
     with open(path, "ab") as f:
       f.write(b'{"image": "img/a.png", "caption": "caf\xe9"}\n')
-    with self.assertRaisesRegex(ValueError, r"latin1\.jsonl:4: line is not UTF-8"):
-      sources.JsonlSource(path)
+    src = sources.JsonlSource(path)
+    self.assertLen(src, 4)
+    with self.assertRaisesRegex(sources.CaptionEncodingError,
+                                r"latin1\.jsonl:4: line is not UTF-8"):
+      src[3]  # pylint: disable=pointless-statement
+
+  def test_image_paths_that_are_no_regular_file(self):
+    root = _tempdir(self)
+    os.makedirs(os.path.join(root, "dir.png"))
+    os.symlink("loop_b.png", os.path.join(root, "loop_a.png"))
+    os.symlink("loop_a.png", os.path.join(root, "loop_b.png"))
+    lines = [{"image": "dir.png", "caption": "c"},
+             {"image": "loop_a.png", "caption": "c"},
+             {"image": "/dev/zero", "caption": "c"}]
+    src = sources.JsonlSource(write_manifest(root, lines, "special.jsonl"))
+    for index, pattern in ((0, r"dir\.png: a directory, not an image file "
+                               r"\(manifest .*special\.jsonl:1\)"),
+                           (1, r"loop_a\.png: cannot read it \(Too many levels "
+                               r"of symbolic links\)"),
+                           (2, r"/dev/zero: a character device, not an image")):
+      with self.assertRaisesRegex(sources.UnreadableFileError, pattern):
+        src[index]  # pylint: disable=pointless-statement
+
+  def test_a_read_that_does_not_finish_times_out(self):
+    root = _tempdir(self)
+    fifo = os.path.join(root, "stuck.png")
+    os.mkfifo(fifo)  # open() blocks until a writer comes: a stalled read
+    src = sources.JsonlSource(write_manifest(
+        root, [{"image": "stuck.png", "caption": "c"}], "fifo.jsonl"))
+    src.read_timeout_s = 0.3
+    try:
+      start = time.monotonic()
+      with self.assertRaisesRegex(sources.ReadTimeoutError,
+                                  r"stuck\.png.*fifo\.jsonl:1.*within "
+                                  r"data\.read_timeout_s=0\.3s"):
+        src[0]  # pylint: disable=pointless-statement
+      self.assertLess(time.monotonic() - start, 3)
+      # A stopping run abandons reads that wait, without their timeout.
+      src.read_timeout_s = 600
+      threading.Timer(0.3, sources.abandon_reads).start()
+      start = time.monotonic()
+      with self.assertRaisesRegex(sources.ReadTimeoutError, "abandoned"):
+        src[0]  # pylint: disable=pointless-statement
+      self.assertLess(time.monotonic() - start, 5)
+    finally:
+      _release_fifo(fifo)
+    # Without a timeout, sources read in the calling thread as before.
+    src = sources.JsonlSource(write_manifest(root))
+    self.assertEqual(src[0]["caption"], CAPTIONS[0])
 
   def test_location_names_image_manifest_line_and_key(self):
     root = _tempdir(self)
@@ -149,6 +217,14 @@ class JsonlSourceTest(absltest.TestCase):
     self.assertEqual(src.location(1),
                      f"{os.path.join(root, 'img', 'sub', 'b.png')} (manifest "
                      f"{os.path.join(root, 'manifest.jsonl')}:2, key 'k1')")
+
+
+def _release_fifo(path: str) -> None:
+  """Lets a reader blocked in open(path) go: a writer comes and leaves."""
+  try:
+    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+  except OSError:  # no reader left
+    pass
 
 
 def write_tar(path: str, members) -> None:
@@ -208,9 +284,19 @@ class TarSourceTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "bad.tar"):
       sources.TarSource(bad)
     write_tar(os.path.join(self.root, "badjson.tar"), [
-        ("k.png", _png((0, 0, 0))), ("k.json", b"{oops")])
-    with self.assertRaisesRegex(ValueError, r"badjson\.tar:k\.json"):
-      sources.TarSource(os.path.join(self.root, "badjson.tar"))
+        ("k.png", _png((0, 0, 0))), ("k.json", b"{oops"),
+        ("t.png", _png((0, 0, 0))), ("t.json", b'{"caption": 5}'),
+        ("ok.png", _png((0, 0, 0))), ("ok.txt", b"fine")])
+    src = sources.TarSource(os.path.join(self.root, "badjson.tar"))
+    self.assertLen(src, 3)  # the bad keys fail when read, not the shard
+    with self.assertRaisesRegex(sources.BadRecordError,
+                                r"badjson\.tar:k\.json: invalid JSON"):
+      src[0]  # pylint: disable=pointless-statement
+    with self.assertRaisesRegex(sources.BadRecordError,
+                                r"badjson\.tar:t\.json: field 'caption' must "
+                                r"be a string \(found int\)"):
+      src[1]  # pylint: disable=pointless-statement
+    self.assertEqual(src[2]["caption"], "fine")
 
   def test_non_utf8_captions_fail_the_example_not_the_shard(self):
     shard = os.path.join(self.root, "latin1.tar")
@@ -237,8 +323,12 @@ class ArrayRecordSourceTest(absltest.TestCase):
     header = {"key": "k", "captions": ["ü caption"], "short_caption": None}
     rec = sources.encode_record(header, b"\x89PNGbytes")
     self.assertEqual(sources.decode_record(rec), (header, b"\x89PNGbytes"))
-    with self.assertRaisesRegex(ValueError, "magic"):
+    with self.assertRaisesRegex(sources.BadRecordError, "magic"):
       sources.decode_record(b"XXXX" + rec[4:])
+    with self.assertRaisesRegex(sources.BadRecordError, "shorter than"):
+      sources.decode_record(rec[:12])
+    with self.assertRaisesRegex(sources.BadRecordError, "not JSON"):
+      sources.decode_record(sources.RECORD_MAGIC + b"\x03\x00\x00\x00{x}")
     latin1 = sources.RECORD_MAGIC + b"\x05\x00\x00\x00caf\xe9x" + b"img"
     with self.assertRaises(sources.CaptionEncodingError):
       sources.decode_record(latin1)

@@ -3,9 +3,12 @@ import io
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import pixels
 from fixclip_jax.data import transforms
 
 
@@ -154,6 +157,41 @@ class NormalizeAndEvalTransformTest(absltest.TestCase):
       want = preprocess(img).permute(1, 2, 0).numpy()
       np.testing.assert_allclose(transforms.clip_eval_transform(img, 32), want,
                                  rtol=0, atol=1e-6)
+
+
+class DeviceNormalisationTest(absltest.TestCase):
+  """uint8 pixels normalised in the step (jnp) = the eval transform, bit for bit."""
+
+  def test_table_is_the_formula_at_every_value(self):
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)  # [256, 3]
+    np.testing.assert_array_equal(pixels.NORMALIZE_TABLE,
+                                  pixels.normalize_formula(every))
+    # The host's in-place normalize_pixels is the same formula, every value.
+    np.testing.assert_array_equal(transforms.normalize_pixels(every[None]),
+                                  pixels.NORMALIZE_TABLE[None])
+
+  def test_jitted_jnp_equals_eval_transform(self):
+    device = jax.jit(lambda x: pixels.normalize_uint8(x, jnp))
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    np.testing.assert_array_equal(np.asarray(device(every[None])),
+                                  transforms.normalize_pixels(every[None]))
+    for w, h in ((90, 70), (48, 120)):
+      img = _noise_image(w, h, seed=w)
+      crop = transforms.clip_eval_crop(img, 32)
+      self.assertEqual((crop.dtype, crop.shape), (np.uint8, (32, 32, 3)))
+      batch = np.stack([crop, crop[::-1]])                           # [2, 32, 32, 3]
+      got = np.asarray(jax.jit(lambda x: pixels.model_input(x, jnp))(batch))
+      self.assertEqual(got.dtype, np.float32)
+      np.testing.assert_array_equal(got[0], transforms.clip_eval_transform(img, 32))
+      np.testing.assert_array_equal(got[1], transforms.normalize_pixels(crop[::-1]))
+
+  def test_float_input_is_taken_as_normalised(self):
+    x = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
+    self.assertIs(pixels.model_input(x), x)
+    with self.assertRaisesRegex(TypeError, "uint8"):
+      pixels.normalize_uint8(x)
+    with self.assertRaisesRegex(ValueError, "RGB"):
+      pixels.normalize_uint8(np.zeros((4, 4, 1), np.uint8))
 
 
 class TrainTransformTest(absltest.TestCase):

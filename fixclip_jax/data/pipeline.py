@@ -536,5 +536,7 @@ class BackgroundBatches:
     pipeline's reader threads and worker processes are shut down, so the
     process can exit at once even with a read stuck for good."""
     self._closed = True
-    sources_lib.abandon_reads()
+    # Closing first cancels the queued reads, so none starts after the
+    # running ones are abandoned.
     self._iterator.close()
+    sources_lib.abandon_reads()

@@ -403,8 +403,7 @@ class JsonlSource(Source):
       raise BadRecordError(f"{where}: missing field 'image'")
     if not isinstance(rec["image"], str) or not rec["image"]:
       raise BadRecordError(f"{where}: field 'image' must be a non-empty path "
-                           f"string (found {_type_name(rec['image'])} "
-                           f"{rec['image']!r})")
+                           f"string (found {json.dumps(rec['image'])})")
     # Only the fields we use are kept: manifests can have millions of lines.
     out = {"image": rec["image"], "captions": _captions_of(rec, where),
            "short_caption": _short_caption_of(rec, where),

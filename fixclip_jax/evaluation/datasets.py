@@ -60,6 +60,7 @@ import os
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from absl import logging
 import numpy as np
 
 from fixclip_jax.data import captions as captions_lib
@@ -79,6 +80,9 @@ class RetrievalDataset:
 
   text_to_image  [T] int32: the image of each caption.
   image_to_texts [I] lists: the captions of each image (inverse of the above).
+  pairs_found    (image, caption) pairs the benchmark's files hold, those that
+                 could not be scored included (a caption whose image is
+                 missing, an image without a caption); None = all are scored.
   """
   name: str
   protocol: str
@@ -90,6 +94,7 @@ class RetrievalDataset:
   # protocol that shows what a shorter-context model would read); None = the
   # model's context.
   text_context: Optional[int] = None
+  pairs_found: Optional[int] = None
 
   def __post_init__(self):
     t2i = np.asarray(self.text_to_image)
@@ -109,6 +114,12 @@ class RetrievalDataset:
   @property
   def num_texts(self) -> int:
     return len(self.texts)
+
+  @property
+  def pair_counts(self) -> Dict[str, int]:
+    """{"pairs_scored", "pairs_found"} for the report."""
+    found = self.num_texts if self.pairs_found is None else self.pairs_found
+    return {"pairs_scored": self.num_texts, "pairs_found": found}
 
 
 def from_groups(name: str, protocol: str, image_paths: Sequence[str],
@@ -151,33 +162,82 @@ def _benchmark_dir(root: str, top: str, marker: str) -> str:
       f"{os.path.join(root, marker)} (neither found)")
 
 
-def _check_first_images(paths: Sequence[str], dataset: str, n: int = 2):
-  """Cheap sanity check that image paths resolve (first and last ones)."""
-  for p in list(paths[:n]) + list(paths[-n:]):
-    if not os.path.isfile(p):
-      raise DatasetLayoutError(f"{dataset}: expected image at {p} (not found)")
+def read_text(path: str, dataset: str) -> str:
+  """A UTF-8 text file; ValueError naming the file, line and byte otherwise."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{dataset}: {path} is not UTF-8 text (line {line}, byte "
+                     f"{data[e.start:e.start + 1]!r} at offset {e.start}); "
+                     "re-save it as UTF-8") from None
 
 
 def _load_json(path: str, dataset: str, what: str) -> Any:
   _expect_file(path, dataset, what)
-  with open(path, "r", encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{dataset}: {path} is not valid JSON: {e}") from e
+  try:
+    return json.loads(read_text(path, dataset))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{dataset}: {path} is not valid JSON: {e}") from e
 
 
 def _read_jsonl(path: str, dataset: str) -> List[dict]:
   rows = []
-  with open(path, "r", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{dataset}: {path}:{line_no} is not JSON: {e}") from e
+  for line_no, line in enumerate(read_text(path, dataset).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{dataset}: {path}:{line_no} is not JSON: {e}") from e
   return rows
+
+
+def _listed(names: Sequence[str], most: int = 5) -> str:
+  shown = ", ".join(names[:most])
+  return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
+def warn_unpaired(dataset: str, scored: int, captions_without_image: Sequence[str],
+                  images_without_caption: Sequence[str] = (),
+                  unscored: Optional[int] = None) -> int:
+  """One warning listing what cannot be scored; returns the pairs found:
+  scored + unscored (default: one pair per unpaired caption or image).
+  Nothing is logged when everything pairs up."""
+  if unscored is None:
+    unscored = len(captions_without_image) + len(images_without_caption)
+  found = scored + unscored
+  parts = []
+  if captions_without_image:
+    parts.append(f"{len(captions_without_image)} caption(s) without an image "
+                 f"({_listed(list(captions_without_image))})")
+  if images_without_caption:
+    parts.append(f"{len(images_without_caption)} image(s) without a caption "
+                 f"({_listed(list(images_without_caption))})")
+  if parts:
+    logging.warning("%s: %s; scoring %d of the %d pairs found", dataset,
+                    " and ".join(parts), scored, found)
+  return found
+
+
+def from_existing(name: str, protocol: str, paths: Sequence[str],
+                  caps: Sequence[Sequence[str]]) -> RetrievalDataset:
+  """from_groups of the images that exist; the captions of missing ones are
+  listed in one warning and counted in pairs_found. No image existing is a
+  layout error (a wrong root, most likely)."""
+  exists = [os.path.isfile(p) for p in paths]
+  if paths and not any(exists):
+    raise DatasetLayoutError(f"{name}: expected image at {paths[0]} (not "
+                             f"found; none of the {len(paths)} images exist: "
+                             "wrong root?)")
+  missing = [p for p, e in zip(paths, exists) if not e]
+  unscored = sum(len(c) for c, e in zip(caps, exists) if not e)
+  ds = from_groups(name, protocol, [p for p, e in zip(paths, exists) if e],
+                   [c for c, e in zip(caps, exists) if e])
+  found = warn_unpaired(name, ds.num_texts, missing, unscored=unscored)
+  return dataclasses.replace(ds, pairs_found=found)
 
 
 def _field(record: dict, key: str, dataset: str, where: str) -> Any:
@@ -190,25 +250,41 @@ def _field(record: dict, key: str, dataset: str, where: str) -> Any:
 
 
 def load_urban1k(root: str) -> RetrievalDataset:
-  """Urban1k: image/<stem>.jpg and caption/<stem>.txt, caption = first line."""
+  """Urban1k: image/<stem>.jpg and caption/<stem>.txt, caption = first line.
+
+  Captions without an image and images without a caption are left out, with
+  one warning listing them; the dataset records the pairs found.
+  """
   base = _benchmark_dir(root, "Urban1k", "caption")
   caption_dir = _expect_dir(os.path.join(base, "caption"), "urban1k", "caption")
   image_dir = _expect_dir(os.path.join(base, "image"), "urban1k", "image")
   names = sorted(n for n in os.listdir(caption_dir) if n.endswith(".txt"))
   if not names:
     raise DatasetLayoutError(f"urban1k: no *.txt captions in {caption_dir}")
-  paths, caps = [], []
+  images = sorted(n for n in os.listdir(image_dir) if n.endswith(".jpg"))
+  stems = {n[:-len(".txt")] for n in names}
+  paths, caps, no_image = [], [], []
   for name in names:
     image_path = os.path.join(image_dir, name[:-len(".txt")] + ".jpg")
-    _expect_file(image_path, "urban1k", f"the image of caption {name}")
-    with open(os.path.join(caption_dir, name), "r", encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    if not os.path.isfile(image_path):
+      no_image.append(name)
+      continue
+    caption_path = os.path.join(caption_dir, name)
+    lines = read_text(caption_path, "urban1k").splitlines()
     if not lines or not lines[0].strip():
-      raise ValueError(f"urban1k: caption file {os.path.join(caption_dir, name)}"
-                       " has an empty first line")
+      raise ValueError(f"urban1k: caption file {caption_path} has an empty "
+                       "first line")
     paths.append(image_path)
     caps.append([lines[0].strip()])
-  return from_groups("urban1k", "urban1k", paths, caps)
+  if not paths:
+    raise DatasetLayoutError(
+        f"urban1k: no caption in {caption_dir} has its image (<stem>.jpg) in "
+        f"{image_dir}; e.g. {os.path.join(image_dir, no_image[0][:-4])}.jpg "
+        "is missing")
+  no_caption = [n for n in images if n[:-len(".jpg")] not in stems]
+  found = warn_unpaired("urban1k", len(paths), no_image, no_caption)
+  return dataclasses.replace(from_groups("urban1k", "urban1k", paths, caps),
+                             pairs_found=found)
 
 
 def load_sharegpt4v(root: str, num_examples: int = 1000,
@@ -231,9 +307,8 @@ def load_sharegpt4v(root: str, num_examples: int = 1000,
       raise KeyError(f"sharegpt4v: {where} needs conversations[1].value")
     paths.append(os.path.join(image_root, _field(e, "image", "sharegpt4v", where)))
     caps.append([conv[1]["value"].replace("\n", " ")])
-  _check_first_images(paths, "sharegpt4v")
   n = f"{num_examples // 1000}k" if num_examples % 1000 == 0 else str(num_examples)
-  return from_groups(f"sharegpt4v-{n}", f"sharegpt4v-first{num_examples}",
+  return from_existing(f"sharegpt4v-{n}", f"sharegpt4v-first{num_examples}",
                      paths, caps)
 
 
@@ -258,9 +333,8 @@ def load_dci(root: str, splits: Optional[Sequence[str]] = None) -> RetrievalData
       extra = _field(anno, "extra_caption", "dci", anno_path)
       paths.append(os.path.join(photo_dir, _field(anno, "image", "dci", anno_path)))
       caps.append([f"{short}\n{extra}"])
-  _check_first_images(paths, "dci")
   protocol = "dci-long" + ("" if splits is None else "-" + "+".join(chosen))
-  return from_groups("dci", protocol, paths, caps)
+  return from_existing("dci", protocol, paths, caps)
 
 
 def load_docci(root: str, split: str = "test") -> RetrievalDataset:
@@ -281,8 +355,7 @@ def load_docci(root: str, split: str = "test") -> RetrievalDataset:
     caps.append([_field(row, "description", "docci", where)])
   if not paths:
     raise ValueError(f"docci: no rows with split == {split!r} in {found[0]}")
-  _check_first_images(paths, "docci")
-  return from_groups("docci", f"docci-{split}", paths, caps)
+  return from_existing("docci", f"docci-{split}", paths, caps)
 
 
 def _karpathy(path: str, dataset: str, image_root: str, split: str,
@@ -305,7 +378,6 @@ def _karpathy(path: str, dataset: str, image_root: str, split: str,
     caps.append(raw)
   if not paths:
     raise ValueError(f"{dataset}: no images with split == {split!r} in {path}")
-  _check_first_images(paths, dataset)
   return paths, caps
 
 
@@ -316,7 +388,8 @@ def load_coco_karpathy(root: str, split: str = "test",
   path = os.path.join(root, "dataset_coco.json")
   paths, caps = _karpathy(path, "coco", image_root or root, split,
                           captions_per_image, use_filepath=True)
-  return from_groups("coco", f"coco-karpathy-{split}-{len(paths)}", paths, caps)
+  return from_existing("coco", f"coco-karpathy-{split}-{len(paths)}", paths,
+                       caps)
 
 
 def load_coco_val2017(root: str, captions_per_image: int = 5) -> RetrievalDataset:
@@ -336,8 +409,7 @@ def load_coco_val2017(root: str, captions_per_image: int = 5) -> RetrievalDatase
                        f"captions, fewer than {captions_per_image}")
     paths.append(os.path.join(image_dir, files[image_id]))
     caps.append(found[:captions_per_image])
-  _check_first_images(paths, "coco")
-  return from_groups("coco", f"coco-val2017-{len(paths)}", paths, caps)
+  return from_existing("coco", f"coco-val2017-{len(paths)}", paths, caps)
 
 
 def load_flickr30k_karpathy(root: str, split: str = "test",
@@ -349,7 +421,7 @@ def load_flickr30k_karpathy(root: str, split: str = "test",
   images = _expect_dir(os.path.join(root, image_dir), "flickr30k", "image")
   paths, caps = _karpathy(path, "flickr30k", images, split, captions_per_image,
                           use_filepath=False)
-  return from_groups("flickr30k", f"flickr30k-karpathy-{split}-{len(paths)}",
+  return from_existing("flickr30k", f"flickr30k-karpathy-{split}-{len(paths)}",
                      paths, caps)
 
 
@@ -361,20 +433,18 @@ def load_flickr30k_full(root: str, image_dir: str = "flickr30k-images",
                       "the caption file " + token_file)
   images = _expect_dir(os.path.join(root, image_dir), "flickr30k", "image")
   by_image: Dict[str, List[str]] = {}  # insertion order = file order
-  with open(path, "r", encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      key, sep, caption = line.rstrip("\n").partition("\t")
-      name, hash_, _ = key.partition("#")
-      if not sep or not hash_:
-        raise ValueError(f"flickr30k: {path}:{line_no} is not "
-                         f"'IMAGE.jpg#k<TAB>caption': {line[:80]!r}")
-      by_image.setdefault(name, []).append(caption.strip())
+  for line_no, line in enumerate(read_text(path, "flickr30k").splitlines(), 1):
+    if not line.strip():
+      continue
+    key, sep, caption = line.partition("\t")
+    name, hash_, _ = key.partition("#")
+    if not sep or not hash_:
+      raise ValueError(f"flickr30k: {path}:{line_no} is not "
+                       f"'IMAGE.jpg#k<TAB>caption': {line[:80]!r}")
+    by_image.setdefault(name, []).append(caption.strip())
   paths = [os.path.join(images, n) for n in by_image]
-  _check_first_images(paths, "flickr30k")
-  return from_groups("flickr30k", f"flickr30k-full-{len(paths)}", paths,
-                     list(by_image.values()))
+  return from_existing("flickr30k", f"flickr30k-full-{len(paths)}", paths,
+                       list(by_image.values()))
 
 
 # Captions of the synthetic protocols: which -> (caption field, token context).
@@ -404,8 +474,7 @@ def load_synthetic(root: str, which: str = "long",
     caps.append([text])
   if not paths:
     raise ValueError(f"synthetic: {path} has no rows")
-  _check_first_images(paths, "synthetic")
-  ds = from_groups("synthetic", f"synthetic-{which}", paths, caps)
+  ds = from_existing("synthetic", f"synthetic-{which}", paths, caps)
   return dataclasses.replace(ds, text_context=text_context)
 
 

@@ -141,6 +141,7 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
                                        dataset_tokenizer(tokenizer, ds,
                                                          cfg.context_length),
                                        batch_size, cfg.image_size)
+      r.update(ds.pair_counts)  # pairs scored of those found (a note if fewer)
     logging.info("eval %s", r)
     results.append(r)
   if jax.process_index() == 0:

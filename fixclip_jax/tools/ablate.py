@@ -1,27 +1,33 @@
 """What 248 tokens, Long-CLIP and each FIX-CLIP module buy, at one budget.
 
   python -m fixclip_jax.tools.ablate --budget=small|medium --workdir=DIR \
-      [--seeds=0,1] [--late_detail_share=0.5]
+      [--seeds=0,1] [--late_detail_share=0.5] [--variants=clip248,fixclip] \
+      [--start_positions=smooth|random]
 
 On the synthetic late-detail benchmark (data/synthetic.py: a share of the
 scene pairs differ only after token 77), for every seed:
 
  1. pretrains CLIP at 77 tokens from scratch (objective clip, one positional
-    table, no prompts / mask token / GTA heads): the "CLIP-77" starting point;
- 2. fine-tunes it (config.init_from = its workdir: KPS 77 -> 248, first 20
-    rows frozen, logit scale reset to ln 100; docs/method.md §2) with each
-    variant of VARIANTS, all with the same steps, batch, optimizer and lr;
+    table, no prompts / mask token / GTA heads, no label smoothing): the
+    "CLIP-77" starting point. Its text positions start smooth (sinusoidal),
+    standing in for the smooth table of a CLIP trained on 400M pairs that KPS
+    assumes (START_POSITIONS says why);
+ 2. fine-tunes it with each variant of VARIANTS (config.init_from = its
+    workdir: KPS 77 -> 248, first 20 rows frozen; docs/method.md §2), all
+    with the same steps, batch, data order, optimizer, lr, label smoothing
+    0.1 and the pretrained temperature;
  3. scores every model on the held-out set (evaluation/run.py
     SYNTHETIC_EVAL_SEED scenes): long captions, the same captions cut to 77
-    tokens (synthetic-long77), and the one-sentence summaries (short), R@1
-    both ways.
+    tokens (synthetic-long77: what a 77-token model reads), and the
+    one-sentence summaries (short), R@1 both ways.
 
 Training and evaluation are train.train_and_evaluate's; this module only
 builds configs and tabulates. WORKDIR gets data/ (train and eval manifests),
-seed_S/VARIANT/ (each run's workdir: checkpoints, eval_results.json) and
-ablation.md (mean +- std over seeds), ablation.json (every number, per-run
-wall times, the hyper-parameters) and ablation.png (bars with the spread).
-Rerunning with the same WORKDIR reuses finished runs and resumes the others.
+seed_S/{start_model,clip77,VARIANT}/ (each run's workdir: checkpoints,
+eval_results.json), ablation.md (mean +- sample std over seeds), ablation.json
+(every number, per-run wall times, the hyper-parameters) and ablation.png
+(bars with the spread). Rerunning with the same WORKDIR reuses finished runs
+and resumes the others; a run of a different config there is an error.
 """
 import dataclasses
 import io
@@ -37,6 +43,7 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from fixclip_jax import checkpoint
 from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import fileio
@@ -44,6 +51,8 @@ from fixclip_jax import train
 from fixclip_jax.data import synthetic
 from fixclip_jax.evaluation import report
 from fixclip_jax.evaluation import run as eval_run
+from fixclip_jax.models import clip
+from fixclip_jax.models import sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +84,14 @@ RENDER_SIZE = 64               # scenes are drawn at 64 px; tiny reads 32 px
 # PCM keeps this share of a batch's principal directions: Long-CLIP keeps 32
 # of the 128 features of a GPU's batch.
 PCM_SHARE = 0.25
+
+# The CLIP-77 text positions before pretraining: "smooth" (a sinusoidal table)
+# or "random" (models/clip.py's init). KPS interpolates between neighbouring
+# rows (method.md §2), which preserves knowledge only if neighbours are alike,
+# as in OpenAI CLIP after 400M pairs; a tiny model pretrained for minutes
+# keeps its random rows (adjacent cosine ~0.1), and stretching them costs more
+# than the fine-tune can win back (RESULTS.md).
+START_POSITIONS = ("smooth", "random")
 
 # FIX-CLIP modules off: config knobs of each variant.
 _NO_FIXCLIP_MODULES = {"model.num_prompts": 0, "model.mask_token": False,
@@ -150,10 +167,13 @@ def common_config(budget: Budget, seed: int, data: Dict[str, str]
   return c
 
 
-def pretrain_config(budget: Budget, seed: int, data: Dict[str, str]
-                    ) -> ml_collections.ConfigDict:
-  """CLIP-77 from scratch: OpenAI CLIP's recipe in miniature."""
+def pretrain_config(budget: Budget, seed: int, data: Dict[str, str],
+                    init_from: str = "") -> ml_collections.ConfigDict:
+  """CLIP-77 from scratch (or from the start model `init_from`, its
+  temperature kept): OpenAI CLIP's recipe in miniature."""
   c = common_config(budget, seed, data)
+  c.init_from = init_from
+  c.init_logit_scale = 0.0                # keep ln(1/0.07)
   c.objective = "clip"
   for key, value in _NO_FIXCLIP_MODULES.items():
     _set(c, key, value)
@@ -174,9 +194,15 @@ def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
                     ) -> ml_collections.ConfigDict:
   """A variant's fine-tune from the CLIP-77 workdir `init_from` (248 tokens,
   base_config's two-table positions and frozen table, Long-CLIP's label
-  smoothing 0.1 and logit-scale reset for every variant)."""
+  smoothing 0.1 for every variant).
+
+  The temperature is the pretrained one: Long-CLIP's reset to ln 100 is
+  OpenAI CLIP's own value (a no-op there), while a tiny CLIP-77 sits near
+  ln(1/0.07); resetting it would multiply every logit by ~6 at step 1.
+  """
   c = common_config(budget, seed, data)
   c.init_from = init_from
+  c.init_logit_scale = 0.0                # keep the pretrained temperature
   c.model.context_length = 248
   c.data.text_context = 248
   c.num_train_steps = budget.finetune_steps
@@ -186,6 +212,40 @@ def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
   for key, value in overrides.items():
     _set(c, key, value)
   return c
+
+
+# ----------------------------------------------------------------------------
+# The start model.
+
+def sinusoidal_positions(length: int, width: int, row_norm: float) -> np.ndarray:
+  """[length, width] sin/cos table (Transformer's), rows scaled to row_norm:
+  neighbouring rows are alike, as in a well-trained CLIP's table."""
+  pos = np.arange(length, dtype=np.float64)[:, None]
+  freq = 1.0 / 10000.0 ** (np.arange(0, width, 2, dtype=np.float64) / width)
+  table = np.zeros((length, width))
+  table[:, 0::2] = np.sin(pos * freq)
+  table[:, 1::2] = np.cos(pos * freq)[:, :width // 2]
+  table *= row_norm / np.linalg.norm(table, axis=1, keepdims=True)
+  return table.astype(np.float32)
+
+
+def write_start_model(path: str, config: ml_collections.ConfigDict,
+                      positions: str) -> str:
+  """A fresh CLIP-77 (model dir at `path`, made once) whose text positions
+  are `positions` (START_POSITIONS); returns path, or "" for "random" (the
+  pretraining's own init is that)."""
+  if positions not in START_POSITIONS:
+    raise ValueError(f"start positions {positions!r}; use one of {START_POSITIONS}")
+  if positions == "random":
+    return ""
+  if not checkpoint.is_model_dir(path):
+    cfg = sizes.model_config(config)
+    params = jax.device_get(clip.init_params(cfg, jax.random.PRNGKey(config.seed)))
+    # Rows as long as models/clip.py's normal(0.01) init gives on average.
+    params["text"]["positional_embedding"] = sinusoidal_positions(
+        cfg.context_length, cfg.text_width, 0.01 * np.sqrt(cfg.text_width))
+    checkpoint.save_model(path, params, cfg)
+  return path
 
 
 # ----------------------------------------------------------------------------
@@ -253,10 +313,12 @@ def train_once(config: ml_collections.ConfigDict, run_dir: str
 
 def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
                  late_detail_share: float = synthetic.DEFAULT_LATE_DETAIL_SHARE,
-                 variants: Sequence[str] = ()) -> Dict[str, Any]:
+                 variants: Sequence[str] = (),
+                 start_positions: str = "smooth") -> Dict[str, Any]:
   """Every run of the ablation; writes and returns the table's data.
 
   variants: directory names of VARIANTS to run (empty = all).
+  start_positions: the CLIP-77's text positions before pretraining.
   """
   budget = BUDGETS[budget_name]
   chosen = [v for v in VARIANTS if not variants or v[0] in variants]
@@ -269,7 +331,11 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed_{seed}")
     pretrain_dir = os.path.join(seed_dir, PRETRAIN[0])
-    jobs = [(PRETRAIN, pretrain_config(budget, seed, data), pretrain_dir)]
+    start_model = write_start_model(os.path.join(seed_dir, "start_model"),
+                                    pretrain_config(budget, seed, data),
+                                    start_positions)
+    jobs = [(PRETRAIN, pretrain_config(budget, seed, data, start_model),
+             pretrain_dir)]
     for name, label, overrides in chosen:
       jobs.append(((name, label),
                    finetune_config(budget, seed, data, pretrain_dir, overrides),
@@ -283,6 +349,7 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
   summary = {
       "budget": dataclasses.asdict(budget), "budget_name": budget_name,
       "seeds": list(seeds), "late_detail_share": late_detail_share,
+      "start_positions": start_positions,
       "hyper_parameters": hyper_parameters(budget),
       "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
       "wall_seconds": round(time.perf_counter() - start, 1), "runs": runs,
@@ -303,7 +370,8 @@ def hyper_parameters(budget: Budget) -> Dict[str, Any]:
           "num_prompts": c.model.num_prompts, "gta_groups": c.model.gta_groups,
           "gta_weights": list(c.loss.gta_weights),
           "pcm_components": c.loss.pcm_components,
-          "init_logit_scale": c.init_logit_scale,
+          "init_logit_scale": "kept" if not c.init_logit_scale else
+                              c.init_logit_scale,
           "max_logit_scale": c.loss.max_logit_scale,
           "positional_keep": c.model.positional_keep,
           "render_size": RENDER_SIZE, "image_size": 32}
@@ -402,6 +470,10 @@ def define_flags():
                      "Share of scene pairs that differ only after token 77.")
   flags.DEFINE_list("variants", [], "Fine-tunes to run (default all): "
                     + ",".join(v[0] for v in VARIANTS))
+  flags.DEFINE_enum("start_positions", "smooth", list(START_POSITIONS),
+                    "CLIP-77 text positions before pretraining: smooth "
+                    "(sinusoidal, like a well-trained CLIP's; what KPS "
+                    "assumes) or random (the model's init).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -414,7 +486,8 @@ def main(argv):
     raise cli.UserError(f"--seeds={','.join(FLAGS.seeds)}: not integers") from None
   cli.log_to_file(os.path.join(FLAGS.workdir, cli.LOG_FILE))
   summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
-                         FLAGS.late_detail_share, FLAGS.variants)
+                         FLAGS.late_detail_share, FLAGS.variants,
+                         FLAGS.start_positions)
   print(markdown(summary))
   print(f"Wrote {os.path.join(FLAGS.workdir, TABLE_MD)}, {TABLE_JSON}, "
         f"{PLOT_PNG}")

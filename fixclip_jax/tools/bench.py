@@ -404,20 +404,23 @@ def torch_comparison(config, ours: JaxTrainStep, mesh, warmup: int, steps: int,
 
 
 def bucket_comparison(config, mesh, warmup: int, steps: int,
-                      caption_lengths: Lengths, compare_torch: bool = False) -> dict:
+                      caption_lengths: Lengths, compare_torch: bool = False,
+                      bucketed: Optional[JaxTrainStep] = None) -> dict:
   """Length buckets on vs off, timed interleaved in one loop on the same
   captions: our step (the config's objective) and, with compare_torch, our
   plain-CLIP twin and open_clip's step, open_clip both at full context (its
   tokenizer pads every caption to it) and at the bucket's length.
 
   Predicted gain: analytic FLOPs at the cut lengths / at full context.
+  bucketed: the config's step, if already built (same captions).
   """
   off = without_buckets(config)
   if not (config.data.long_buckets or config.data.short_buckets):
     raise ValueError("bucket comparison: config.data.long_buckets and "
                      "short_buckets are both empty")
   fns = {"unbucketed": JaxTrainStep(off, mesh, caption_lengths=caption_lengths),
-         "bucketed": JaxTrainStep(config, mesh, caption_lengths=caption_lengths)}
+         "bucketed": bucketed or JaxTrainStep(config, mesh,
+                                              caption_lengths=caption_lengths)}
   if compare_torch:
     twin_config = plain_clip_twin(config)
     fns["twin_unbucketed"] = JaxTrainStep(without_buckets(twin_config), mesh,
@@ -578,7 +581,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
     result.update(eval_throughput(ours, mesh, warmup, eval_steps))
   if compare_buckets:
     result.update(bucket_comparison(config, mesh, warmup, steps, caption_lengths,
-                                    compare_torch))
+                                    compare_torch, bucketed=ours))
   elif compare_torch:
     result.update(torch_comparison(config, ours, mesh, warmup, steps,
                                    caption_lengths))

@@ -29,7 +29,9 @@ counts, and an image in the output is done whatever the log says. On a rerun, "f
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import http.client
 import io
@@ -40,7 +42,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Set, Tuple, Union)
 import urllib.error
 import urllib.request
 
@@ -574,6 +577,29 @@ def _repair_jsonl(path: str) -> List[Dict[str, Any]]:
   return records
 
 
+class OutputLockedError(RuntimeError):
+  """Another caption run is writing the same output."""
+
+
+@contextlib.contextmanager
+def output_lock(out_path: str) -> Iterator[None]:
+  """Holds an exclusive lock on `out_path` (created if absent) for the run: two
+  runs appending to (and repairing) one manifest would corrupt it. The lock
+  (flock) goes away with the process, however it ends."""
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  with open(out_path, "ab") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise OutputLockedError(
+          f"{out_path} is being written by another caption run (it holds the "
+          "file's lock); wait for it to finish, or pass another --out") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 class _AppendWriter:
   """Appends whole lines with one write each; fsyncs every `fsync_every` lines."""
 
@@ -645,24 +671,8 @@ class _Tally:
       self.consecutive_failures = 0
 
 
-def caption_images(
-    image_items: Iterable[Union[ImageItem, str]],
-    out_path: str,
-    client_config: ClientConfig,
-    *,
-    prompts: Optional[Sequence[str]] = None,
-    concurrency: int = 16,
-    seed: int = 0,
-    retry_rejected: int = 2,
-    short: str = "first_sentence",
-    filter_config: Any = "default",
-    max_side: Optional[int] = 1344,
-    fsync_every: int = 100,
-    preflight: bool = True,
-    retry_failed: bool = False,
-    max_consecutive_failures: int = 100,
-    progress: bool = True,
-) -> Dict[str, Any]:
+def caption_images(image_items: Iterable[Union[ImageItem, str]], out_path: str,
+                   client_config: ClientConfig, **options) -> Dict[str, Any]:
   """Captions the images not yet in `out_path`, appending to it; returns a summary.
 
   Args:
@@ -689,7 +699,32 @@ def caption_images(
   Raises:
     EndpointUnreachableError, ApiError, ValueError: the server is down or misconfigured
       (before any image is spent) or keeps failing (max_consecutive_failures).
+    OutputLockedError: another run is writing `out_path` (before anything is read
+      or written).
   """
+  with output_lock(out_path):
+    return _caption_images(image_items, out_path, client_config, **options)
+
+
+def _caption_images(
+    image_items: Iterable[Union[ImageItem, str]],
+    out_path: str,
+    client_config: ClientConfig,
+    *,
+    prompts: Optional[Sequence[str]] = None,
+    concurrency: int = 16,
+    seed: int = 0,
+    retry_rejected: int = 2,
+    short: str = "first_sentence",
+    filter_config: Any = "default",
+    max_side: Optional[int] = 1344,
+    fsync_every: int = 100,
+    preflight: bool = True,
+    retry_failed: bool = False,
+    max_consecutive_failures: int = 100,
+    progress: bool = True,
+) -> Dict[str, Any]:
+  """caption_images, with `out_path` locked."""
   if short not in ("first_sentence", "model"):
     raise ValueError(f"short must be 'first_sentence' or 'model', got {short!r}")
   if concurrency < 1:
