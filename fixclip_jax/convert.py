@@ -10,7 +10,7 @@ Formats read (auto-detected, logged):
   openai    OpenAI / open_clip state dict (.pt/.pth/.bin/.safetensors);
             a nested "state_dict" and a "module." prefix are unwrapped.
   longclip  the same with Long-CLIP's 248-row `positional_embedding` and
-            `positional_embedding_res` (method.md §2).
+            `positional_embedding_res` (docs/method.md §2).
   hf        a Hugging Face `CLIPModel` directory (config.json + weights).
   orbax     a model directory written by `checkpoint.save_model`.
   train_workdir  a training --workdir (its latest train state's params).
@@ -221,7 +221,7 @@ LAYOUTS = {
 }
 
 
-# --- FIX-CLIP's parameters (method.md §3) in the OpenAI layout. PyTorch CLIP
+# --- FIX-CLIP's parameters (docs/method.md §3) in the OpenAI layout. PyTorch CLIP
 # has no place for them, so they are written under documented extra keys:
 #   fixclip.visual.prompts.{i}            [M, w]  regional prompts of block i
 #   fixclip.visual.mask_token             [w]     the short branch's mask token
@@ -949,7 +949,7 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   """The text tower alone as a HF `CLIPTextModelWithProjection` directory plus
   its `CLIPTokenizer` files at cfg.context_length (248 for Long-/FIX-CLIP):
   `CLIPTextModel.from_pretrained` loads it too (ignoring the projection), and
-  a diffusers pipeline takes it as `text_encoder` (plug-and-play, method.md §3).
+  a diffusers pipeline takes it as `text_encoder` (plug-and-play, docs/method.md §3).
   """
   fileio.refuse_existing(directory, overwrite)
   params, cfg = single_position_table(params, cfg)

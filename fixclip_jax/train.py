@@ -129,13 +129,18 @@ def _sum_over_hosts(counts: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(counts)).sum(0)
 
 
-def _progress(step: int, total: int, step_time: float, metrics: dict) -> str:
-  """One concise stdout line: step, loss, speed, ETA."""
-  eta = max(total - step, 0) * step_time
+def _progress(step: int, total: int, step_time: float, metrics: dict,
+              first: bool = False) -> str:
+  """One concise stdout line: step, loss, speed, ETA (none after a run's
+  first step, whose time is mostly compilation)."""
   terms = " ".join(f"{k[5:]}={metrics[k]:.3f}" for k in sorted(metrics)
                    if k.startswith("loss_"))
-  return (f"[{step}/{total}] loss={metrics['loss']:.4f} ({terms}) "
-          f"{metrics['images_per_s']:.1f} img/s, ETA {eta / 60:.1f} min")
+  line = (f"[{step}/{total}] loss={metrics['loss']:.4f} ({terms}) "
+          f"{metrics['images_per_s']:.1f} img/s")
+  if first:
+    return line + " (first step: includes compilation)"
+  eta = max(total - step, 0) * step_time
+  return line + f", ETA {eta / 60:.1f} min"
 
 
 def _check_resume_step(config, workdir: str, resuming: bool) -> None:
@@ -283,9 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_logged = step
         writer.write(step, metrics)
         if jax.process_index() == 0:
-          note = " (first step: includes compilation)" if step == start + 1 else ""
           print(_progress(step, config.num_train_steps, metrics["step_time_s"],
-                          metrics) + note, flush=True)
+                          metrics, first=step == start + 1), flush=True)
         timer_start, timer_steps, window_flops = time.perf_counter(), 0, 0
       preempted = guard.requested or manager.reached_preemption(step)
       if evaluate and not preempted and (step % eval_every == 0 or

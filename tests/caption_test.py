@@ -452,6 +452,36 @@ class CaptionTest(absltest.TestCase):
       np.testing.assert_array_equal(batch["text_short"][row],
                                     tok([lines[index]["short_caption"]])[0])
 
+  def test_a_second_run_on_the_same_output_is_refused(self):
+    # 1 s a caption, one at a time: the first run holds the output long enough.
+    server = self.start_server(delay=1.0)
+    items = write_images(self.dir, 8)
+    first = threading.Thread(target=self.run_captioning,
+                             args=(items, self.config(server)),
+                             kwargs={"concurrency": 1})
+    first.start()
+    deadline = time.time() + 30
+    while server.chat_hits == 0 and time.time() < deadline:
+      time.sleep(0.02)  # the first run holds the lock by now
+    with self.assertRaisesRegex(caption_lib.OutputLockedError,
+                                "is being written by another caption run"):
+      self.run_captioning(items, self.config(server))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fixclip_jax.tools.caption", f"--images={self.dir}",
+         f"--out={self.out}", f"--endpoint={server.endpoint}", f"--model={MODEL}",
+         "--noprogress"],
+        capture_output=True, text=True, timeout=60,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertIn(f"{self.out} is being written by another caption run",
+                  proc.stderr)
+    self.assertTrue(first.is_alive(), "the first run ended too early to test")
+    server.delay = 0.0
+    first.join(timeout=60)
+    self.assertLen(read_jsonl(self.out), 8)  # not touched by the others
+    # The lock goes with the run: the next one starts (nothing left to do).
+    self.assertEqual(self.run_captioning(items, self.config(server))["skipped"], 8)
+
   def test_bad_api_key_and_unknown_model_fail_before_captioning(self):
     server = self.start_server()
     server.required_key = "right"

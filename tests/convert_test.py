@@ -7,9 +7,12 @@ output behind.
 """
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -17,6 +20,7 @@ import jax
 import numpy as np
 import open_clip
 import safetensors.numpy
+import safetensors.torch
 import torch
 import transformers
 
@@ -238,6 +242,23 @@ class RoundTripTest(ConvertTestBase):
 
 class FormatTest(ConvertTestBase):
 
+  def test_safetensors_and_hf_dirs_load_without_torch(self):
+    _, sd = _open_clip_state_dict()
+    # bfloat16 tensors (numpy has no such dtype) are upcast exactly.
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+            for k, v in sd.items()}
+    safetensors.torch.save_file(half, self.path("bf16.safetensors"))
+    want = {k: v.float().numpy() for k, v in half.items()}
+    _hf_model().save_pretrained(self.path("hf"))
+    with_torch, hf_cfg, _ = convert.load_any(self.path("hf"))
+    with mock.patch.dict(sys.modules, {"torch": None, "safetensors.torch": None}):
+      got = convert.read_state_dict(self.path("bf16.safetensors"))
+      without_torch, cfg, fmt = convert.load_any(self.path("hf"))
+    _assert_same_tensors(self, got, want)
+    self.assertEqual(got["ln_final.weight"].dtype, np.float32)
+    self.assertEqual((fmt, cfg), ("hf", hf_cfg))
+    jax.tree.map(np.testing.assert_array_equal, without_torch, with_torch)
+
   def test_detects_formats(self):
     _, sd = _open_clip_state_dict()
     torch.save(sd, self.path("a.pt"))
@@ -340,6 +361,51 @@ class BadInputTest(ConvertTestBase):
     _, sd = _open_clip_state_dict()
     sd["extra"] = _NotATensor()
     self._assert_fails_cleanly(self._save(sd, "evil.pt"), r"evil\.pt.*refused")
+
+  def test_a_wrong_inferred_size_is_named_under_its_own_key(self):
+    # ln_final.weight gives the text width: one mis-shaped copy must not change
+    # the inferred model (and every other key's expected shape).
+    _, sd = _open_clip_state_dict()
+    sd = _numpy(sd)
+    sd["ln_final.weight"] = np.ones((100,), np.float32)
+    src = self.path("width.safetensors")
+    safetensors.numpy.save_file(sd, src)
+    self._assert_fails_cleanly(src, re.escape(
+        "does not match the model: key 'ln_final.weight': expected shape "
+        "(128,), found (100,)") + "$")
+
+  def test_raw_pickle_and_torchscript_are_refused_with_the_way_out(self):
+    _, sd = _open_clip_state_dict()
+    with open(self.path("raw.pt"), "wb") as f:
+      pickle.dump(_numpy(sd), f)  # a plain pickle of numpy arrays
+    self._assert_fails_cleanly(self.path("raw.pt"), (
+        r"raw\.pt: refused: this file needs an arbitrary unpickle .*convert it "
+        r"with python -c .*torch\.load\('.*raw\.pt', weights_only=False\).* "
+        r"or re-save with torch\.save\(state_dict\)"))
+    torch.jit.script(torch.nn.Linear(2, 2)).save(self.path("jit.pt"))
+    self._assert_fails_cleanly(self.path("jit.pt"), (
+        r"jit\.pt: refused: a TorchScript archive .*torch\.jit\.load\("))
+
+  def test_hf_config_errors_name_the_field(self):
+    good = _hf_config().to_dict()
+    heads = json.loads(json.dumps(good))
+    heads["vision_config"]["num_attention_heads"] = 3
+    string = json.loads(json.dumps(good))
+    string["text_config"]["hidden_size"] = "64"
+    for config, pattern in (
+        ([good], r"expected a JSON object .*found list"),
+        (heads, r"vision_config\.num_attention_heads=3 does not divide "
+                r"vision_config\.hidden_size=64"),
+        (string, r"text_config\.hidden_size='64' must be a positive integer"),
+        ({k: v for k, v in good.items() if k != "vision_config"},
+         r"no vision_config")):
+      with self.subTest(pattern):
+        directory = tempfile.mkdtemp(dir=self.tmp)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+          json.dump(config, f)
+        with self.assertRaisesRegex(convert.CheckpointError,
+                                    "config.json: " + pattern):
+          convert.load_any(directory)
 
   def test_params_not_matching_config_are_refused(self):
     cfg = get_config("tiny")

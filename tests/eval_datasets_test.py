@@ -366,5 +366,74 @@ class DatasetNameTest(absltest.TestCase):
       datasets.load_dataset("urban2k", "/d")
 
 
+class BenchmarkFolderProblemsTest(absltest.TestCase):
+  """Files that do not pair up, captions that are not UTF-8 (issue 15)."""
+
+  def setUp(self):
+    super().setUp()
+    self.base = os.path.join(_tempdir(self), "Urban1k")
+    for stem in ("1", "2", "3"):
+      _write_image(os.path.join(self.base, "image", f"{stem}.jpg"), fmt="JPEG")
+      _write(os.path.join(self.base, "caption", f"{stem}.txt"),
+             f"Caption of {stem}.\n")
+
+  def test_a_caption_that_is_not_utf8_names_the_file(self):
+    with open(os.path.join(self.base, "caption", "2.txt"), "wb") as f:
+      f.write(b"Caf\xe9 on a corner.\n")
+    with self.assertRaisesRegex(ValueError, r"urban1k: .*caption[/\\]2\.txt is "
+                                r"not UTF-8 text \(line 1, byte b'\\xe9' at "
+                                r"offset 3\)"):
+      datasets.load_urban1k(self.base)
+
+  def test_unpaired_files_are_listed_in_one_warning_and_counted(self):
+    _write(os.path.join(self.base, "caption", "4.txt"), "No image for me.\n")
+    _write_image(os.path.join(self.base, "image", "5.jpg"), fmt="JPEG")
+    with self.assertLogs("absl", "WARNING") as logs:
+      ds = datasets.load_urban1k(self.base)
+    self.assertLen(logs.output, 1)
+    self.assertIn("urban1k: 1 caption(s) without an image (4.txt) and 1 "
+                  "image(s) without a caption (5.jpg); scoring 3 of the 5 "
+                  "pairs found", logs.output[0])
+    self.assertLen(ds.image_paths, 3)
+    self.assertEqual(ds.pair_counts, {"pairs_scored": 3, "pairs_found": 5})
+    _check_pairing(self, ds)
+
+  def test_missing_images_of_a_caption_file_are_counted(self):
+    root = os.path.dirname(synthetic.make_synthetic_dataset(
+        os.path.join(os.path.dirname(self.base), "synth"), 4, image_size=32))
+    rows = [json.loads(l) for l in open(os.path.join(root, "manifest.jsonl"))]
+    os.remove(os.path.join(root, rows[1]["image"]))
+    with self.assertLogs("absl", "WARNING") as logs:
+      ds = datasets.load_dataset("synthetic_long", root)
+    self.assertRegex(logs.output[0], r"synthetic: 1 caption\(s\) without an "
+                     r"image \(.*\); scoring 3 of the 4 pairs found")
+    self.assertEqual(ds.pair_counts, {"pairs_scored": 3, "pairs_found": 4})
+
+  def test_the_report_records_pairs_scored_of_found(self):
+    _write(os.path.join(self.base, "caption", "4.txt"), "No image for me.\n")
+    ds = datasets.load_urban1k(self.base)
+    workdir = _tempdir(self)
+    config = config_base.base_config()
+    config.data.tokenizer = "clip"
+    config.eval.batch_size = 2
+    # Features that need no model: pixels and token ids, cut to 8 numbers.
+    image_fn = lambda x: np.asarray(x, np.float32).reshape(len(x), -1)[:, :8]
+    text_fn = lambda t: np.asarray(t, np.float32)[:, :8]
+    model = mock.Mock(cfg=mock.Mock(context_length=77, vocab_size=49408,
+                                    eot_token_id=None, image_size=16))
+    mesh = mock.Mock()
+    with mock.patch.object(run, "load_eval_sets", return_value=[ds]), \
+        mock.patch.object(run, "embed_fns", return_value=(image_fn, text_fn)), \
+        mock.patch.object(run.sharding, "num_batch_shards", return_value=1):
+      results = run.evaluate(config, model, None, mesh,
+                             tokenizers.get_tokenizer("clip", 77),
+                             workdir=workdir, step=0)
+    self.assertEqual((results[0]["pairs_scored"], results[0]["pairs_found"]),
+                     (3, 4))
+    with open(os.path.join(workdir, "eval_results.json")) as f:
+      saved = json.load(f)["results"][0]
+    self.assertEqual((saved["pairs_scored"], saved["pairs_found"]), (3, 4))
+
+
 if __name__ == "__main__":
   absltest.main()

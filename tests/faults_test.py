@@ -48,14 +48,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # FIX-CLIP parts, no text buckets (one compiled step).
 SMALL = {"objective": "clip", "model.num_prompts": 0, "model.mask_token": False,
          "model.gta_groups": 0, "model.context_length": 77,
-         "model.positional_keep": None, "data.text_context": 77,
+         "data.text_context": 77,
          "data.short_context": 77, "data.long_buckets": (),
          "data.short_buckets": (), "optim.frozen_regex": "",
          "optim.new_params_regex": "", "eval_at_start": False}
 # The same as command-line flags (main.py runs in a subprocess).
 SMALL_FLAGS = [
     "--config.objective=clip", "--config.model.num_prompts=0",
-    "--config.model.nomask_token", "--config.model.gta_groups=0",
+    "--config.model.mask_token=False", "--config.model.gta_groups=0",
     "--config.model.context_length=77", "--config.data.text_context=77",
     "--config.data.short_context=77", "--config.data.long_buckets=()",
     "--config.data.short_buckets=()", "--config.optim.frozen_regex=",
@@ -579,7 +579,7 @@ def _user_error_files(root):
   files["orbax"] = os.path.join(root, "other_model")
   checkpoint.save_model(files["orbax"], jax.device_get(
       clip.init_params(other)), other)
-  hf = convert.hf_config_dict(cfg)
+  hf = convert.hf_config_dict(cfg.replace(positional_keep=None))
   files["hf_list"] = _hf_dir(root, "hf_list", [hf])
   heads = json.loads(json.dumps(hf))
   heads["vision_config"]["num_attention_heads"] = 3

@@ -197,6 +197,9 @@ class HFExportTest(absltest.TestCase):
   def test_cli_writes_hf_and_hf_text(self):
     src = os.path.join(self.tmp, "src.safetensors")
     convert.save_openai(src, self.params, self.cfg)
+    umask = os.umask(0)
+    os.umask(umask)
+    self.assertEqual(os.stat(src).st_mode & 0o777, 0o666 & ~umask)  # not 0600
     for to in ("hf", "hf_text"):
       dst = os.path.join(self.tmp, f"cli_{to}")
       proc = subprocess.run(

@@ -134,6 +134,34 @@ class ReportTest(absltest.TestCase):
       self.assertEqual(f.read(), "{not json")
 
 
+class ConsoleAndCurvesTest(absltest.TestCase):
+
+  def test_console_table_has_the_columns_present(self):
+    table = report.console_table([
+        dict(_retrieval("synthetic", "synthetic-long", 20.0), step=0),
+        {"dataset": "imagenet", "protocol": "zeroshot-1000cls-80templates",
+         "step": 5, "top1": 55.5, "top5": 80.25}]).splitlines()
+    self.assertEqual(table[0], "| step | benchmark | I2T R@1 | I2T R@10 | T2I R@1 | "
+                     "T2I R@10 | top-1 | top-5 |")
+    self.assertEqual(table[2], "| 0 | synthetic-long | 20.00 | 40.00 | 15.00 | "
+                     "35.00 | - | - |")
+    self.assertEqual(table[3], "| 5 | imagenet (zeroshot-1000cls-80templates) | - | "
+                     "- | - | - | 55.50 | 80.25 |")
+
+  def test_train_curves_png(self):
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    self.assertIsNone(report.write_train_curves(workdir, []))
+    rows = [{"step": s, "loss": 5.0 / s, "loss_long": 2.0 / s, "lr": 1e-3 * s,
+             "images_per_s": 30.0} for s in range(1, 6)]
+    rows.append({"step": 5, "eval/synthetic-long/i2t_R@1": 10.0})  # no loss: skipped
+    path = report.write_train_curves(workdir, rows)
+    self.assertEqual(path, os.path.join(workdir, report.TRAIN_PNG))
+    with open(path, "rb") as f:
+      self.assertTrue(f.read().startswith(_PNG_MAGIC))
+    self.assertGreater(os.path.getsize(path), 5000)
+
+
 class UrlWorkdirTest(absltest.TestCase):
 
   def test_history_in_a_bucket(self):

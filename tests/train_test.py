@@ -1,12 +1,15 @@
 """Training: optimizer masks, the sharded step, NaN skipping, learning, resume."""
 import os
+import re
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fixclip_jax import checkpoint
 from fixclip_jax import config_base
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
@@ -211,6 +214,36 @@ class LoopTest(absltest.TestCase):
       print(f"{term}: first 10 steps {first:.3f} -> last 10 steps {last:.3f}")
       self.assertLess(last, first - 0.1, term)
 
+  def test_length_buckets_train_like_full_context(self):
+    """The loop cuts text to length buckets (buckets.py): the same losses as
+    at full context, on the pipeline's uint8 images."""
+    losses, shapes = {}, {}
+    for name, long_buckets, short_buckets in (
+        ("on", (64, 96, 128, 160, 192, 224, 248), (16, 32, 48, 64, 77)),
+        ("off", (), ())):
+      config = demo_config(**{"num_train_steps": 2, "checkpoint_every": 1000,
+                              "data.long_buckets": long_buckets,
+                              "data.short_buckets": short_buckets})
+      workdir = tempfile.mkdtemp()
+      with self.assertLogs(level="INFO") as logs:
+        train.train_and_evaluate(config, workdir, evaluate=False)
+      shapes[name] = [l for l in logs.output if "Text buckets: new step shape" in l]
+      import json  # pylint: disable=g-import-not-at-top
+      rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+      losses[name] = np.array([[r[k] for k in ("loss", "loss_long", "loss_short")]
+                               for r in rows])
+    # Synthetic captions (166-194 tokens, summaries 28-34) run shorter than
+    # the contexts (248, 77).
+    self.assertEmpty(shapes["off"])
+    self.assertNotEmpty(shapes["on"])
+    for line in shapes["on"]:
+      long_len, short_len = map(int, re.search(
+          r"'text_long': (\d+), 'text_short': (\d+)", line).groups())
+      self.assertLess(long_len, 248)
+      self.assertLess(short_len, 77)
+    np.testing.assert_allclose(losses["on"][0], losses["off"][0], rtol=1e-6)
+    np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5)
+
   def test_bad_examples_are_skipped_and_counted_in_metrics(self):
     from fixclip_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     root = os.path.join(tempfile.mkdtemp(), "data")
@@ -236,25 +269,11 @@ class LoopTest(absltest.TestCase):
     straight = train.train_and_evaluate(config, tempfile.mkdtemp(), evaluate=False)
 
     workdir = tempfile.mkdtemp()
-
-    class PreemptAtStep2(train.PreemptionGuard):
-      checks = 0
-
-      @property
-      def requested(self):
-        PreemptAtStep2.checks += 1
-        return PreemptAtStep2.checks >= 2
-
-      @requested.setter
-      def requested(self, value):
-        pass
-
-    original = train.PreemptionGuard
-    train.PreemptionGuard = PreemptAtStep2
-    try:
+    # A preemption notice at step 2 (what orbax's multi-host preemption sync
+    # reports; a signal sets the same stop).
+    with mock.patch.object(checkpoint.TrainCheckpointManager, "reached_preemption",
+                           lambda self, step: step >= 2):
       stopped = train.train_and_evaluate(config, workdir, evaluate=False)
-    finally:
-      train.PreemptionGuard = original
     self.assertEqual(int(stopped["step"]), 2)
     self.assertTrue(os.path.isdir(os.path.join(workdir, "checkpoints", "2")))
     # A save killed mid-write leaves only orbax's temporary directory, which

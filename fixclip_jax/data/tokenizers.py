@@ -8,13 +8,17 @@ Both tokenizers share the interface the data pipeline and evaluation use:
   tok.vocab_size, tok.context_length, tok.sot_token_id, tok.eot_token_id
 
 `ClipTokenizer` reproduces open_clip's `SimpleTokenizer` / `open_clip.tokenize`
-id for id (method.md §1 "Tokenizer"): ftfy `fix_text`, HTML unescape twice,
+id for id (docs/method.md §1 "Tokenizer"): ftfy `fix_text`, HTML unescape twice,
 whitespace collapse, lowercase, CLIP's word regex, byte-to-unicode mapping,
 greedy lowest-rank BPE merges from `bpe_simple_vocab_16e6.txt.gz`,
 SOT=49406, EOT=49407, padding with 0. A batch row is SOT + ids + EOT; with
 `truncate=True` an over-long row is cut to `context_length` and its last kept
 token replaced by EOT (open_clip's rule; Long-CLIP uses the same at 248,
-method.md §2).
+docs/method.md §2).
+
+Hugging Face: `ClipTokenizer.save_hf_files` writes files transformers'
+CLIPTokenizer / CLIPTokenizerFast load; those skip ftfy and the HTML unescape,
+so run `normalize_text` on a text before them to get our ids.
 
 Nothing here imports torch or open_clip, and nothing is ever downloaded: the
 vocabulary ships inside the package and is checked against its sha256.

@@ -1,0 +1,89 @@
+"""metrics.py: metrics.jsonl rows, the config in TensorBoard, optional W&B."""
+import json
+import os
+import shutil
+import sys
+import tempfile
+import types
+from unittest import mock
+
+from absl.testing import absltest
+
+from fixclip_jax import config_base
+from fixclip_jax import metrics
+
+
+class _FakeRun:
+  def __init__(self, **kwargs):
+    self.init_kwargs = kwargs
+    self.logged = []
+    self.finished = False
+
+  def log(self, row, step):
+    self.logged.append((step, dict(row)))
+
+  def finish(self):
+    self.finished = True
+
+
+class MetricsTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, self.workdir, ignore_errors=True)
+
+  def test_rows_merge_per_step_and_skip_a_cut_line(self):
+    writer = metrics.MetricWriter(self.workdir, tensorboard=False)
+    writer.write(1, {"loss": 3.0})
+    writer.write(2, {"loss": 2.0})
+    writer.write(2, {"eval/x/i2t_R@1": 10.0})
+    writer.write(1, {"loss": 2.5})  # a resumed run logs step 1 again
+    writer.close()
+    with open(os.path.join(self.workdir, metrics.METRICS_FILE), "a") as f:
+      f.write('{"step": 3, "lo')  # cut short by a crash
+    rows = metrics.read_metrics(self.workdir)
+    self.assertEqual(rows, [{"step": 1, "loss": 2.5},
+                            {"step": 2, "loss": 2.0, "eval/x/i2t_R@1": 10.0}])
+    self.assertEqual(metrics.read_metrics(os.path.join(self.workdir, "none")), [])
+
+  def test_config_goes_to_tensorboard_as_text(self):
+    config = config_base.base_config()
+    flat = metrics.flatten_config(config)
+    self.assertEqual(flat["optim.lr"], config.optim.lr)
+    self.assertEqual(flat["wandb.project"], "")
+    table = metrics.config_markdown(config)
+    self.assertIn("| optim.lr | 1e-06 |", table)
+    writer = metrics.MetricWriter(self.workdir, config=config)
+    writer.close()
+    events = os.listdir(os.path.join(self.workdir, metrics.TB_SUBDIR))
+    self.assertLen(events, 1)
+
+  def test_wandb_is_optional_and_off_by_default(self):
+    config = config_base.base_config()
+    with mock.patch.dict(sys.modules, {"wandb": None}):  # not installed
+      writer = metrics.MetricWriter(self.workdir, tensorboard=False, config=config)
+      writer.write(1, {"loss": 1.0})
+      writer.close()
+    runs = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: runs.append(_FakeRun(**kwargs)) or runs[-1]
+    config.wandb.project = "fixclip-tests"
+    config.wandb.mode = "offline"
+    with mock.patch.dict(sys.modules, {"wandb": fake}):
+      writer = metrics.MetricWriter(self.workdir, tensorboard=False, config=config)
+      writer.write(3, {"loss": 0.5})
+      writer.close()
+    (run,) = runs
+    self.assertEqual(run.init_kwargs["project"], "fixclip-tests")
+    self.assertEqual(run.init_kwargs["mode"], "offline")
+    self.assertEqual(run.init_kwargs["name"], os.path.basename(self.workdir))
+    self.assertEqual(run.init_kwargs["config"]["optim.lr"], config.optim.lr)
+    self.assertEqual(run.logged, [(3, {"loss": 0.5})])
+    self.assertTrue(run.finished)
+    with open(os.path.join(self.workdir, metrics.METRICS_FILE)) as f:
+      self.assertLen([json.loads(line) for line in f], 2)
+
+
+if __name__ == "__main__":
+  absltest.main()
