@@ -127,7 +127,8 @@ class TrainCheckpointManager(ocp.CheckpointManager):
     super().__init__(directory, options=options, item_names=("state", "data"))
     self.keep = keep
     self.best_metric = best_metric
-    self.unconfirmed_step: Optional[int] = None  # saved, not yet known committed
+    self.unconfirmed_step: Optional[int] = None  # saved, old steps not yet deleted
+    self.verified_step: Optional[int] = None  # known committed
 
   def _metric(self, step: int) -> Optional[float]:
     metrics = self.metrics(step) or {}
@@ -159,12 +160,11 @@ def _steps_on_disk(manager: ocp.CheckpointManager) -> List[int]:
   return list(manager.all_steps())
 
 
-def make_train_manager(workdir: str, keep: int = 3, save_interval_steps: int = 1,
+def make_train_manager(workdir: str, keep: int = 3,
                        best_metric: str = "") -> TrainCheckpointManager:
   """Keeps the last `keep` steps, or with `best_metric` (an eval metric name
   such as "eval/urban1k-.../t2i_R@1", higher is better) the best `keep` ones
   (and the newest). Every step given to save_train_state is saved."""
-  del save_interval_steps  # the loop decides when to save
   return TrainCheckpointManager(
       os.path.join(fileio.absolute(workdir), TRAIN_CHECKPOINT_SUBDIR), keep,
       best_metric)
@@ -184,24 +184,35 @@ def _save_failed(manager, step: int, error: BaseException) -> CheckpointSaveErro
 
 
 def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:
-  """Raises CheckpointSaveError if the last save failed; once it is known to
-  be committed, deletes the steps beyond the manager's `keep`. Without `wait`
-  it returns at once while a save is still being written (call it after every
-  step: a failure is reported at once, not at the next save)."""
+  """Raises CheckpointSaveError if the last save failed.
+
+  With `wait` (before the next save, at the end of a run) it waits for the
+  save, then deletes the steps beyond the manager's `keep`: only then, and
+  on every process at the same point (orbax's delete is a barrier). Without
+  `wait` (after every step) it only looks, and only once the save is done,
+  so a failure is reported at once rather than at the next save; on several
+  processes it leaves the look to the next synchronous point (processes
+  stopping at different steps would strand the others in a collective).
+  """
   step = getattr(manager, "unconfirmed_step", None)
   if step is None:
     return
-  if not wait and manager.is_saving_in_progress():
-    return
-  manager.unconfirmed_step = None
+  if not wait:
+    if (jax.process_count() > 1 or manager.verified_step == step or
+        manager.is_saving_in_progress()):
+      return
   try:
     manager.wait_until_finished()  # raises what the background commit raised
     manager.check_for_errors()
+    if step not in _steps_on_disk(manager):
+      raise RuntimeError("the step was not committed")
   except Exception as e:  # pylint: disable=broad-except  # any failure of the save
+    manager.unconfirmed_step = None
     raise _save_failed(manager, step, e) from e
-  if step not in _steps_on_disk(manager):
-    raise _save_failed(manager, step, RuntimeError("the step was not committed"))
-  manager.delete_old_steps()
+  manager.verified_step = step
+  if wait:
+    manager.unconfirmed_step = None
+    manager.delete_old_steps()
 
 
 def state_nbytes(state) -> int:

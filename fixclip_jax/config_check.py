@@ -1,9 +1,9 @@
 """Checks a run's config before anything is written or compiled.
 
-`check_config(config, mode)` raises ConfigError (a ValueError: the CLIs print
-it as one line `PROGRAM: error: ...` and exit with status 2, cli.py) for the
-first problem it finds, naming the dotted key, the value and what is
-accepted:
+`check_config(config, mode)` raises ConfigError (a ValueError), or
+FileNotFoundError for a path, for the first problem it finds, naming the
+dotted key, the value and what is accepted (the CLIs print either as one line
+`PROGRAM: error: ...` and exit with status 2, cli.py):
   keys      a key base_config() does not have (a typo in a config file; the
             command line's --config.KEY overrides are checked by main.py)
   types     a value whose type differs from the default's (an int where a
@@ -250,13 +250,15 @@ def check_devices(config: ml_collections.ConfigDict, device_count: int,
 # Paths.
 
 def _expect(key: str, path: str, what: str, kind: str = "any") -> None:
+  """FileNotFoundError (one line too) naming the key when `path` is missing."""
   if not path:
     raise _fail(key, path, f"needs {what}")
   exists = {"any": fileio.exists, "file": fileio.isfile,
             "dir": fileio.isdir}[kind](path)
   if not exists:
-    raise _fail(key, path, f"no such {'file or folder' if kind == 'any' else kind}"
-                f" ({what})")
+    raise FileNotFoundError(
+        f"config.{key}={path!r}: no such "
+        f"{'file or folder' if kind == 'any' else kind} ({what})")
 
 
 def check_paths(config: ml_collections.ConfigDict, mode: str) -> None:
@@ -269,7 +271,7 @@ def check_paths(config: ml_collections.ConfigDict, mode: str) -> None:
       try:
         sources.expand_paths(d.path, suffix)
       except FileNotFoundError as e:
-        raise _fail("data.path", d.path, f"{e}") from None
+        raise FileNotFoundError(f"config.data.path={d.path!r}: {e}") from None
     if d.type == "jsonl" and d.image_root:
       _expect("data.image_root", d.image_root, "the images' folder", "dir")
   if d.tokenizer != "clip":

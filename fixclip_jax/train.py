@@ -5,6 +5,7 @@ metrics, periodic evaluation (evaluation/run.py) and checkpoints
 (checkpoint.py); init_from through pretrained.py. Resume is automatic.
 """
 import functools
+import json
 import os
 import signal
 import time
@@ -143,6 +144,24 @@ def _progress(step: int, total: int, step_time: float, metrics: dict,
   return line + f", ETA {eta / 60:.1f} min"
 
 
+def _say_changed_knobs(config, workdir: str) -> None:
+  """A resume may change knobs (more steps, another lr); says which differ
+  from WORKDIR/config.json, the record of the run that started the workdir."""
+  path = fileio.path(workdir) / CONFIG_FILE
+  if jax.process_index() != 0 or not fileio.isfile(path):
+    return
+  try:
+    before = metrics_lib.flatten_config(json.loads(fileio.read_text(path)))
+  except json.JSONDecodeError:
+    return
+  now = metrics_lib.flatten_config(json.loads(config.to_json_best_effort()))
+  changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+             for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+  if changed:
+    _say(f"Resuming with {len(changed)} knob(s) changed from {path}: "
+         + "; ".join(changed))
+
+
 def _check_resume_step(config, workdir: str, resuming: bool) -> None:
   if not config.resume_step:
     return
@@ -202,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints,
                                           best_metric=config.checkpoint_best_metric)
   if resuming:  # restore into the abstract state
+    _say_changed_knobs(config, workdir)
     state, shardings, tx = _restore(config, workdir, manager, model, mesh,
                                     train_iter)
   else:

@@ -137,9 +137,11 @@ def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
   no scale fits or it is not a JPEG (other formats decode at full size only).
   Only the header is parsed before that decision.
   """
+  if not max_pixels:
+    return None
   img = Image.open(io.BytesIO(data))
   width, height = img.size
-  if not max_pixels or width * height <= max_pixels:
+  if width * height <= max_pixels:
     return None
   if img.format == "JPEG":
     for factor in JPEG_SCALES:
@@ -181,6 +183,24 @@ class SkipLog:
 
 # One log per process (grain worker processes each get their own).
 SKIP_LOG = SkipLog()
+
+
+# Errors of sources.py, whose messages say what they are.
+_NAMED_READ_ERRORS = (OSError, sources_lib.CaptionEncodingError,
+                      sources_lib.BadRecordError)
+
+
+def read_error_reason(error: BaseException) -> str:
+  """The SKIP_REASONS name of an error reading one record (Source.get/raw)."""
+  if isinstance(error, FileNotFoundError):
+    return "missing_file"
+  if isinstance(error, sources_lib.ReadTimeoutError):
+    return "read_timeout"
+  if isinstance(error, OSError):  # sources.UnreadableFileError, pread, ...
+    return "unreadable_file"
+  if isinstance(error, sources_lib.CaptionEncodingError):
+    return "bad_caption_encoding"
+  return "bad_record"  # sources.BadRecordError, or an odd TFDS feature, ...
 
 
 class _ExampleProcessor:
@@ -298,21 +318,13 @@ class _ExampleProcessor:
     where = source.location(record_id)
     try:
       example = source.get(record_id, epoch)
-    except FileNotFoundError as e:
-      return self.skip("missing_file", where, str(e), e)
-    except sources_lib.ReadTimeoutError as e:
-      return self.skip("read_timeout", where, str(e), e)
-    except OSError as e:  # sources.UnreadableFileError, pread errors, ...
-      return self.skip("unreadable_file", where, str(e), e)
-    except sources_lib.CaptionEncodingError as e:
-      return self.skip("bad_caption_encoding", where, str(e), e)
-    except sources_lib.BadRecordError as e:
-      return self.skip("bad_record", where, str(e), e)
     except Exception as e:  # pylint: disable=broad-except
-      # Any other error of one record (a TFDS feature of an odd type, ...)
-      # is that record's problem; a systematic one still stops the run
-      # through data.max_consecutive_skips, with this message.
-      return self.skip("bad_record", where, f"{type(e).__name__}: {e}", e)
+      # Any error of one record is that record's problem; a systematic one
+      # still stops the run through data.max_consecutive_skips.
+      reason = read_error_reason(e)
+      detail = str(e) if isinstance(e, _NAMED_READ_ERRORS) else (
+          f"{type(e).__name__}: {e}")
+      return self.skip(reason, where, detail, e)
     return self(example, record_id, epoch, where)
 
 

@@ -1,6 +1,6 @@
 """What 248 tokens, Long-CLIP and each FIX-CLIP module buy, at one budget.
 
-  python -m fixclip_jax.tools.ablate --budget=small|medium --workdir=DIR \
+  python -m fixclip_jax.tools.ablate --budget=small|demo|medium --workdir=DIR \
       [--seeds=0,1] [--late_detail_share=0.5] [--variants=clip248,fixclip] \
       [--start_positions=smooth|random]
 
@@ -70,7 +70,10 @@ BUDGETS = {
     # A smoke run (tests/ablate_test.py): every path, no meaningful numbers.
     "small": Budget(pretrain_steps=30, finetune_steps=10, batch=32,
                     train_num=256, eval_num=64, eval_batch=32),
-    # RESULTS.md: about 40 minutes on a shared 2-core CPU for two seeds.
+    # The README demo's two stages (one seed, --variants=fixclip): minutes.
+    "demo": Budget(pretrain_steps=200, finetune_steps=60, batch=32,
+                   train_num=2048, eval_num=256, eval_batch=64),
+    # RESULTS.md: 40-70 minutes on a shared 2-core CPU for two seeds.
     "medium": Budget(pretrain_steps=500, finetune_steps=100, batch=32,
                      train_num=8192, eval_num=512, eval_batch=128),
 }
@@ -462,7 +465,8 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The CLI's flags (defined only when run as a program: no clash on import)."""
   flags.DEFINE_enum("budget", "small", sorted(BUDGETS), "Steps, batch and "
-                    "data sizes (small: a smoke run; medium: RESULTS.md).")
+                    "data sizes (small: a smoke run; demo: the README's; "
+                    "medium: RESULTS.md).")
   flags.DEFINE_string("workdir", None, "Where data, runs and the table go.")
   flags.DEFINE_list("seeds", ["0", "1"], "Training seeds (model init, data "
                     "order, masks); the table shows mean and std over them.")

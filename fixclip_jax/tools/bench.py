@@ -3,14 +3,25 @@ same-run comparison with open_clip's PyTorch training step.
 
   python -m fixclip_jax.tools.bench --config=configs/demo.py --steps=20 --warmup=3 \
       [--batch=N] [--json=/tmp/bench.json] [--peak_tflops=989] [--torch] \
+      [--caption_lengths=synthetic] [--buckets] [--model=text_layers=4,...] \
       [--config.objective=clip ...]
 
 The state and the jitted step are built exactly as training builds them
 (step.init_state, step.make_train_step, step.jit_train_step) on a synthetic
-random batch of the config's shapes. Every step is timed on its own, up to
-`jax.block_until_ready`, after `warmup` untimed steps; we report the median and
-the 10th/90th percentiles. MFU = analytic FLOPs per step (flops.py's
-convention) / median step time / (bf16 dense peak per device x devices).
+random batch of the config's shapes: uint8 images (the step normalises them),
+captions of random ids ending in an EOT at a random length (--caption_lengths:
+anywhere, or ranges such as the synthetic generator's), cut to the config's
+length buckets as train.py cuts them (buckets.py). Every step is timed on its
+own, up to `jax.block_until_ready`, after `warmup` untimed steps; we report the
+median and the 10th/90th percentiles. MFU = analytic FLOPs per step at the cut
+lengths (flops.py's convention) / median step time / (bf16 dense peak per
+device x devices). Memory: XLA's plan of the compiled step (arguments,
+outputs, temps, aliased) and this process' peak RSS (getrusage).
+
+With --buckets the step is also timed with buckets off, interleaved with the
+bucketed one on the same captions: the measured ratio next to the one the
+analytic FLOPs predict (with --torch also the twin below and open_clip at full
+context, as its tokenizer pads, and at the bucket's length).
 
 With --torch the same model size is also trained by open_clip (random init,
 AdamW, open_clip's ClipLoss, gradient clipping as ours; bf16 autocast on CUDA,
