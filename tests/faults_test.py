@@ -35,6 +35,8 @@ from PIL import Image
 import safetensors.numpy
 
 from fixclip_jax import checkpoint
+from fixclip_jax import config_base
+from fixclip_jax import config_check
 from fixclip_jax import convert
 from fixclip_jax import train
 from fixclip_jax.data import pipeline
@@ -415,6 +417,31 @@ class CheckpointFaultsTest(absltest.TestCase):
       self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_DFL)
       self.assertEqual(signal.getsignal(signal.SIGINT), signal.SIG_DFL)
     self.assertEqual(signal.getsignal(signal.SIGTERM), before)
+
+
+class ConfigCheckTest(absltest.TestCase):
+
+  def test_packaged_configs_pass_and_mistakes_are_named(self):
+    for name in config_base.config_names():  # their data paths are the user's
+      config = config_base.load_config_file(name)
+      config_check.check_keys_and_types(config)
+      config_check.check_ranges(config)
+      config_check.check_names(config)
+      config_check.check_model(config)
+    config = train_test.demo_config()
+    config_check.check_config(config, "train", device_count=8, process_count=1)
+    for key, value, pattern in (
+        ("num_train_steps", 0, r"config\.num_train_steps=0: must be > 0"),
+        ("masking.ratio", 1.0, r"config\.masking\.ratio=1\.0: must be in \[0, 1\)"),
+        ("data.short_caption", "last", r"data\.short_caption='last': use one of"),
+        ("eval.datasets", "urban1k,imagenett", r"'imagenett' is not a benchmark"),
+        ("data.text_context", 300, r"data\.text_context=300: must be <= the "
+                                   r"model's context_length \(248\)"),
+        ("mesh.fsdp", 3, r"config\.mesh\.fsdp=3: must divide the 8 devices")):
+      bad = train_test.demo_config(**{key: value})
+      with self.subTest(key), self.assertRaisesRegex(config_check.ConfigError,
+                                                     pattern):
+        config_check.check_config(bad, "train", device_count=8, process_count=1)
 
 
 # ----------------------------------------------------------------------------

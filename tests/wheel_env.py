@@ -12,6 +12,7 @@ dependency locally (no network) and installs the package for real, and
 import glob
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,13 +21,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OWN = ("fixclip_jax", "__editable__", "__editable___fixclip_jax")
 
 
+# What a wheel is built from (pyproject.toml names the rest).
+_SOURCES = ("pyproject.toml", "README.md", "fixclip_jax", "configs")
+
+
 def build_wheel(out_dir: str) -> str:
-  """`pip wheel --no-deps` of the checkout into out_dir; the wheel's path."""
+  """`pip wheel --no-deps` of the checkout into out_dir; the wheel's path.
+
+  It builds from a copy of the sources: setuptools leaves build/ in the tree
+  it builds, whose stale files could end up in a later wheel.
+  """
+  source = os.path.join(out_dir, "source")
+  for name in _SOURCES:
+    src = os.path.join(REPO, name)
+    if os.path.isdir(src):
+      shutil.copytree(src, os.path.join(source, name),
+                      ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    else:
+      os.makedirs(source, exist_ok=True)
+      shutil.copy(src, source)
   cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out_dir]
   if importlib.util.find_spec("setuptools") is not None:
     cmd.append("--no-build-isolation")  # the installed setuptools: no download
   # (Otherwise pip fetches setuptools from PyPI into an isolated build env.)
-  subprocess.run(cmd + [REPO], check=True, capture_output=True, text=True,
+  subprocess.run(cmd + [source], check=True, capture_output=True, text=True,
                  timeout=600)
   (wheel,) = glob.glob(os.path.join(out_dir, "fixclip_jax-*.whl"))
   return wheel
