@@ -94,8 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A record whose read takes longer is skipped ("read_timeout": a FIFO, a
   # stalled mount); 0 = wait forever.
   c.data.read_timeout_s = 60.0
-  # Larger images are decoded at 1/2..1/8 scale when JPEG (libjpeg's DCT
-  # scaling), else skipped ("image_too_large"); 0 = no limit.
+  # Larger images are decoded reduced when JPEG (1/2..1/8, libjpeg's DCT
+  # scaling) or JPEG 2000, else skipped ("image_too_large"); 0 = no limit.
   c.data.max_image_pixels = 40_000_000
   # Order and batching.
   c.data.global_batch = 256               # split evenly over hosts

@@ -8,6 +8,7 @@ import numpy as np
 from fixclip_jax import losses
 from fixclip_jax.models import clip
 from fixclip_jax.models import fixclip
+from fixclip_jax.models import layers
 from fixclip_jax.models import sizes
 
 
@@ -94,6 +95,48 @@ class CLIPOptionsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "built for 32px"):
       model.apply({"params": self.params}, jnp.zeros((1, 64, 64, 3)),
                   method=clip.CLIP.encode_image)
+
+
+class BlockedCausalAttentionTest(parameterized.TestCase):
+  """The CPU text path: causal attention in query blocks = the dense one."""
+
+  @parameterized.parameters((5,), (64,), (77,), (200,), (248,))
+  def test_same_output_and_gradients_as_dense(self, length):
+    rng = np.random.default_rng(length)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, length, 2, 64)), jnp.float32)
+               for _ in range(3))
+    dense = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="xla")
+    for fn in (dense, layers.blocked_causal_attention):
+      self.assertEqual(fn(q, k, v).shape, (3, length, 2, 64))
+    np.testing.assert_allclose(layers.blocked_causal_attention(q, k, v),
+                               dense(q, k, v), rtol=1e-5, atol=5e-6)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    got = jax.grad(loss(layers.blocked_causal_attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+  def test_future_keys_do_not_matter(self):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 100, 2, 8)), jnp.float32)
+               for _ in range(3))
+    changed = v.at[:, 70:].set(1e3)              # only rows >= 70 may see it
+    a = layers.blocked_causal_attention(q, k, v)
+    b = layers.blocked_causal_attention(q, k, changed)
+    np.testing.assert_array_equal(a[:, :70], b[:, :70])
+    self.assertFalse(np.allclose(a[:, 70:], b[:, 70:]))
+
+  def test_dispatch(self):
+    """CPU + causal + no other mask -> blocked; "xla" or a mask -> dense."""
+    q = jnp.zeros((1, 130, 1, 8))
+    hlo = lambda **kw: jax.jit(lambda x: layers.attention(x, x, x, **kw)).lower(
+        q).as_text()
+    self.assertEqual(jax.default_backend(), "cpu")
+    # Blocks of 64 queries against 64, 128 and 130 keys.
+    self.assertIn("1x1x64x128", hlo(is_causal=True))
+    self.assertNotIn("1x1x64x128", hlo(is_causal=True, implementation="xla"))
+    self.assertNotIn("1x1x64x128", hlo(mask=jnp.ones((130, 130), bool)))
 
 
 if __name__ == "__main__":

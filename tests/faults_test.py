@@ -419,6 +419,29 @@ class CheckpointFaultsTest(absltest.TestCase):
     self.assertEqual(signal.getsignal(signal.SIGTERM), before)
 
 
+class OversizedImageTest(absltest.TestCase):
+
+  def test_jpeg_and_jpeg2000_decode_reduced_others_are_too_large(self):
+    def encoded(fmt, size=(400, 300)):
+      buf = io.BytesIO()
+      Image.new("RGB", size, (10, 200, 30)).save(buf, format=fmt)
+      return buf.getvalue()
+    self.assertIsNone(pipeline.decode_oversized(encoded("PNG"), 120_000))
+    self.assertIsNone(pipeline.decode_oversized(encoded("PNG"), 0))
+    for fmt, limit, size in (("JPEG", 40_000, (200, 150)),  # 1/2
+                             ("JPEG", 2_000, (50, 38)),     # 1/8
+                             ("JPEG2000", 40_000, (200, 150))):
+      img = pipeline.decode_oversized(encoded(fmt), limit)
+      self.assertEqual((img.size, img.mode), (size, "RGB"), fmt)
+    with self.assertRaisesRegex(pipeline.ImageTooLargeError,
+                                r"400x300 = 120000 pixels > data\.max_image_"
+                                r"pixels=40000 \(PNG: only JPEG and JPEG 2000"):
+      pipeline.decode_oversized(encoded("PNG"), 40_000)
+    with self.assertRaisesRegex(pipeline.ImageTooLargeError,
+                                "even at the smallest scale"):
+      pipeline.decode_oversized(encoded("JPEG"), 100)
+
+
 class ConfigCheckTest(absltest.TestCase):
 
   def test_packaged_configs_pass_and_mistakes_are_named(self):

@@ -36,15 +36,15 @@ thread), its record has missing or ill-typed fields ("bad_record": "image":
 123, a "short_caption" that is no string, a manifest line that is not JSON,
 any other error reading it), its image does not decode ("unreadable_image":
 truncated or corrupt bytes, unknown format), has more than
-data.max_image_pixels pixels even at the 1/8 scale a JPEG decodes at
-("image_too_large"; only JPEGs decode reduced), its caption is empty or blank
-("empty_caption"), its caption bytes are not UTF-8 ("bad_caption_encoding"),
-its caption (or provided short caption) has more than data.max_caption_chars
-characters ("caption_too_long"; truncation to the token context is normal,
-this catches runaway MLLM output), or, with data.filter_captions, a caption
-filter rejects it ("caption_filter"). Each skip is logged with its file/key
-(manifest line, shard key) (absl, the first
-SKIP_LOG_FIRST per reason and process, then every SKIP_LOG_EVERY-th) and
+data.max_image_pixels pixels even at the smallest scale a JPEG (1/8) or JPEG
+2000 decodes at ("image_too_large"; other formats decode at full size only),
+its caption is empty or blank ("empty_caption"), its caption bytes are not
+UTF-8 ("bad_caption_encoding"), its caption (or provided short caption) has
+more than data.max_caption_chars characters ("caption_too_long"; truncation
+to the token context is normal, this catches runaway MLLM output), or, with
+data.filter_captions, a caption filter rejects it ("caption_filter"). Each
+skip is logged with where it is (file, manifest line, shard key; absl, the
+first SKIP_LOG_FIRST per reason and process, then every SKIP_LOG_EVERY-th) and
 counted: the count rides on the next kept example's `skipped` row, so the
 column sums of a batch's `skipped` are the examples skipped per reason since
 the previous batch of this host (with worker processes: since that worker's
@@ -132,9 +132,10 @@ JPEG_SCALES = (2, 4, 8)  # the reductions libjpeg decodes at (PIL's draft)
 def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
   """None if `data` holds at most max_pixels pixels (decode it as usual).
 
-  Else the image decoded at the largest JPEG scale (1/2, 1/4, 1/8: libjpeg's
-  DCT scaling, PIL's draft) within the limit, as RGB; ImageTooLargeError if
-  no scale fits or it is not a JPEG (other formats decode at full size only).
+  Else the image decoded at the largest scale within the limit, as RGB: a
+  JPEG at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling, PIL's draft), a JPEG 2000
+  at 1/2 .. 1/32 (its resolution levels, PIL's reduce); ImageTooLargeError if
+  no scale fits or the format decodes at full size only (PNG, WebP, ...).
   Only the header is parsed before that decision.
   """
   if not max_pixels:
@@ -150,8 +151,16 @@ def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
         if img.size[0] * img.size[1] <= max_pixels:
           img.load()
           return img.convert("RGB")
-  how = ("even at 1/8 scale" if img.format == "JPEG" else
-         f"({img.format}: only JPEGs decode reduced)")
+  if img.format == "JPEG2000":
+    for level in range(1, 6):
+      power = 1 << level
+      if (((width + power // 2) // power) * ((height + power // 2) // power)
+          <= max_pixels):
+        img.reduce = level  # decode that resolution level only
+        img.load()
+        return img.convert("RGB")
+  how = ("even at the smallest scale" if img.format in ("JPEG", "JPEG2000")
+         else f"({img.format}: only JPEG and JPEG 2000 decode reduced)")
   raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels > "
                            f"data.max_image_pixels={max_pixels} {how}")
 

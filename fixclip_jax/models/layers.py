@@ -35,6 +35,11 @@ def normalize(x: Array, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
 
 
+# Causal attention on CPU runs in blocks of this many queries
+# (blocked_causal_attention).
+CAUSAL_BLOCK = 64
+
+
 def attention(q: Array, k: Array, v: Array, *,
               mask: Optional[Array] = None,
               bias: Optional[Array] = None,
@@ -49,17 +54,53 @@ def attention(q: Array, k: Array, v: Array, *,
     mask: optional boolean mask broadcastable to [B, N, T, S]; True = attend.
     bias: optional additive bias broadcastable to [B, N, T, S] (0 or -inf).
     is_causal: apply a causal mask (lets cuDNN use its fused causal kernel).
-    implementation: None (XLA picks), "xla" or "cudnn"; see
-      `jax.nn.dot_product_attention`.
+    implementation: None (XLA picks; on CPU, causal attention without other
+      masks runs blockwise, `blocked_causal_attention`), "xla" (always
+      `jax.nn.dot_product_attention`'s XLA path) or "cudnn".
 
   Returns:
     [B, T, N, H] attention output, in q's dtype.
   """
+  if (is_causal and mask is None and bias is None and implementation is None
+      and jax.default_backend() == "cpu"):
+    return blocked_causal_attention(q, k, v)
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(
       q, k, v, bias=bias, mask=mask, is_causal=is_causal,
       implementation=implementation)
+
+
+def blocked_causal_attention(q: Array, k: Array, v: Array,
+                             block: int = CAUSAL_BLOCK) -> Array:
+  """Causal self-attention, queries in blocks: block [i, j) attends to keys
+  [0, j) only, so the products above the diagonal's blocks are never formed.
+
+  Per block, the operations of jax.nn.dot_product_attention's XLA path (float32
+  logits, scale, masked with the same large negative, float32 softmax): the
+  keys it leaves out would get softmax weight exactly 0 there, so the result
+  is the same up to float rounding. Why: XLA's CPU code materialises several
+  [B, N, T, T] float32 arrays per layer, memory-bound work; blocks skip
+  ~40% of them at T=248 and keep the rest smaller. Measured on a 2-core CPU,
+  B=128, T=224, 2 heads of 64: forward + backward 1.75x faster (974 vs 1703
+  ms), temps 186 vs 210 MiB (BENCHMARKS.md).
+
+  q, k, v: [B, T, N, H] (self-attention: T queries, T keys). Returns [B, T, N, H].
+  """
+  t = q.shape[1]
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  scale = jnp.asarray(q.shape[-1] ** -0.5, logits_dtype)
+  large_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dtype)
+  out = []
+  for start in range(0, t, block):
+    stop = min(start + block, t)
+    logits = jnp.einsum("btnh,bsnh->bnts", q[:, start:stop], k[:, :stop],
+                        preferred_element_type=logits_dtype) * scale  # [B, N, b, s]
+    causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+    logits = jnp.where(causal, logits, large_negative)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    out.append(jnp.einsum("bnts,bsnh->btnh", probs, v[:, :stop]))   # [B, b, N, H]
+  return jnp.concatenate(out, axis=1).astype(q.dtype)
 
 
 class LayerNorm(nn.Module):
