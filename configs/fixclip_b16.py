@@ -1,4 +1,4 @@
-"""FIX-CLIP B/16 from OpenAI CLIP (method.md §3): dual branch, 248-token text,
+"""FIX-CLIP B/16 from OpenAI CLIP (docs/method.md §3): dual branch, 248-token text,
 4 regional prompts per layer, GTA on groups 3..4, on a long-caption manifest.
 
 python -m fixclip_jax.main --config=configs/fixclip_b16.py --workdir=gs://BUCKET/run \

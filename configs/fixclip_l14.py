@@ -1,4 +1,4 @@
-"""FIX-CLIP L/14 from OpenAI CLIP (method.md §3); see fixclip_b16.py."""
+"""FIX-CLIP L/14 from OpenAI CLIP (docs/method.md §3); see fixclip_b16.py."""
 from fixclip_jax import config_base
 
 

@@ -1,4 +1,4 @@
-"""Long-CLIP L/14 (method.md §2): longclip_b16.py with the L/14 towers."""
+"""Long-CLIP L/14 (docs/method.md §2): longclip_b16.py with the L/14 towers."""
 import os
 
 from fixclip_jax import config_base

@@ -5,7 +5,7 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
     MLPs, the patch-embedding convolution, the attention products QK^T and AV,
     the output projections, the GTA heads and the contrastive logits).
   * Attention is counted dense: the text tower's causal mask and FIX-CLIP's
-    regional-prompt mask (method.md §3) do NOT halve or shrink the count, because
+    regional-prompt mask (docs/method.md §3) do NOT halve or shrink the count, because
     the kernels XLA emits compute the full T x T products and mask afterwards.
   * Embedding lookups, LayerNorm, softmax, activations, residual adds, the loss'
     normalisation/cross-entropy and the optimizer update count 0 (they are
@@ -25,7 +25,7 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
   * Rematerialisation (config.remat) is not counted: these are model FLOPs
     (MFU), not hardware FLOPs; XLA's cost analysis does count the recomputed
     forward.
-  * Long-CLIP's primary-component matching (PCM, method.md §2) is ignored: its
+  * Long-CLIP's primary-component matching (PCM, docs/method.md §2) is ignored: its
     SVD works on a [B/S, d] matrix per device (O(B d^2) ~ 0.3 GFLOP at B=256,
     d=512, < 0.01% of a B/16 step) and runs in cuSOLVER/LAPACK, not in matmul
     units, so it would not belong in MFU even if counted.

@@ -102,7 +102,7 @@ def _project_top_components_jvp(num_components, primals, tangents):
 
 
 def pca_reconstruct(x: Array, num_components: int = 32) -> Array:
-  """Primary-component matching's coarse feature (method.md §2).
+  """Primary-component matching's coarse feature (docs/method.md §2).
 
   x: [B, d] (L2-normalised image features). Centre by the batch mean, SVD in
   float32, keep the top `num_components` right-singular vectors P and return

@@ -6,7 +6,6 @@ Weights & Biases (process 0 only).
 W&B logging is off unless config.wandb.project is set (then `wandb` must be
 installed; it is imported only in that case).
 """
-import importlib
 import json
 import os
 from typing import Any, Dict, List, Mapping, Optional
@@ -46,9 +45,7 @@ def config_markdown(config: ml_collections.ConfigDict) -> str:
 
 def _start_wandb(config: ml_collections.ConfigDict, workdir: str):
   """A W&B run for config.wandb (optional dependency, imported only here)."""
-  # optional: wandb is imported only when config.wandb.project is set.
-  # (importlib: tests/import_graph_test.py's OPTIONAL list lacks "wandb".)
-  wandb = importlib.import_module("wandb")
+  import wandb  # pylint: disable=g-import-not-at-top  # optional: only with config.wandb.project
   return wandb.init(
       project=config.wandb.project, entity=config.wandb.entity or None,
       name=config.wandb.name or os.path.basename(os.fspath(workdir).rstrip("/")),

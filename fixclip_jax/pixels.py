@@ -1,4 +1,4 @@
-"""CLIP's pixel normalisation (method.md §1), one definition for numpy and jnp.
+"""CLIP's pixel normalisation (docs/method.md §1), one definition for numpy and jnp.
 
 The data pipeline sends uint8 pixels to the device (4x less host->device
 traffic and host memory than float32) and the train step normalises them

@@ -26,7 +26,7 @@ def stretched_length(length: int, keep: int = LONGCLIP_KEEP, factor: int = 4) ->
 
 
 def stretch_positional_embedding(pe, keep: int = LONGCLIP_KEEP, factor: int = 4):
-  """Knowledge-preserved stretching of a [L, w] table (method.md §2).
+  """Knowledge-preserved stretching of a [L, w] table (docs/method.md §2).
 
     new[i]                    = old[i]                                  i < keep
     new[keep + f*i + k]       = (1 - k/f) old[keep+i] + (k/f) old[keep+i+1]

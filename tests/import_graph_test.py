@@ -13,7 +13,7 @@ PACKAGE = "fixclip_jax"
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
 # Optional dependencies: not needed to train, imported only where used.
 OPTIONAL = ("torch", "transformers", "tensorflow", "tensorflow_datasets",
-            "open_clip", "safetensors.torch", "diffusers")
+            "open_clip", "safetensors.torch", "diffusers", "wandb")
 
 
 def module_files():

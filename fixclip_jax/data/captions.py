@@ -1,4 +1,4 @@
-"""Caption handling: short captions (method.md §2) and filters for MLLM captions (§3)."""
+"""Caption handling: short captions (docs/method.md §2) and filters for MLLM captions (§3)."""
 import collections
 import dataclasses
 import re
@@ -21,7 +21,7 @@ def short_caption(caption: str, provided: Optional[str] = None) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Filters for synthetic (MLLM) captions, method.md §3: FIX-CLIP drops
+# Filters for synthetic (MLLM) captions, docs/method.md §3: FIX-CLIP drops
 # "repetitive, meaningless and too-short" captions. The thresholds are our
 # decisions; each is a field of CaptionFilterConfig so it can be ablated.
 # ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ last kept example, are only logged. The pending counts are iterator state,
 so get_state/set_state stay exact. More than max_consecutive_skips bad
 examples in a row raise (a wrong image_root is not bad data).
 
-Short captions (method.md §2): the data's own short caption when it has one
+Short captions (docs/method.md §2): the data's own short caption when it has one
 and `short_caption == "provided"`, else the first sentence of the caption
 (`short_caption == "first_sentence"` always uses the first sentence). They are
 tokenised at `short_context`, which defaults to text_context: the text tower is

@@ -12,7 +12,7 @@ every shape's size, place and relation to the shape described before it. The
 summary is the short caption: `caption.replace("\n", " ").split(". ")[0]`
 (Long-CLIP's rule, captions.first_sentence).
 
-Late details (method.md §2: what 77 tokens cannot see). Examples come in pairs
+Late details (docs/method.md §2: what 77 tokens cannot see). Examples come in pairs
 (2j, 2j + 1). With probability `late_detail_share` a pair is a *late twin*:
 the second scene is the first with the shapes described after the first
 EARLY_OBJECTS ones moved to other cells and resized. The two captions then

@@ -1,4 +1,4 @@
-"""Image transforms: decoding and CLIP's preprocessing (method.md §1).
+"""Image transforms: decoding and CLIP's preprocessing (docs/method.md §1).
 
 The eval transform reproduces OpenAI/open_clip preprocessing on PIL images:
 bicubic resize of the short side, center crop, [0, 1] scaling, normalisation
@@ -88,7 +88,7 @@ def clip_eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Train transforms. Long-CLIP trains without augmentation (method.md §2), so
+# Train transforms. Long-CLIP trains without augmentation (docs/method.md §2), so
 # the default is the eval transform; random-resized-crop is an option. The
 # randomness comes from a numpy Generator the caller seeds per example, so a
 # restored data iterator reproduces the same crops.

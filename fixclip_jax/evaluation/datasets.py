@@ -1,4 +1,4 @@
-"""Evaluation datasets, read in the layout their authors distribute (method.md §4).
+"""Evaluation datasets, read in the layout their authors distribute (docs/method.md §4).
 
 Retrieval benchmarks become a `RetrievalDataset`: a list of image paths, a list
 of captions, and the pairing between them (every caption belongs to exactly one

@@ -1,4 +1,4 @@
-"""ImageNet-1k class names and the 80 prompt templates of OpenAI CLIP (method.md §4).
+"""ImageNet-1k class names and the 80 prompt templates of OpenAI CLIP (docs/method.md §4).
 
 Data, not code: the class names are OpenAI's cleaned-up names in the standard
 class-index order (sorted WordNet ids, n01440764 first), the templates the 80

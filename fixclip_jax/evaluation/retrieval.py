@@ -1,4 +1,4 @@
-"""Image-text retrieval: embedding a benchmark and Recall@K both ways (method.md §4).
+"""Image-text retrieval: embedding a benchmark and Recall@K both ways (docs/method.md §4).
 
 Recall@K, as in the Long-CLIP / CLIP-benchmark evaluations:
   i2t: an image is a hit if ANY of its captions is among its K best texts.

@@ -1,4 +1,4 @@
-"""Zero-shot classification with prompt ensembles (method.md §4; CLIP paper §3.1.4).
+"""Zero-shot classification with prompt ensembles (docs/method.md §4; CLIP paper §3.1.4).
 
 Classifier weights: each class name is put into every template, the texts are
 embedded and L2-normalised, averaged over templates per class and normalised

@@ -1,10 +1,10 @@
 """OpenAI CLIP in Flax Linen, with FIX-CLIP's hooks: vision tower, text tower,
 and the two-tower model.
 
-Architecture and parameter names follow OpenAI CLIP (method.md §1); the
+Architecture and parameter names follow OpenAI CLIP (docs/method.md §1); the
 parameters are a plain pytree, float32, whatever the compute `dtype`. With the
 FIX-CLIP fields of `CLIPConfig` at their defaults the model is exactly CLIP;
-regional prompts, the mask token and the GTA heads (method.md §3) switch on
+regional prompts, the mask token and the GTA heads (docs/method.md §3) switch on
 from the config.
 
 Each tower returns a dict:
@@ -86,7 +86,7 @@ class Transformer(nn.Module):
       block = block_cls(self.num_heads, self.mlp_dim, self.act, self.dtype,
                         self.attn_implementation, name=f"resblocks_{i}")
       if m and fixclip.prompt_layer_active(i, self.prompt_layers):
-        # FIX-CLIP (method.md §3): fresh prompts after CLS at every layer; the
+        # FIX-CLIP (docs/method.md §3): fresh prompts after CLS at every layer; the
         # previous layer's prompt outputs are discarded.
         prompts = self.param(f"prompts_{i}", nn.initializers.normal(0.02), (m, w))
         prompts = jnp.broadcast_to(prompts.astype(x.dtype), (b, m, w))
@@ -125,7 +125,7 @@ class VisionTower(nn.Module):
     """images: [B, H, W, 3] normalised pixels.
 
     patch_mask: optional bool [B, N], True = replace that patch by the mask
-      token (FIX-CLIP's masked short branch, method.md §3).
+      token (FIX-CLIP's masked short branch, docs/method.md §3).
     keep_index: optional int [B, K], keep only these patches (token dropping,
       MAE-style, the cheaper variant).
     """
@@ -196,7 +196,7 @@ class TextTower(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(0.01),
                      (c.context_length, w))[:t]                      # [T, w]
     if c.positional_keep is not None:
-      # Long-CLIP (method.md §2): rows < keep from the frozen table, rows >= keep
+      # Long-CLIP (docs/method.md §2): rows < keep from the frozen table, rows >= keep
       # from the trainable residual table.
       pos_res = self.param("positional_embedding_res",
                            nn.initializers.normal(0.01), (c.context_length, w))

@@ -1,4 +1,4 @@
-"""FIX-CLIP's additions to CLIP (method.md §3): regional prompts and their
+"""FIX-CLIP's additions to CLIP (docs/method.md §3): regional prompts and their
 unidirectional attention mask, image masking for the short branch, and the
 hierarchical-alignment (GTA) heads.
 
@@ -33,7 +33,7 @@ def grid_shape(num_regions: int) -> Tuple[int, int]:
 def patch_regions(grid_size: int, num_regions: int, layout: str = "grid") -> np.ndarray:
   """Region id of each patch, in raster order: int32 [grid_size**2].
 
-  "grid": a rows x cols grid of rectangles over the patch grid (method.md §3
+  "grid": a rows x cols grid of rectangles over the patch grid (docs/method.md §3
   decision; 4 regions = the 4 quadrants). "strips": num_regions contiguous runs
   of the raster order (the paper's formula read literally).
   """
@@ -49,7 +49,7 @@ def patch_regions(grid_size: int, num_regions: int, layout: str = "grid") -> np.
 
 
 def regional_prompt_mask(regions: Array, num_prompts: int) -> Array:
-  """Unidirectional attention mask for [CLS, P_1..P_M, patches] (method.md §3).
+  """Unidirectional attention mask for [CLS, P_1..P_M, patches] (docs/method.md §3).
 
   regions: int [..., Np], the region id of each patch token present (all of
     them, or the kept ones when masked patches are dropped).

@@ -1,8 +1,8 @@
 """Transformer building blocks shared by both CLIP towers.
 
 Attention goes through ONE function, `attention`, so that the text tower's
-causal mask and FIX-CLIP's regional-prompt mask (method.md §3) plug into the
-same place. Parameter names follow OpenAI CLIP (method.md §1) so that checkpoint
+causal mask and FIX-CLIP's regional-prompt mask (docs/method.md §3) plug into the
+same place. Parameter names follow OpenAI CLIP (docs/method.md §1) so that checkpoint
 conversion is a table of renames and transposes.
 """
 from typing import Any, Optional
@@ -19,7 +19,7 @@ LAYER_NORM_EPS = 1e-5
 
 
 def quick_gelu(x: Array) -> Array:
-  """OpenAI CLIP's activation: x * sigmoid(1.702 x) (method.md §1)."""
+  """OpenAI CLIP's activation: x * sigmoid(1.702 x) (docs/method.md §1)."""
   return x * jax.nn.sigmoid(1.702 * x)
 
 

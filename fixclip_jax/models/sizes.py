@@ -33,11 +33,11 @@ class CLIPConfig:
   # Text pooling: None = at argmax(ids) (CLIP's EOT is the largest id); an id =
   # at its first occurrence (SentencePiece vocabularies, whose eos is small).
   eot_token_id: Optional[int] = None
-  # Long-CLIP two-table positional scheme (method.md §2): None = one table;
+  # Long-CLIP two-table positional scheme (docs/method.md §2): None = one table;
   # k = a frozen `positional_embedding` for rows < k and a trainable
   # `positional_embedding_res` for rows >= k.
   positional_keep: Optional[int] = None
-  # FIX-CLIP (method.md §3); the defaults give plain CLIP.
+  # FIX-CLIP (docs/method.md §3); the defaults give plain CLIP.
   num_prompts: int = 0                  # regional prompt tokens per vision layer
   prompt_layers: Optional[Tuple[int, int]] = None  # [start, stop); None = all
   region_layout: str = "grid"           # "grid" or "strips"

@@ -90,7 +90,7 @@ PCM_SHARE = 0.25
 
 # The CLIP-77 text positions before pretraining: "smooth" (a sinusoidal table)
 # or "random" (models/clip.py's init). KPS interpolates between neighbouring
-# rows (method.md §2), which preserves knowledge only if neighbours are alike,
+# rows (docs/method.md §2), which preserves knowledge only if neighbours are alike,
 # as in OpenAI CLIP after 400M pairs; a tiny model pretrained for minutes
 # keeps its random rows (adjacent cosine ~0.1), and stretching them costs more
 # than the fine-tune can win back (RESULTS.md).

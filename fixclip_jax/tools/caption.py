@@ -1,4 +1,4 @@
-r"""Re-captions images with an MLLM behind an OpenAI-compatible server (method.md §3).
+r"""Re-captions images with an MLLM behind an OpenAI-compatible server (docs/method.md §3).
 
 FIX-CLIP re-captions its training images with Llama3-LLaVA-NeXT-8B using 20 prompt
 templates and drops repetitive, meaningless and too-short captions. Such models are
@@ -62,7 +62,7 @@ FAILURES_SUFFIX = ".failures.jsonl"
 # Failure kinds that a rerun does not retry by default: retrying gives the same answer.
 PERMANENT_FAILURES = ("unreadable", "rejected", "api_error")
 
-# Our own wording of 20 varied requests for a detailed description (method.md §3 uses 20
+# Our own wording of 20 varied requests for a detailed description (docs/method.md §3 uses 20
 # templates with Llama3-LLaVA-NeXT-8B; the paper does not publish them).
 DEFAULT_PROMPTS = (
     "Describe this image in detail.",
