@@ -70,6 +70,9 @@ def write_fixture(root: str) -> str:
   lines.append({"image": "gone.png", "caption": GOOD[0], "key": "gone"})
   lines.append({"image": "good2.png", "captions": [GOOD[2], TOO_SHORT],
                 "key": "multi"})
+  os.makedirs(os.path.join(root, "dir.png"))
+  lines.append({"image": "dir.png", "caption": GOOD[0], "key": "dir"})
+  lines.append({"image": 123, "caption": GOOD[0], "key": "number"})
   path = os.path.join(root, "manifest.jsonl")
   with open(path, "w") as f:
     f.write("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -86,10 +89,13 @@ class PrepareTest(absltest.TestCase):
     meta = prepare.prepare(manifest, dst, num_shards=2, tokenizer=tok,
                            progress=False)
     self.assertEqual(meta["count"], 4)  # good0..2 + multi
-    self.assertEqual(meta["num_input"], 8)
+    self.assertEqual(meta["num_input"], 10)
+    # A directory as image and a non-string image field are skipped and
+    # counted under the pipeline's reasons, never fatal.
     self.assertEqual(_nonzero(meta["skipped"]), {
-        "unreadable_image": 1, "missing_file": 1, "caption_filter": 2})
-    self.assertEqual(meta["skipped_total"], 4)
+        "unreadable_image": 1, "missing_file": 1, "caption_filter": 2,
+        "unreadable_file": 1, "bad_record": 1})
+    self.assertEqual(meta["skipped_total"], 6)
     self.assertEqual(meta["skipped_keys"]["caption_filter"], ["rep", "short"])
     self.assertEqual(meta["skipped_keys"]["missing_file"], ["gone"])
     self.assertEqual(meta["caption_filter_reasons"],
@@ -128,7 +134,8 @@ class PrepareTest(absltest.TestCase):
                            filter_config=None, progress=False)
     self.assertEqual(meta["count"], 6)
     self.assertEqual(_nonzero(meta["skipped"]),
-                     {"unreadable_image": 1, "missing_file": 1})
+                     {"unreadable_image": 1, "missing_file": 1,
+                      "unreadable_file": 1, "bad_record": 1})
 
   def test_custom_filter_thresholds(self):
     root = _tempdir(self)

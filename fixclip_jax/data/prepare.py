@@ -123,10 +123,10 @@ def _process_item(source, index: int, max_side: int,
   """
   try:
     rec = source.raw(index)
-  except FileNotFoundError:
-    return None, "missing_file", {"key": source.key(index)}
-  except sources_lib.CaptionEncodingError:
-    return None, "bad_caption_encoding", {"key": source.key(index)}
+  except (OSError, sources_lib.BadRecordError, sources_lib.CaptionEncodingError) as e:
+    # The same reasons as the training pipeline's (a bad line, a special or
+    # unreadable file, a read timeout, ...): skipped and counted, never fatal.
+    return None, pipeline.read_error_reason(e), {"key": source.key(index)}
   info = {"key": rec["key"], "prompt": rec.get("prompt"),
           "prompt_id": rec.get("prompt_id"), "dropped": []}
   kept = []
