@@ -111,6 +111,19 @@ class TableTest(absltest.TestCase):
                "devices": ["cpu:0"]}
     md = ablate.markdown(summary)
     self.assertIn("| FIXCLIP | 45.0 ± 7.1 |", md)
+    self.assertNotIn("Paired", md)
+
+  def test_paired_differences_to_clip248(self):
+    def run(variant, seed, value):
+      return {"variant": variant, "label": variant, "seed": seed,
+              "recall": {"synthetic-long/t2i_R@1": value}}
+    diffs = ablate.paired_differences(
+        [run("clip248", 0, 10.0), run("clip248", 1, 30.0),
+         run("fixclip", 0, 12.0), run("fixclip", 1, 31.0),
+         run("clip77", 1, 20.0)])
+    self.assertEqual([(d["variant"], d["seed"], d["recall"]["synthetic-long/t2i_R@1"])
+                      for d in diffs],
+                     [("fixclip", 0, 2.0), ("fixclip", 1, 1.0), ("clip77", 1, -10.0)])
     self.assertTrue(ablate.plot_png(summary).startswith(b"\x89PNG"))
 
 
@@ -119,10 +132,13 @@ class SmallBudgetTest(absltest.TestCase):
 
   def test_small_budget_writes_a_sane_table(self):
     workdir = os.path.join(_tempdir(self), "ablate")
+    # As a user runs it: one CPU device, not conftest's 8 virtual ones
+    # (which split every tiny step eight ways).
+    env = dict(os.environ, XLA_FLAGS="")
     subprocess.run(
         [sys.executable, "-m", "fixclip_jax.tools.ablate", "--budget=small",
          f"--workdir={workdir}", "--seeds=0,1"],
-        check=True, cwd=_REPO, capture_output=True)
+        check=True, cwd=_REPO, capture_output=True, env=env)
     with open(os.path.join(workdir, ablate.TABLE_JSON)) as f:
       summary = json.load(f)
     rows = summary["rows"]
@@ -136,13 +152,23 @@ class SmallBudgetTest(absltest.TestCase):
         for value in cell["values"]:
           self.assertBetween(value, 0.0, 100.0)
         self.assertGreaterEqual(cell["std"], 0.0)
+    # Paired differences to CLIP-248: every other model, both seeds.
+    paired = summary["paired_rows"]
+    self.assertEqual([r["variant"] for r in paired],
+                     [r["variant"] for r in rows if r["variant"] != "clip248"])
+    for row in paired:
+      for protocol, metric, _ in ablate.COLUMNS:
+        self.assertLen(row[f"{protocol}/{metric}"]["values"], 2)
+        for value in row[f"{protocol}/{metric}"]["values"]:
+          self.assertBetween(value, -100.0, 100.0)
     with open(os.path.join(workdir, ablate.TABLE_MD)) as f:
-      md = f.read()
-    table = [line for line in md.splitlines() if line.startswith("| ")]
-    self.assertLen(table, 1 + len(rows))  # header + one line per model
-    for row in rows:
-      self.assertLen([line for line in table
-                      if line.startswith(f"| {row['label']} |")], 1)
+      recalls, differences = f.read().split("Paired differences")
+    for text, models in ((recalls, rows), (differences, paired)):
+      table = [line for line in text.splitlines() if line.startswith("| ")]
+      self.assertLen(table, 1 + len(models))  # header + one line per model
+      for row in models:
+        self.assertLen([line for line in table
+                        if line.startswith(f"| {row['label']} |")], 1)
     with open(os.path.join(workdir, ablate.PLOT_PNG), "rb") as f:
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 

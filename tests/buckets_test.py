@@ -140,6 +140,59 @@ class TextBucketsTest(absltest.TestCase):
     self.assertEqual(tb(local)["text_long"].shape, (2, 16))
 
 
+class EvalAndEmbedTest(absltest.TestCase):
+
+  def test_eval_text_fn_cuts_and_gives_the_same_features(self):
+    from fixclip_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+    cfg = sizes.model_config(demo_config())
+    model = clip.CLIP(cfg)
+    params = clip.init_params(cfg, jax.random.PRNGKey(5))
+    mesh = sharding.make_mesh()
+    rng = np.random.default_rng(0)
+    tokens = captions(rng, 8, 248, rng.integers(3, 41, 8))       # longest <= 40
+    _, full_fn = eval_run.embed_fns(model, params, mesh)
+    _, cut_fn = eval_run.embed_fns(model, params, mesh, text_buckets=(16, 64, 248))
+    shapes, real_cut = [], buckets.cut_to_bucket
+
+    def recording_cut(*args, **kwargs):
+      out = real_cut(*args, **kwargs)
+      shapes.append(out.shape)
+      return out
+
+    with mock.patch.object(buckets, "cut_to_bucket", side_effect=recording_cut):
+      got = cut_fn(tokens)
+    self.assertEqual(shapes, [(8, 64)])
+    assert_relative(self, got, full_fn(tokens))
+
+  def test_embed_cuts_each_batch(self):
+    from fixclip_jax import embed  # pylint: disable=g-import-not-at-top
+    widths = []
+
+    class FakeModel:                       # api.Model's public text interface
+      batch_size = 2
+      cfg = sizes.model_config(demo_config())
+
+      def tokenize(self, texts):
+        rng = np.random.default_rng(0)
+        return captions(rng, len(texts), 248, [len(t) for t in texts])
+
+      def encode_tokens(self, tokens):
+        widths.append(tokens.shape[1])
+        return np.ones((tokens.shape[0], 4), np.float32)
+
+      def encode_text(self, texts):
+        return self.encode_tokens(self.tokenize(texts))
+
+    texts = ["x" * 10, "x" * 12, "x" * 100, "x" * 30, "x" * 5]   # lengths in tokens
+    out = embed.encode_texts_bucketed(FakeModel(), texts, (16, 32, 64, 128, 248))
+    self.assertEqual(out.shape, (5, 4))
+    self.assertEqual(widths, [16, 128, 16])
+    widths.clear()
+    embed.encode_texts_bucketed(FakeModel(), texts, ())
+    self.assertEqual(widths, [248])
+    self.assertEqual(embed.TEXT_BUCKETS, buckets.eval_buckets(config_base.base_config()))
+
+
 class ExactnessTest(parameterized.TestCase):
   """The bucketed text path computes what the full-context path computes."""
 

@@ -68,8 +68,8 @@ class Budget:
 
 BUDGETS = {
     # A smoke run (tests/ablate_test.py): every path, no meaningful numbers.
-    "small": Budget(pretrain_steps=30, finetune_steps=10, batch=32,
-                    train_num=256, eval_num=64, eval_batch=32),
+    "small": Budget(pretrain_steps=20, finetune_steps=6, batch=32,
+                    train_num=128, eval_num=32, eval_batch=32),
     # The README demo's two stages (one seed, --variants=fixclip): minutes.
     "demo": Budget(pretrain_steps=200, finetune_steps=60, batch=32,
                    train_num=2048, eval_num=256, eval_batch=64),
@@ -357,6 +357,7 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
       "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
       "wall_seconds": round(time.perf_counter() - start, 1), "runs": runs,
       "rows": table_rows(runs),
+      "paired_rows": table_rows(paired_differences(runs)),
   }
   write_outputs(workdir, summary)
   return summary
@@ -401,6 +402,22 @@ def table_rows(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   return rows
 
 
+def paired_differences(runs: List[Dict[str, Any]], reference: str = "clip248"
+                       ) -> List[Dict[str, Any]]:
+  """Each run minus the `reference` run of its seed (same start, data order):
+  what a variant changes, without the spread the seeds' starts add."""
+  ref = {r["seed"]: r for r in runs if r["variant"] == reference}
+  return [dict(r, recall={k: v - ref[r["seed"]]["recall"][k]
+                          for k, v in r["recall"].items()})
+          for r in runs if r["variant"] != reference and r["seed"] in ref]
+
+
+def _cells(row: Dict[str, Any], signed: bool = False) -> str:
+  fmt = "{:+.1f} ± {:.1f}" if signed else "{:.1f} ± {:.1f}"
+  return " | ".join(fmt.format(row[f"{p}/{m}"]["mean"], row[f"{p}/{m}"]["std"])
+                    for p, m, _ in COLUMNS)
+
+
 def markdown(summary: Dict[str, Any]) -> str:
   """The R@1 table (mean +- sample std over seeds) with its provenance."""
   b = summary["budget"]
@@ -414,9 +431,14 @@ def markdown(summary: Dict[str, Any]) -> str:
       "| model | " + " | ".join(c[2] for c in COLUMNS) + " |",
       "|---|" + "---|" * len(COLUMNS)]
   for row in summary["rows"]:
-    cells = [f"{row[f'{p}/{m}']['mean']:.1f} ± {row[f'{p}/{m}']['std']:.1f}"
-             for p, m, _ in COLUMNS]
-    lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    lines.append(f"| {row['label']} | {_cells(row)} |")
+  if summary.get("paired_rows"):
+    lines += ["", "Paired differences to CLIP-248 (each seed's run minus that "
+              "seed's CLIP-248 run; mean ± std over seeds):", "",
+              "| model - CLIP-248 | " + " | ".join(c[2] for c in COLUMNS) + " |",
+              "|---|" + "---|" * len(COLUMNS)]
+    for row in summary["paired_rows"]:
+      lines.append(f"| {row['label']} | {_cells(row, signed=True)} |")
   lines += ["", f"Wall time {summary['wall_seconds'] / 60:.1f} min on "
                 f"{summary['devices']}."]
   return "\n".join(lines) + "\n"
@@ -489,6 +511,10 @@ def main(argv):
   except ValueError:
     raise cli.UserError(f"--seeds={','.join(FLAGS.seeds)}: not integers") from None
   cli.log_to_file(os.path.join(FLAGS.workdir, cli.LOG_FILE))
+  # The seeds (and reruns) compile the same programs: keep them on disk.
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(FLAGS.workdir, "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
                          FLAGS.late_detail_share, FLAGS.variants,
                          FLAGS.start_positions)
