@@ -112,6 +112,7 @@ class TableTest(absltest.TestCase):
     md = ablate.markdown(summary)
     self.assertIn("| FIXCLIP | 45.0 ± 7.1 |", md)
     self.assertNotIn("Paired", md)
+    self.assertTrue(ablate.plot_png(summary).startswith(b"\x89PNG"))
 
   def test_paired_differences_to_clip248(self):
     def run(variant, seed, value):
@@ -121,10 +122,9 @@ class TableTest(absltest.TestCase):
         [run("clip248", 0, 10.0), run("clip248", 1, 30.0),
          run("fixclip", 0, 12.0), run("fixclip", 1, 31.0),
          run("clip77", 1, 20.0)])
-    self.assertEqual([(d["variant"], d["seed"], d["recall"]["synthetic-long/t2i_R@1"])
-                      for d in diffs],
+    self.assertEqual([(d["variant"], d["seed"],
+                       d["recall"]["synthetic-long/t2i_R@1"]) for d in diffs],
                      [("fixclip", 0, 2.0), ("fixclip", 1, 1.0), ("clip77", 1, -10.0)])
-    self.assertTrue(ablate.plot_png(summary).startswith(b"\x89PNG"))
 
 
 class SmallBudgetTest(absltest.TestCase):
