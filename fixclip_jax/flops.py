@@ -6,7 +6,13 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
     the output projections, the GTA heads and the contrastive logits).
   * Attention is counted dense: the text tower's causal mask and FIX-CLIP's
     regional-prompt mask (docs/method.md §3) do NOT halve or shrink the count, because
-    the kernels XLA emits compute the full T x T products and mask afterwards.
+    the kernels XLA emits compute the full T x T products and mask afterwards
+    (the usual MFU convention). Exception, not counted: on CPU the causal text
+    attention runs in query blocks (layers.blocked_causal_attention) and skips
+    the blocks above the diagonal, ~36% of QK^T and AV at T=248, so XLA's own
+    count of a text-heavy step comes out a few % below this one.
+  * Text runs at the batch's actual lengths when given (`lengths`: a batch cut
+    to length buckets, buckets.py), else at the config's contexts.
   * Embedding lookups, LayerNorm, softmax, activations, residual adds, the loss'
     normalisation/cross-entropy and the optimizer update count 0 (they are
     memory-bound elementwise work, a few % of a CLIP step at real sizes).
