@@ -13,6 +13,7 @@ import numpy as np
 
 from fixclip_jax import config_base
 from fixclip_jax import flops
+from fixclip_jax import sharding
 from fixclip_jax.data import synthetic
 from fixclip_jax.data import tokenizers
 from fixclip_jax.models import clip
@@ -148,6 +149,12 @@ class RunBenchmarkTest(absltest.TestCase):
     self.assertGreater(r["host_peak_rss_bytes"], 100 * 2 ** 20)
     self.assertGreaterEqual(r["host_peak_rss_bytes"], r["host_peak_rss_after_step_bytes"])
     self.assertGreater(r["xla_memory_plan_per_device"]["temps"], 0)
+    phases = r["host_rss_phases_bytes"]
+    self.assertEqual(list(phases), ["start", "init_state", "compiled", "first_step"])
+    self.assertTrue(all(positive(v) for v in phases.values()), phases)
+    self.assertLessEqual(phases["first_step"], r["host_peak_rss_after_step_bytes"])
+    self.assertIn("| host RSS now: start / init_state / compiled / first_step |",
+                  bench.format_table(r))
     self.assertAlmostEqual(r["mfu"], r["achieved_tflops_per_s"] / n, places=12)
     # The step is partitioned over the devices; cost_analysis x devices must
     # land near the analytic count (replicated optimizer work makes it larger).
@@ -207,6 +214,31 @@ class RunBenchmarkTest(absltest.TestCase):
                   bench.format_table(r))
     with self.assertRaisesRegex(ValueError, "empty"):
       bench.bucket_comparison(bench.without_buckets(demo_config()), None, 0, 1, None)
+
+  def test_memory_variants(self):
+    c = demo_config()
+    v = bench.memory_variants(c)
+    self.assertEqual(list(v), ["config", "buckets off", "remat=full", "masking=drop",
+                               "plain CLIP twin", "CLIP-77 twin"])
+    self.assertEqual(v["buckets off"].data.long_buckets, ())
+    self.assertEqual(v["remat=full"].remat, "full")
+    self.assertEqual(v["masking=drop"].masking.mode, "drop")
+    t77 = v["CLIP-77 twin"]
+    self.assertEqual((t77.objective, t77.model.context_length), ("clip", 77))
+    self.assertEqual(flops.text_lengths(t77), (77, 77))
+    self.assertEqual(c.remat, "none")                          # copies, not edits
+    c.objective = "clip"
+    self.assertNotIn("masking=drop", bench.memory_variants(c))
+    # Compile one (the cheapest) and read its plan; the rest are the same code.
+    c = demo_config()
+    c.data.global_batch = len(jax.devices())
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    r = bench.memory_comparison(c, mesh, bench.CAPTION_LENGTHS["synthetic"],
+                                names=["CLIP-77 twin"])
+    self.assertEqual(list(r["memory_variants"]), ["CLIP-77 twin"])
+    m = r["memory_variants"]["CLIP-77 twin"]
+    self.assertEqual(m["text_lengths"][0], 77)                 # 166-194 tokens cut to 77
+    self.assertGreater(m["plan"]["temps"], 0)
 
   def test_cli_writes_json(self):
     root = os.path.join(os.path.dirname(__file__), "..")

@@ -3,7 +3,7 @@ same-run comparison with open_clip's PyTorch training step.
 
   python -m fixclip_jax.tools.bench --config=configs/demo.py --steps=20 --warmup=3 \
       [--batch=N] [--json=/tmp/bench.json] [--peak_tflops=989] [--torch] \
-      [--caption_lengths=synthetic] [--buckets] [--model=text_layers=4,...] \
+      [--caption_lengths=synthetic] [--buckets] [--memory] [--model=text_layers=4,...] \
       [--config.objective=clip ...]
 
 The state and the jitted step are built exactly as training builds them
@@ -29,6 +29,13 @@ float32 on CPU) and our "plain CLIP twin" (the config with objective=clip and
 no FIX-CLIP additions: the same work as open_clip's step). The three steps are
 timed interleaved in one loop so that machine noise hits them alike, and the
 table gives twin / open_clip step-time ratios (< 1 = we are faster).
+
+Host memory: the process' RSS now after state init, after compiling and after
+the first step of our step (and its peak, after our step and at the end).
+With --memory the step is also compiled (not run) with buckets off, with
+remat=full, with masking=drop, and as the plain-CLIP and CLIP-77 twins, and
+XLA's plan of each is reported: on CPU the step's temps are host memory, so
+RSS after the first step ~ RSS after compiling + the plan's temps.
 """
 import ast
 import datetime
@@ -189,6 +196,20 @@ def memory_plan(compiled) -> Any:
     return NA
 
 
+def host_rss() -> Any:
+  """This process' resident memory now, in bytes (/proc/self/status VmRSS;
+  "n/a" where there is no procfs). Unlike the peak it goes down when memory
+  is returned to the OS."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return NA
+
+
 def host_peak_rss() -> int:
   """This process' peak resident memory so far, in bytes (getrusage; Linux
   reports KiB). A high-water mark: it never goes down."""
@@ -213,6 +234,9 @@ class JaxTrainStep:
                        f"by the {sharding.num_batch_shards(mesh)} batch shards of "
                        f"mesh {dict(mesh.shape)}")
     self.state, shardings, tx = step_lib.init_state(config, self.model, mesh)
+    # Host RSS (bytes, this process, now) after each phase; "first_step" is
+    # filled by the first call. Meaningful for the first step a process builds.
+    self.rss = {"init_state": host_rss()}
     step_fn = step_lib.make_train_step(config, self.model, tx)
     local = synthetic_batch(config, self.cfg, self.batch_size, seed, caption_lengths)
     per_host = self.batch_size // jax.process_count()
@@ -228,6 +252,7 @@ class JaxTrainStep:
     t0 = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - t0
+    self.rss["compiled"] = host_rss()
     self.xla_flops_per_device = _cost_flops(self.compiled)
     self.memory_plan = compiled_memory(self.compiled)
     self.memory_breakdown = memory_plan(self.compiled)
@@ -236,6 +261,8 @@ class JaxTrainStep:
   def __call__(self):
     self.state, self.metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, self.metrics))
+    if "first_step" not in self.rss:
+      self.rss["first_step"] = host_rss()
 
 
 def plain_clip_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -257,6 +284,54 @@ def without_buckets(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   off.data.long_buckets = ()
   off.data.short_buckets = ()
   return off
+
+
+def clip77_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The plain-CLIP twin at OpenAI CLIP's 77-token context (long and short
+  captions cut to 77 by the tokenizer): the "CLIP-77 run" of the same size."""
+  twin = plain_clip_twin(config)
+  twin.model.context_length = 77
+  twin.data.text_context = 77
+  twin.data.short_context = 77
+  return twin
+
+
+def memory_variants(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """The configs `memory_comparison` compiles: the config, buckets off,
+  remat=full, masking=drop (objectives that mask), the plain-CLIP twin (full
+  context) and the CLIP-77 twin."""
+  variants = {"config": config, "buckets off": without_buckets(config)}
+  remat = config.copy_and_resolve_references()
+  remat.remat = "full"
+  variants["remat=full"] = remat
+  if masking_mode(config) not in (NA, "drop"):
+    drop = config.copy_and_resolve_references()
+    drop.masking.mode = "drop"
+    variants["masking=drop"] = drop
+  variants["plain CLIP twin"] = plain_clip_twin(config)
+  variants["CLIP-77 twin"] = clip77_twin(config)
+  return variants
+
+
+def memory_comparison(config, mesh, caption_lengths: Lengths = None,
+                      ours: Optional[JaxTrainStep] = None,
+                      names: Optional[Sequence[str]] = None) -> dict:
+  """XLA's memory plan of the step (compiled, not run) for each of
+  `memory_variants` (or those in `names`), on the same captions: where a
+  step's host or device memory goes (temps = activations kept for the
+  backward pass + scratch). ours: the config's step, if already built."""
+  out = {}
+  for name, variant in memory_variants(config).items():
+    if names is not None and name not in names:
+      continue
+    step = (ours if name == "config" and ours is not None else
+            JaxTrainStep(variant, mesh, caption_lengths=caption_lengths))
+    out[name] = {"text_lengths": list(step.text_lengths),
+                 "plan": step.memory_breakdown,
+                 "analytic_flops": step.analytic_flops,
+                 "compile_s": step.compile_s}
+    del step
+  return {"memory_variants": out}
 
 
 # ----------------------------------------------------------------------------
@@ -499,7 +574,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
                   compare_torch: bool = False, eval_steps: Optional[int] = None,
                   devices=None, json_path: Optional[str] = None,
                   config_name: str = "", caption_lengths: Lengths = None,
-                  compare_buckets: bool = False) -> dict:
+                  compare_buckets: bool = False, compare_memory: bool = False) -> dict:
   """Benchmarks one config's train step (and eval towers); returns the table.
 
   Args:
@@ -518,6 +593,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
     compare_buckets: also time the step with the config's text length
       buckets on vs off (`bucket_comparison`; with compare_torch it includes
       the open_clip steps instead of `torch_comparison`).
+    compare_memory: also compile (not run) the step's memory variants
+      (`memory_comparison`: buckets off, remat=full, masking=drop, plain-CLIP
+      and CLIP-77 twins) and report XLA's plan of each.
   Returns a flat-ish dict; see `format_table`.
   """
   if steps < 1 or warmup < 0:
@@ -529,6 +607,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       raise ValueError(f"--batch={batch} must be >= 1")
     config.data.global_batch = int(batch)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+  rss_start = host_rss()
   ours = JaxTrainStep(config, mesh, caption_lengths=caption_lengths)
   times = time_interleaved({"ours": ours}, warmup, steps)["ours"]
   step_time = summarize(times)
@@ -585,6 +664,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       # getrusage high-water marks: after our step ran; at the end (eval,
       # open_clip and further steps included).
       "host_peak_rss_after_step_bytes": rss_after_step,
+      # Current RSS after each phase of building and running our step.
+      "host_rss_phases_bytes": {"start": rss_start, **ours.rss},
       "flops_convention": flops_lib.CONVENTION,
   }
   eval_steps = steps if eval_steps is None else eval_steps
@@ -596,6 +677,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
   elif compare_torch:
     result.update(torch_comparison(config, ours, mesh, warmup, steps,
                                    caption_lengths))
+  if compare_memory:
+    result.update(memory_comparison(config, mesh, caption_lengths, ours=ours))
   result["host_peak_rss_bytes"] = host_peak_rss()
   if json_path:
     write_json(result, json_path)
@@ -645,6 +728,14 @@ def format_table(r: dict) -> str:
        f"{_fmt(r.get('host_peak_rss_after_step_bytes'), ' GiB', 2.0 ** -30)} / "
        f"{_fmt(r.get('host_peak_rss_bytes'), ' GiB', 2.0 ** -30)}"),
   ]
+  if "host_rss_phases_bytes" in r:
+    rows.append(("host RSS now: " + " / ".join(r["host_rss_phases_bytes"]),
+                 " / ".join(_fmt(v, " GiB", 2.0 ** -30)
+                            for v in r["host_rss_phases_bytes"].values())))
+  for name, v in r.get("memory_variants", {}).items():
+    rows.append((f"XLA plan, {name} ({v['text_lengths'][0]}+{v['text_lengths'][1]} "
+                 "tokens): arguments / outputs / temps / aliased",
+                 _fmt_plan(v["plan"])))
   if "eval_images_per_s" in r:
     rows += [("eval images/s", f"{_fmt(r['eval_images_per_s'])} (batch {r['eval_batch']})"),
              ("eval texts/s", f"{_fmt(r['eval_texts_per_s'])} "
@@ -725,6 +816,9 @@ def define_flags():
   flags.DEFINE_bool("buckets", False, "Also time the step with the config's "
                     "text length buckets on vs off (with --torch: open_clip "
                     "at full context and cut).")
+  flags.DEFINE_bool("memory", False, "Also compile (not run) the step with "
+                    "buckets off, remat=full, masking=drop and as the plain-CLIP "
+                    "and CLIP-77 twins, and report XLA's memory plan of each.")
   flags.DEFINE_list("model", [], "config.model overrides KEY=VALUE (fields "
                     "the config does not list, too), e.g. "
                     "vision_layers=4,text_layers=4,image_size=64.")
@@ -762,6 +856,7 @@ def main(argv):
                          json_path=FLAGS.json,
                          caption_lengths=parse_caption_lengths(FLAGS.caption_lengths),
                          compare_buckets=FLAGS.buckets,
+                         compare_memory=FLAGS.memory,
                          config_name=config_flags.get_config_filename(flags.FLAGS["config"]))
   print(format_table(result))
 
