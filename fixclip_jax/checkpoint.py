@@ -511,7 +511,11 @@ def load_train_params(workdir: str, step=None) -> Tuple[dict, CLIPConfig]:
   cfg = load_model_config(workdir)
   manager = ocp.CheckpointManager(
       os.path.join(fileio.absolute(workdir), TRAIN_CHECKPOINT_SUBDIR),
-      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
+      item_names=("state", "data"),
+      # The data item is named with its handler only so that orbax does not
+      # warn that it cannot restore it; it is not read.
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{workdir}: no training checkpoint in "

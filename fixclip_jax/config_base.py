@@ -132,6 +132,12 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Initialisation (fixclip_jax/checkpoint.py).
   c.init_from = ""                        # orbax dir | .pt/.safetensors | HF dir
   c.init_logit_scale = math.log(100.0)    # Long-CLIP resets it to ln 100; 0 = keep
+  # Without a pretrained CLIP (the demo): steps > 0 first trains plain CLIP at
+  # 77 tokens on this run's data in WORKDIR/pretrain77 (pretrain77.py), then
+  # this run starts from it as from init_from (KPS to 248, frozen rows).
+  c.pretrain77 = ml_collections.ConfigDict()
+  c.pretrain77.steps = 0                  # 0 = off; needs init_from = ""
+  c.pretrain77.lr = 1e-3                  # from scratch
   # --- Loop, checkpoints, metrics, evaluation.
   c.log_every = 10
   c.checkpoint_every = 500

@@ -51,14 +51,15 @@ POSITIVE = (
     "data.worker_buffer_size", "data.synthetic_num",
     "data.synthetic_image_size", "optim.accum_steps", "optim.lr",
     "optim.eps", "eval.batch_size", "eval.synthetic_num", "model.vocab_size",
-    "model.context_length", "loss.pcm_components", "loss.pcm_group_size")
+    "model.context_length", "loss.pcm_components", "loss.pcm_group_size",
+    "pretrain77.lr")
 NON_NEGATIVE = (
     "eval_every", "resume_step", "peak_tflops", "data.num_epochs",
     "data.num_workers", "data.read_threads", "data.prefetch_buffer",
     "data.short_context", "data.read_timeout_s", "data.max_image_pixels",
     "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
     "optim.new_params_lr", "model.num_prompts", "model.gta_groups",
-    "loss.short_weight")
+    "loss.short_weight", "pretrain77.steps")
 UNIT_INTERVAL = ("masking.ratio", "loss.label_smoothing", "optim.b1",
                  "optim.b2")  # [0, 1)
 CHOICES = {
@@ -178,6 +179,12 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     if value != -1 and value < 1:
       raise _fail(f"mesh.{axis}", value, "must be >= 1, or -1 (what the other "
                   "axis leaves)")
+  if config.pretrain77.steps and config.init_from:
+    raise ConfigError(f"config.pretrain77.steps={config.pretrain77.steps} "
+                      "trains the model this run starts from, and "
+                      f"config.init_from={config.init_from!r} names one: set "
+                      "one of them (--config.pretrain77.steps=0 to start "
+                      "from init_from)")
   if config.mesh.data == -1 and config.mesh.fsdp == -1:
     raise ConfigError("config.mesh.data and config.mesh.fsdp are both -1: at "
                       "most one may be")
@@ -233,6 +240,10 @@ def check_devices(config: ml_collections.ConfigDict, device_count: int,
     raise ConfigError(f"config.mesh.data={config.mesh.data} x config.mesh.fsdp"
                       f"={config.mesh.fsdp} must cover the {device_count} "
                       "devices")
+  if config.pretrain77.steps and process_count > 1:
+    raise _fail("pretrain77.steps", config.pretrain77.steps, "is for "
+                "single-process runs (the demo); on several hosts train the "
+                "77-token start once and pass it as init_from")
   batch = config.data.global_batch
   if batch % process_count:
     raise _fail("data.global_batch", batch, f"must be divisible by the number "

@@ -171,6 +171,8 @@ def config_summary(config: ml_collections.ConfigDict, name: str, mode: str,
   steps = (f"{config.num_train_steps} steps x batch {config.data.global_batch}"
            if mode != "eval" else "evaluation only")
   start = f", from {config.init_from}" if config.init_from else ""
+  if mode != "eval" and config.pretrain77.steps:
+    start = f", after {config.pretrain77.steps} steps of a 77-token CLIP start"
   return (f"Config {name}: {config.model_name} model, objective "
           f"{config.objective}, {config.model.context_length}-token text, "
           f"{steps}{start} -> {workdir} (full config: "

@@ -22,6 +22,7 @@ from fixclip_jax import checkpoint
 from fixclip_jax import fileio
 from fixclip_jax import flops
 from fixclip_jax import metrics as metrics_lib
+from fixclip_jax import pretrain77
 from fixclip_jax import pretrained
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
@@ -34,6 +35,11 @@ from fixclip_jax.models import sizes
 
 TrainState = step_lib.TrainState
 CONFIG_FILE = "config.json"
+# config.pretrain77: the 77-token start's workdir in WORKDIR, its initial
+# weights in there, and its name in WORKDIR's results.
+PRETRAIN77_SUBDIR = "pretrain77"
+START_MODEL_SUBDIR = "start_model"
+START_MODEL_LABEL = "CLIP-77 (start)"
 
 
 class PreemptionGuard:
@@ -183,11 +189,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   holds a checkpoint; evaluates every config.eval_every steps and at the end
   (and before the first step when config.eval_at_start).
 
+  With config.pretrain77.steps > 0 (no pretrained CLIP at hand: the demo) a
+  plain 77-token CLIP is trained first in WORKDIR/pretrain77
+  (pretrain77.py) and the run starts from it as from init_from; its final
+  evaluation joins WORKDIR's results as the model "CLIP-77 (start)", so the
+  table compares the run with its 77-token starting point.
+
   Everything that can be wrong with the config, the data source, the
   workdir (another model, another process count) or init_from raises before
   anything is written; `on_start()` runs after those checks, before the
   first write (main.py opens its log file there).
   """
+  if config.get("pretrain77") and config.pretrain77.steps:
+    start_dir = os.fspath(fileio.path(workdir) / PRETRAIN77_SUBDIR)
+    if not checkpoint.has_train_checkpoint(workdir):  # the run has not begun
+      state, preempted = _pretrain77(config, start_dir, evaluate, on_start)
+      if preempted:
+        return state
+      if evaluate and jax.process_index() == 0:
+        steps = config.pretrain77.steps
+        start_rows = [{k: v for k, v in r.items() if k not in ("model", "step")}
+                      for r in report.read_results(start_dir) if r.get("step") == steps]
+        report.write_report(workdir, start_rows, model=START_MODEL_LABEL, step=steps)
+      on_start = None
+      _say(f"Stage 2 of 2: {config.objective} at {config.model.context_length} "
+           f"tokens from the 77-token start, {config.num_train_steps} steps")
+    config = config.copy_and_resolve_references()
+    config.init_from = start_dir
+  return _train_and_evaluate(config, workdir, evaluate, on_start)[0]
+
+
+def _pretrain77(config, start_dir: str, evaluate: bool, on_start):
+  """Stage 1: config.pretrain77.steps of plain CLIP at 77 tokens in start_dir,
+  from a start model with a smooth position table; (state, preempted)."""
+  stage = pretrain77.clip77_config(config, config.pretrain77.steps,
+                                   config.pretrain77.lr)
+  stage.eval_at_start = False
+  stage.eval_every = 0                    # once, at the end
+  _say(f"Stage 1 of 2: plain CLIP at 77 tokens, {stage.num_train_steps} steps "
+       f"(the start a pretrained CLIP would give; {start_dir})")
+  stage.init_from = pretrain77.write_start_model(
+      os.fspath(fileio.path(start_dir) / START_MODEL_SUBDIR), stage)
+  return _train_and_evaluate(stage, start_dir, evaluate, on_start,
+                             print_outcome=False)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        evaluate: bool = True,
+                        on_start: Optional[Callable[[], None]] = None,
+                        print_outcome: bool = True):
+  """train_and_evaluate of one stage; (final state, stopped by a signal)."""
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("Devices: %s", sharding.describe(mesh))
   cfg = sizes.model_config(config)
@@ -329,9 +380,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if preempted:
     _say(f"Stopped by a signal at step {step}; its checkpoint is saved: rerun "
          "the same command to resume.")
-  elif jax.process_index() == 0:
+  elif jax.process_index() == 0 and print_outcome:
     _print_outcome(workdir, evaluated=evaluate)
-  return state
+  return state, preempted
 
 
 def _print_outcome(workdir: str, evaluated: bool) -> None:

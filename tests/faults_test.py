@@ -63,7 +63,8 @@ SMALL_FLAGS = [
     "--config.data.short_buckets=()", "--config.optim.frozen_regex=",
     "--config.optim.new_params_regex=", "--config.eval_at_start=False",
     "--config.data.global_batch=8", "--config.data.synthetic_num=16",
-    "--config.log_every=1", "--config.eval_every=0"]
+    "--config.log_every=1", "--config.eval_every=0",
+    "--config.pretrain77.steps=0"]
 MAX_PIXELS = 50_000  # data.max_image_pixels of these runs
 
 # Bad records: kind -> the skip reason it is counted under (None: kept).

@@ -23,7 +23,7 @@ _SMALL = ["--config.data.global_batch=8", "--config.data.synthetic_num=64",
           "--config.num_train_steps=8", "--config.log_every=1",
           "--config.checkpoint_every=100", "--config.eval_every=0",
           "--config.eval_at_start=False", "--config.eval.synthetic_num=16",
-          "--config.eval.batch_size=8"]
+          "--config.eval.batch_size=8", "--config.pretrain77.steps=0"]
 
 
 def _main(workdir, *extra, mode="train"):
@@ -161,7 +161,7 @@ class MainTest(absltest.TestCase):
     self.assertEqual(ev.returncode, 0, ev.stderr[-3000:])
     results = json.load(open(os.path.join(straight, "eval_results.json")))["results"]
     self.assertEqual({r["protocol"] for r in results},
-                     {"synthetic-long", "synthetic-short"})
+                     {"synthetic-long", "synthetic-long77", "synthetic-short"})
     self.assertIn("synthetic-long", open(os.path.join(straight, "eval_results.md")).read())
     self.assertGreater(os.path.getsize(os.path.join(straight, "eval_recall.png")), 1000)
     self.assertIn("| 8 | synthetic-long |", ev.stdout)
@@ -172,13 +172,13 @@ class MainTest(absltest.TestCase):
 class ConsoleTest(absltest.TestCase):
 
   def test_demo_console_and_workdir_files(self):
-    # The demo's shape (progress every 2 steps, evaluations at 0, half way and
-    # the end, so as many lines as the 300-step demo), a few seconds long; from
-    # another directory, the config by name.
+    # The demo's shape (two stages, progress every 2 steps, evaluations at the
+    # end of each, so as many lines as the real demo), a few seconds long;
+    # from another directory, the config by name.
     cwd, workdir = tempfile.mkdtemp(), os.path.join(tempfile.mkdtemp(), "demo")
     demo = _run([sys.executable, "-m", "fixclip_jax.main", "--config=demo",
-                 f"--workdir={workdir}", "--config.num_train_steps=24",
-                 "--config.log_every=2", "--config.eval_every=12",
+                 f"--workdir={workdir}", "--config.pretrain77.steps=4",
+                 "--config.num_train_steps=4", "--config.log_every=2",
                  "--config.checkpoint_every=12", "--config.data.global_batch=8",
                  "--config.data.synthetic_num=64", "--config.eval.synthetic_num=16",
                  "--config.eval.batch_size=8"], cwd=cwd)
@@ -186,14 +186,27 @@ class ConsoleTest(absltest.TestCase):
     lines = demo.stdout.strip().splitlines()
     print(f"demo stdout, {len(lines)} lines:\n{demo.stdout}")
     self.assertLess(len(lines), 30)
-    self.assertTrue(lines[0].startswith("Config demo: tiny model, objective fixclip, "
-                                        "248-token text, 24 steps x batch 8 -> "), lines[0])
-    self.assertTrue(lines[1].startswith("[1/24] loss="), lines[1])
-    self.assertIn("(first step: includes compilation)", lines[1])
+    self.assertTrue(lines[0].startswith(
+        "Config demo: tiny model, objective fixclip, 248-token text, 4 steps x "
+        "batch 8, after 4 steps of a 77-token CLIP start -> "), lines[0])
+    self.assertTrue(lines[1].startswith("Stage 1 of 2: plain CLIP at 77 tokens, "
+                                        "4 steps"), lines[1])
+    self.assertTrue(lines[2].startswith("[1/4] loss="), lines[2])
+    self.assertIn("(first step: includes compilation)", lines[2])
+    self.assertIn("Stage 2 of 2: fixclip at 248 tokens from the 77-token start, "
+                  "4 steps", lines)
     table = [l for l in lines if l.startswith("|")]
-    self.assertEqual(table[0], "| step | benchmark | I2T R@1 | I2T R@10 | T2I R@1 | "
-                     "T2I R@10 |")
-    self.assertLen(table, 2 + 6)  # steps 0, 12, 24 x long, short
+    self.assertEqual(table[0], "| model | step | benchmark | I2T R@1 | I2T R@10 | "
+                     "T2I R@1 | T2I R@10 |")
+    # The start and the result, each on long, long cut to 77 and short.
+    self.assertEqual([row.split(" | ")[:3] for row in table[2:]], [
+        ["| CLIP-77 (start)", "4", "synthetic-long"],
+        ["| CLIP-77 (start)", "4", "synthetic-long77"],
+        ["| CLIP-77 (start)", "4", "synthetic-short"],
+        ["| tiny", "4", "synthetic-long"], ["| tiny", "4", "synthetic-long77"],
+        ["| tiny", "4", "synthetic-short"]])
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.assertEqual(json.load(f)["init_from"], os.path.join(workdir, "pretrain77"))
     self.assertEqual(lines[-1], f"Report: {workdir}/eval_results.md")
     self.assertTrue(lines[-2].startswith("TensorBoard: "))
     self.assertTrue(lines[-3].startswith("Plots: "))

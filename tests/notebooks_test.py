@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, List
+from typing import Dict
 from unittest import mock
 
 from absl.testing import absltest
@@ -38,7 +38,7 @@ _KERNEL = "fixclip-wheel"
 # The small CI setting of each notebook's parameters cell.
 _SMALL = {
     _CONVERT: {"BATCH": 2},
-    _TRAIN: {"NUM_STEPS": 6, "BATCH": 8, "NUM_TRAIN_SCENES": 64,
+    _TRAIN: {"PRETRAIN_STEPS": 4, "NUM_STEPS": 6, "BATCH": 8, "NUM_TRAIN_SCENES": 64,
              "NUM_EVAL_SCENES": 16, "NUM_EXAMPLES": 2},
     _SEARCH: {"NUM_IMAGES": 12, "QUERY_SCENE": 2, "TOP_K": 3},
 }
@@ -183,7 +183,11 @@ class RunTest(absltest.TestCase):
       self.assertEqual(max(r["step"] for r in rows if "loss" in r), small["NUM_STEPS"])
       with open(os.path.join(tmp, "fixclip_demo_run", "eval_results.json")) as f:
         protocols = {r["protocol"] for r in json.load(f)["results"]}
-      self.assertEqual(protocols, {"synthetic-long", "synthetic-short"})
+      self.assertEqual(protocols, {"synthetic-long", "synthetic-long77",
+                                   "synthetic-short"})
+      with open(os.path.join(tmp, "fixclip_demo_run", "eval_results.json")) as f:
+        models = {r["model"] for r in json.load(f)["results"]}
+      self.assertEqual(models, {"tiny", "CLIP-77 (start)"})
       self.assertTrue(os.path.isfile(os.path.join(tmp, "fixclip_demo_model",
                                                   "model_config.json")))
       self.assertGreaterEqual(_num_images(nb), 2)  # loss curve, retrieval examples

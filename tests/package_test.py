@@ -25,7 +25,8 @@ _REPO = wheel_env.REPO
 _SMALL_DEMO = ["--config.num_train_steps=2", "--config.log_every=1",
                "--config.data.global_batch=8", "--config.data.synthetic_num=32",
                "--config.eval.synthetic_num=16", "--config.eval.batch_size=8",
-               "--config.checkpoint_every=2", "--config.eval_every=2"]
+               "--config.checkpoint_every=2", "--config.eval_every=2",
+               "--config.pretrain77.steps=2"]
 
 
 def readme_api_example() -> str:
@@ -105,7 +106,8 @@ class PackageTest(absltest.TestCase):
     self.assertLess(len(lines), 30)
     self.assertTrue(lines[0].startswith("Config demo: tiny model"), lines[0])
     self.assertEqual(lines[-1], f"Report: {workdir}/eval_results.md")
-    self.assertIn("| 2 | synthetic-long |", train.stdout)
+    self.assertIn("| CLIP-77 (start) | 2 | synthetic-long |", train.stdout)
+    self.assertIn("| tiny | 2 | synthetic-long77 |", train.stdout)
     self.assertNotRegex(train.stdout + train.stderr, r"(?m)^I\d{4} ")
 
     texts = os.path.join(self.cwd, "texts.txt")

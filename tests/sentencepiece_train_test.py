@@ -43,6 +43,7 @@ def tiny_config(model_path: str, tokenizer):
   c.data.synthetic_num = 64
   c.data.short_context = 77
   c.num_train_steps = 4
+  c.pretrain77.steps = 0
   c.optim.warmup_steps = 1
   c.log_every = 1
   c.eval_every = 0  # only at the end
@@ -101,7 +102,7 @@ class SentencePieceTrainTest(absltest.TestCase):
     with open(os.path.join(workdir, "eval_results.json")) as f:
       results = json.load(f)["results"]
     self.assertEqual({r["protocol"] for r in results},
-                     {"synthetic-long", "synthetic-short"})
+                     {"synthetic-long", "synthetic-long77", "synthetic-short"})
 
 
 if __name__ == "__main__":

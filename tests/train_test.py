@@ -1,6 +1,8 @@
 """Training: optimizer masks, the sharded step, NaN skipping, learning, resume."""
+import json
 import os
 import re
+import shutil
 import tempfile
 from unittest import mock
 
@@ -11,9 +13,12 @@ import numpy as np
 
 from fixclip_jax import checkpoint
 from fixclip_jax import config_base
+from fixclip_jax import config_check
+from fixclip_jax import pretrained
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax import train
+from fixclip_jax.evaluation import report
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
@@ -27,6 +32,8 @@ def demo_config(**overrides):
   c.data.short_context = 77
   c.log_every = 1
   c.eval_every = 0
+  c.pretrain77.steps = 0  # one stage, from scratch (Pretrain77Test: both)
+  c.optim.lr = c.optim.new_params_lr = 1e-3
   for key, value in overrides.items():
     node = c
     *parents, name = key.split(".")
@@ -202,7 +209,6 @@ class LoopTest(absltest.TestCase):
                             "checkpoint_every": 1000})
     workdir = tempfile.mkdtemp()
     train.train_and_evaluate(config, workdir, evaluate=False)
-    import json  # pylint: disable=g-import-not-at-top
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     self.assertLen(rows, 50)
     # Data-skip counters reach the metrics (synthetic data skips nothing).
@@ -228,7 +234,6 @@ class LoopTest(absltest.TestCase):
       with self.assertLogs(level="INFO") as logs:
         train.train_and_evaluate(config, workdir, evaluate=False)
       shapes[name] = [l for l in logs.output if "Text buckets: new step shape" in l]
-      import json  # pylint: disable=g-import-not-at-top
       rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
       losses[name] = np.array([[r[k] for k in ("loss", "loss_long", "loss_short")]
                                for r in rows])
@@ -255,7 +260,6 @@ class LoopTest(absltest.TestCase):
                             "num_train_steps": 6, "checkpoint_every": 1000})
     workdir = tempfile.mkdtemp()
     train.train_and_evaluate(config, workdir, evaluate=False)
-    import json  # pylint: disable=g-import-not-at-top
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     # 6 batches of 8 = 48 kept examples = two whole epochs of the 22 good ones
     # and a bit: each bad example was met twice (a third time at most).
@@ -293,6 +297,71 @@ class LoopTest(absltest.TestCase):
     self.assertEqual(cfg, sizes.model_config(config))
     jax.tree.map(np.testing.assert_array_equal, params,
                  jax.device_get(resumed["params"]))
+
+
+class Pretrain77Test(absltest.TestCase):
+  """config.pretrain77 (the demo): a 77-token CLIP first, the run from it."""
+
+  def test_the_run_starts_from_a_77_token_clip_trained_first(self):
+    config = demo_config(**{"pretrain77.steps": 3, "num_train_steps": 2,
+                            "checkpoint_every": 1000, "eval.synthetic_num": 16,
+                            "eval.batch_size": 8,
+                            "eval.datasets": "synthetic,synthetic_long77"})
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    state = train.train_and_evaluate(config, workdir)
+    start_dir = os.path.join(workdir, train.PRETRAIN77_SUBDIR)
+    with open(os.path.join(start_dir, train.CONFIG_FILE)) as f:
+      stage1 = json.load(f)
+    self.assertEqual((stage1["objective"], stage1["model"]["context_length"],
+                      stage1["model"]["positional_keep"], stage1["num_train_steps"],
+                      stage1["optim"]["frozen_regex"], stage1["pretrain77"]["steps"]),
+                     ("clip", 77, None, 3, "", 0))
+    with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
+      self.assertEqual(json.load(f)["init_from"], start_dir)
+    # Stage 1 began from a smooth position table (neighbouring rows alike).
+    start, _ = checkpoint.load_model(os.path.join(start_dir, train.START_MODEL_SUBDIR))
+    table = start["text"]["positional_embedding"]
+    cos = np.sum(table[1:] * table[:-1], 1) / np.prod(
+        np.linalg.norm(np.stack([table[1:], table[:-1]]), axis=-1), 0)
+    self.assertGreater(cos.min(), 0.9)
+    # Stage 2 began from stage 1's last step: its frozen table is stage 1's
+    # trained table stretched (KPS), untouched by stage 2's two steps.
+    stage1_params, stage1_cfg = checkpoint.load_train_params(start_dir)
+    self.assertEqual(stage1_cfg.context_length, 77)
+    cfg = sizes.model_config(config)
+    fresh = jax.device_get(state["params"])
+    expected = pretrained.adapt_pretrained(stage1_params, stage1_cfg, fresh, cfg)
+    np.testing.assert_array_equal(fresh["text"]["positional_embedding"],
+                                  expected["text"]["positional_embedding"])
+    self.assertFalse(np.array_equal(
+        fresh["text"]["positional_embedding"][:20],
+        jax.device_get(clip.init_params(cfg, jax.random.PRNGKey(config.seed)))
+        ["text"]["positional_embedding"][:20]))
+    # The table: the start's own evaluation next to the run's.
+    results = report.read_results(workdir)
+    start_rows = {r["protocol"]: r for r in results
+                  if r["model"] == train.START_MODEL_LABEL}
+    own = {r["protocol"]: r for r in report.read_results(start_dir)}
+    self.assertEqual(sorted(start_rows), ["synthetic-long", "synthetic-long77",
+                                          "synthetic-short"])
+    for protocol, row in start_rows.items():
+      self.assertEqual(row["step"], 3)
+      self.assertEqual(row["t2i_R@1"], own[protocol]["t2i_R@1"])
+    self.assertEqual(sorted(r["protocol"] for r in results if r["model"] == "tiny"),
+                     ["synthetic-long", "synthetic-long77", "synthetic-short"])
+    # A rerun resumes the finished run; stage 1 is not trained again.
+    before = os.listdir(os.path.join(start_dir, "checkpoints"))
+    again = train.train_and_evaluate(config, workdir, evaluate=False)
+    self.assertEqual(int(again["step"]), 2)
+    self.assertEqual(sorted(os.listdir(os.path.join(start_dir, "checkpoints"))),
+                     sorted(before))
+
+  def test_init_from_and_pretrain77_together_are_refused(self):
+    config = demo_config(**{"pretrain77.steps": 3, "init_from": "/some/ckpt"})
+    with self.assertRaisesRegex(config_check.ConfigError,
+                                r"config\.pretrain77\.steps=3 .*config\.init_from="):
+      config_check.check_config(config)
 
 
 if __name__ == "__main__":

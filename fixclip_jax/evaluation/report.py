@@ -118,12 +118,15 @@ CONSOLE_COLUMNS = (("i2t_R@1", "I2T R@1"), ("i2t_R@10", "I2T R@10"),
 
 
 def console_table(results: Sequence[Dict[str, Any]]) -> str:
-  """| step | benchmark | I2T R@1 | ... |: the few columns worth a terminal."""
+  """| step | benchmark | I2T R@1 | ... |: the few columns worth a terminal
+  (a model column first when the results hold more than one model)."""
   present = [(k, h) for k, h in CONSOLE_COLUMNS if any(k in r for r in results)]
-  lines = ["| step | benchmark | " + " | ".join(h for _, h in present) + " |",
-           "|---|---|" + "---|" * len(present)]
+  with_model = len({r.get("model") for r in results}) > 1
+  head = ["model"] * with_model + ["step", "benchmark"] + [h for _, h in present]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
-    cells = [_fmt(r.get("step")), _label(r)] + [_fmt(r.get(k)) for k, _ in present]
+    cells = ([_fmt(r.get("model"))] * with_model +
+             [_fmt(r.get("step")), _label(r)] + [_fmt(r.get(k)) for k, _ in present])
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -11,7 +11,7 @@ scene pairs differ only after token 77), for every seed:
     table, no prompts / mask token / GTA heads, no label smoothing): the
     "CLIP-77" starting point. Its text positions start smooth (sinusoidal),
     standing in for the smooth table of a CLIP trained on 400M pairs that KPS
-    assumes (START_POSITIONS says why);
+    assumes (pretrain77.START_POSITIONS says why);
  2. fine-tunes it with each variant of VARIANTS (config.init_from = its
     workdir: KPS 77 -> 248, first 20 rows frozen; docs/method.md §2), all
     with the same steps, batch, data order, optimizer, lr, label smoothing
@@ -43,16 +43,14 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
-from fixclip_jax import checkpoint
 from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import fileio
+from fixclip_jax import pretrain77
 from fixclip_jax import train
 from fixclip_jax.data import synthetic
 from fixclip_jax.evaluation import report
 from fixclip_jax.evaluation import run as eval_run
-from fixclip_jax.models import clip
-from fixclip_jax.models import sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +86,9 @@ RENDER_SIZE = 64               # scenes are drawn at 64 px; tiny reads 32 px
 # of the 128 features of a GPU's batch.
 PCM_SHARE = 0.25
 
-# The CLIP-77 text positions before pretraining: "smooth" (a sinusoidal table)
-# or "random" (models/clip.py's init). KPS interpolates between neighbouring
-# rows (docs/method.md §2), which preserves knowledge only if neighbours are alike,
-# as in OpenAI CLIP after 400M pairs; a tiny model pretrained for minutes
-# keeps its random rows (adjacent cosine ~0.1), and stretching them costs more
-# than the fine-tune can win back (RESULTS.md).
-START_POSITIONS = ("smooth", "random")
 
 # FIX-CLIP modules off: config knobs of each variant.
-_NO_FIXCLIP_MODULES = {"model.num_prompts": 0, "model.mask_token": False,
-                       "model.gta_groups": 0}
+_NO_FIXCLIP_MODULES = pretrain77.PLAIN_CLIP
 
 # (directory name, table label, overrides of the fine-tune config).
 VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -134,15 +124,6 @@ PLOT_PNG = "ablation.png"
 # ----------------------------------------------------------------------------
 # Configs.
 
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """config["a.b.c"] = value."""
-  *parents, name = key.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[name] = value
-
-
 def common_config(budget: Budget, seed: int, data: Dict[str, str]
                   ) -> ml_collections.ConfigDict:
   """Model, data, evaluation and loop knobs every run shares."""
@@ -173,23 +154,9 @@ def common_config(budget: Budget, seed: int, data: Dict[str, str]
 def pretrain_config(budget: Budget, seed: int, data: Dict[str, str],
                     init_from: str = "") -> ml_collections.ConfigDict:
   """CLIP-77 from scratch (or from the start model `init_from`, its
-  temperature kept): OpenAI CLIP's recipe in miniature."""
-  c = common_config(budget, seed, data)
-  c.init_from = init_from
-  c.init_logit_scale = 0.0                # keep ln(1/0.07)
-  c.objective = "clip"
-  for key, value in _NO_FIXCLIP_MODULES.items():
-    _set(c, key, value)
-  c.model.context_length = 77
-  c.model.positional_keep = None          # one table, trained
-  c.optim.frozen_regex = ""
-  c.data.text_context = 77
-  c.loss.label_smoothing = 0.0            # CLIP trains without smoothing
-  c.num_train_steps = budget.pretrain_steps
-  c.optim.lr = PRETRAIN_LR
-  c.optim.new_params_lr = PRETRAIN_LR
-  c.optim.warmup_steps = max(int(WARMUP_SHARE * budget.pretrain_steps), 1)
-  return c
+  temperature kept): pretrain77.clip77_config of the shared config."""
+  return pretrain77.clip77_config(common_config(budget, seed, data),
+                                  budget.pretrain_steps, PRETRAIN_LR, init_from)
 
 
 def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
@@ -213,42 +180,8 @@ def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
   c.optim.new_params_lr = NEW_PARAMS_LR
   c.optim.warmup_steps = max(int(WARMUP_SHARE * budget.finetune_steps), 1)
   for key, value in overrides.items():
-    _set(c, key, value)
+    pretrain77.set_knob(c, key, value)
   return c
-
-
-# ----------------------------------------------------------------------------
-# The start model.
-
-def sinusoidal_positions(length: int, width: int, row_norm: float) -> np.ndarray:
-  """[length, width] sin/cos table (Transformer's), rows scaled to row_norm:
-  neighbouring rows are alike, as in a well-trained CLIP's table."""
-  pos = np.arange(length, dtype=np.float64)[:, None]
-  freq = 1.0 / 10000.0 ** (np.arange(0, width, 2, dtype=np.float64) / width)
-  table = np.zeros((length, width))
-  table[:, 0::2] = np.sin(pos * freq)
-  table[:, 1::2] = np.cos(pos * freq)[:, :width // 2]
-  table *= row_norm / np.linalg.norm(table, axis=1, keepdims=True)
-  return table.astype(np.float32)
-
-
-def write_start_model(path: str, config: ml_collections.ConfigDict,
-                      positions: str) -> str:
-  """A fresh CLIP-77 (model dir at `path`, made once) whose text positions
-  are `positions` (START_POSITIONS); returns path, or "" for "random" (the
-  pretraining's own init is that)."""
-  if positions not in START_POSITIONS:
-    raise ValueError(f"start positions {positions!r}; use one of {START_POSITIONS}")
-  if positions == "random":
-    return ""
-  if not checkpoint.is_model_dir(path):
-    cfg = sizes.model_config(config)
-    params = jax.device_get(clip.init_params(cfg, jax.random.PRNGKey(config.seed)))
-    # Rows as long as models/clip.py's normal(0.01) init gives on average.
-    params["text"]["positional_embedding"] = sinusoidal_positions(
-        cfg.context_length, cfg.text_width, 0.01 * np.sqrt(cfg.text_width))
-    checkpoint.save_model(path, params, cfg)
-  return path
 
 
 # ----------------------------------------------------------------------------
@@ -334,7 +267,7 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
   for seed in seeds:
     seed_dir = os.path.join(workdir, f"seed_{seed}")
     pretrain_dir = os.path.join(seed_dir, PRETRAIN[0])
-    start_model = write_start_model(os.path.join(seed_dir, "start_model"),
+    start_model = pretrain77.write_start_model(os.path.join(seed_dir, "start_model"),
                                     pretrain_config(budget, seed, data),
                                     start_positions)
     jobs = [(PRETRAIN, pretrain_config(budget, seed, data, start_model),
@@ -496,7 +429,7 @@ def define_flags():
                      "Share of scene pairs that differ only after token 77.")
   flags.DEFINE_list("variants", [], "Fine-tunes to run (default all): "
                     + ",".join(v[0] for v in VARIANTS))
-  flags.DEFINE_enum("start_positions", "smooth", list(START_POSITIONS),
+  flags.DEFINE_enum("start_positions", "smooth", list(pretrain77.START_POSITIONS),
                     "CLIP-77 text positions before pretraining: smooth "
                     "(sinusoidal, like a well-trained CLIP's; what KPS "
                     "assumes) or random (the model's init).")
