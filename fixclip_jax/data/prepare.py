@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from fixclip_jax import cli
 from fixclip_jax import fileio
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import pipeline
@@ -317,4 +318,4 @@ def main(argv: List[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from fixclip_jax import cli
 from fixclip_jax import fileio
 
 COLOURS = {
@@ -353,4 +354,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -511,13 +511,17 @@ def is_classification(name: str) -> bool:
   return _registry_key(name, CLASSIFICATION_LOADERS) is not None
 
 
+def _loader(name: str, registry: Dict[str, Callable], kind: str) -> Callable:
+  """registry's loader for `name`; KeyError naming the known ones."""
+  key = _registry_key(name, registry)
+  if key is None:
+    raise KeyError(f"Unknown {kind} dataset {name!r}; known: {sorted(registry)}")
+  return registry[key]
+
+
 def load_dataset(name: str, root: str, **kwargs) -> RetrievalDataset:
   """Registry entry point: `load_dataset("urban1k", "/data/Urban1k")`."""
-  key = _registry_key(name, RETRIEVAL_LOADERS)
-  if key is None:
-    raise KeyError(f"Unknown retrieval dataset {name!r}; known: "
-                   f"{sorted(RETRIEVAL_LOADERS)}")
-  return RETRIEVAL_LOADERS[key](root, **kwargs)
+  return _loader(name, RETRIEVAL_LOADERS, "retrieval")(root, **kwargs)
 
 
 # ------------------------------------------------------------- classification
@@ -628,8 +632,4 @@ CLASSIFICATION_LOADERS: Dict[str, Callable[..., ClassificationDataset]] = {
 
 def load_classification(name: str, root: str, **kwargs) -> ClassificationDataset:
   """Registry entry point: `load_classification("cifar10", tfds_data_dir)`."""
-  key = _registry_key(name, CLASSIFICATION_LOADERS)
-  if key is None:
-    raise KeyError(f"Unknown classification dataset {name!r}; known: "
-                   f"{sorted(CLASSIFICATION_LOADERS)}")
-  return CLASSIFICATION_LOADERS[key](root, **kwargs)
+  return _loader(name, CLASSIFICATION_LOADERS, "classification")(root, **kwargs)

@@ -53,6 +53,7 @@ from absl import logging
 from PIL import Image
 import tqdm
 
+from fixclip_jax import cli
 from fixclip_jax.data import captions as captions_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -960,4 +961,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -39,6 +39,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import fileio
 from fixclip_jax.data import pipeline
@@ -367,4 +368,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from fixclip_jax import cli
 from fixclip_jax.data import tokenizers
 
 _SYLLABLES = ("ba be bi bo bu ka ke ki ko ku la le li lo lu ma me mi mo mu "
@@ -150,4 +151,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
