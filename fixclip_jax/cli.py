@@ -191,6 +191,7 @@ COMMANDS = {
     "bench": "fixclip_jax.tools.bench",
     "data_bench": "fixclip_jax.tools.data_bench",
     "tokenizer_bench": "fixclip_jax.tools.tokenizer_bench",
+    "ablate": "fixclip_jax.tools.ablate",
 }
 
 
@@ -235,3 +236,7 @@ def data_bench():
 
 def tokenizer_bench():
   run_module(COMMANDS["tokenizer_bench"])
+
+
+def ablate():
+  run_module(COMMANDS["ablate"])

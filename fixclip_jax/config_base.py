@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_num = 1024             # type=synthetic: scenes rendered in memory
   c.data.synthetic_image_size = 64
   c.data.synthetic_seed = 0
+  # Share of scene pairs that differ only after token 77 (data/synthetic.py).
+  c.data.synthetic_late_detail_share = 0.5
   # Images (data/transforms.py).
   c.data.image_size = 224
   c.data.transform = "resize_center_crop"  # | random_resized_crop (train only)

@@ -167,6 +167,9 @@ def check_ranges(config: ml_collections.ConfigDict) -> None:
     value = _get(config, key)
     if not 0 <= value < 1:
       raise _fail(key, value, "must be in [0, 1)")
+  share = config.data.synthetic_late_detail_share
+  if not 0 <= share <= 1:
+    raise _fail("data.synthetic_late_detail_share", share, "must be in [0, 1]")
   scale, ratio = config.data.rrc_scale, config.data.rrc_ratio
   if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
     raise _fail("data.rrc_scale", scale, "must be (low, high) with 0 < low "

@@ -88,7 +88,7 @@ class PackageTest(absltest.TestCase):
     self.assertIn("fixclip_jax/data/bpe_simple_vocab_16e6.txt.gz", names)
     # Every console script is installed.
     for name in ("train", "convert", "embed", "prepare", "synthetic", "caption",
-                 "bench", "data-bench", "tokenizer-bench"):
+                 "bench", "data-bench", "tokenizer-bench", "ablate"):
       self.assertTrue(os.path.isfile(os.path.join(self.bin, f"fixclip-{name}")), name)
 
   def test_demo_embed_and_api_from_the_installed_wheel(self):

@@ -16,6 +16,7 @@ from PIL import Image
 from fixclip_jax import config_base
 from fixclip_jax.data import prepare
 from fixclip_jax.data import sources
+from fixclip_jax.data import tokenizers
 
 
 def _tempdir(test: absltest.TestCase) -> str:
@@ -430,6 +431,19 @@ class MakeSourceTest(absltest.TestCase):
     config.type = "csv"
     with self.assertRaisesRegex(ValueError, "csv"):
       sources.make_source(config)
+
+  def test_synthetic_late_detail_share_is_a_knob(self):
+    # Pair (0, 1): independent scenes at share 0, late twins at share 1
+    # (the same first 77 tokens, different captions).
+    config = _data_config(type="synthetic", synthetic_num=2, synthetic_image_size=16)
+    tokenizer = tokenizers.get_tokenizer("clip", context_length=248)
+    for share, twins in ((0.0, False), (1.0, True)):
+      config.synthetic_late_detail_share = share
+      src = sources.make_source(config)
+      captions = [src[i]["caption"] for i in (0, 1)]
+      first77 = tokenizer(captions)[:, :77]
+      self.assertNotEqual(captions[0], captions[1])
+      self.assertEqual(bool((first77[0] == first77[1]).all()), twins, share)
 
 
 if __name__ == "__main__":

@@ -721,5 +721,8 @@ def _make_source(config) -> Source:
   if kind == "synthetic":
     return InMemorySource(synthetic.synthetic_examples(
         config.synthetic_num, config.synthetic_image_size,
-        config.synthetic_seed), seed=seed)
+        config.synthetic_seed,
+        late_detail_share=config.get("synthetic_late_detail_share",
+                                     synthetic.DEFAULT_LATE_DETAIL_SHARE)),
+        seed=seed)
   raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")

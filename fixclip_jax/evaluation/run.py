@@ -68,8 +68,12 @@ def synthetic_eval_root(workdir: str, config) -> str:
   # Images are written with PIL, so a remote workdir (gs://) caches them locally.
   base = (os.path.join(tempfile.gettempdir(), "fixclip_eval_data")
           if "://" in workdir else os.path.join(workdir, "eval_data"))
+  # Named by everything that makes the set (seed and late-detail share are
+  # the protocol's), so a changed set is never read from an old cache.
   root = os.path.join(base, f"synthetic_{config.eval.synthetic_num}_"
-                            f"{config.data.synthetic_image_size}px")
+                            f"{config.data.synthetic_image_size}px_seed"
+                            f"{SYNTHETIC_EVAL_SEED}_share"
+                            f"{synthetic.DEFAULT_LATE_DETAIL_SHARE:g}")
   if not os.path.isfile(os.path.join(root, "manifest.jsonl")):
     if jax.process_index() == 0:
       synthetic.make_synthetic_dataset(
