@@ -10,6 +10,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = Any
@@ -35,8 +36,7 @@ def normalize(x: Array, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
 
 
-# Causal attention on CPU runs in blocks of this many queries
-# (blocked_causal_attention).
+# Causal attention on CPU runs in blocks of this many queries (cpu_attention).
 CAUSAL_BLOCK = 64
 
 
@@ -54,16 +54,15 @@ def attention(q: Array, k: Array, v: Array, *,
     mask: optional boolean mask broadcastable to [B, N, T, S]; True = attend.
     bias: optional additive bias broadcastable to [B, N, T, S] (0 or -inf).
     is_causal: apply a causal mask (lets cuDNN use its fused causal kernel).
-    implementation: None (XLA picks; on CPU, causal attention without other
-      masks runs blockwise, `blocked_causal_attention`), "xla" (always
+    implementation: None (XLA picks; on CPU, `cpu_attention`: heads-major,
+      causal attention in query blocks), "xla" (always
       `jax.nn.dot_product_attention`'s XLA path) or "cudnn".
 
   Returns:
     [B, T, N, H] attention output, in q's dtype.
   """
-  if (is_causal and mask is None and bias is None and implementation is None
-      and jax.default_backend() == "cpu"):
-    return blocked_causal_attention(q, k, v)
+  if implementation is None and jax.default_backend() == "cpu":
+    return cpu_attention(q, k, v, mask=mask, bias=bias, is_causal=is_causal)
   if bias is not None:
     bias = bias.astype(q.dtype)
   return jax.nn.dot_product_attention(
@@ -71,36 +70,83 @@ def attention(q: Array, k: Array, v: Array, *,
       implementation=implementation)
 
 
+def _block(x: Optional[Array], rows: slice, cols: slice) -> Optional[Array]:
+  """x broadcastable to [B, N, T, S], cut to the query rows / key columns of
+  a block (axes of size 1 stay broadcast)."""
+  if x is None:
+    return None
+  x = jnp.asarray(x)
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  return x[:, :, rows if x.shape[2] > 1 else slice(None),
+           cols if x.shape[3] > 1 else slice(None)]
+
+
+def cpu_attention(q: Array, k: Array, v: Array, *,
+                  mask: Optional[Array] = None,
+                  bias: Optional[Array] = None,
+                  is_causal: bool = False,
+                  block: int = CAUSAL_BLOCK) -> Array:
+  """`attention` on CPU: the operations of jax.nn.dot_product_attention's XLA
+  path (float32 logits, scale, bias, masks with the same large negative,
+  float32 softmax), arranged for XLA's CPU code. The result is the same up to
+  float rounding (bit-identical scale: see below).
+
+  - Heads-major: q, k, v are transposed once to [B, N, T, H] and the output
+    once back. The XLA path contracts [B, T, N, H] operands directly and XLA's
+    CPU code then copies every operand (for causal blocks: every key / value
+    prefix) into a heads-major layout before each product.
+  - The scale is folded into q ([B, T, N, H]) instead of the logits
+    ([B, N, T, S]) when it is a power of two (head width 4^k, e.g. CLIP's 64):
+    multiplying by 2^-k is exact, so the logits are the same bits.
+  - Causal self-attention runs in blocks of `block` queries: block [i, j)
+    attends to keys [0, j) only, so the products above the diagonal's blocks
+    are never formed (the keys it leaves out would get softmax weight exactly
+    0). XLA's CPU code materialises several [B, N, T, S] float32 arrays per
+    layer, memory-bound work; blocks skip ~40% of them at T=248.
+
+  Measured on a 2-core CPU, B=128, 2 heads of 64, forward + backward from the
+  fused q/k/v projection (BENCHMARKS.md): causal T=160 and vision T=65
+  against the previous blocked / XLA-path versions.
+
+  q: [B, T, N, H]; k, v: [B, S, N, H]; mask, bias: broadcastable to
+  [B, N, T, S]. Returns [B, T, N, H] in q's dtype.
+  """
+  t, s, h = q.shape[1], k.shape[1], q.shape[-1]
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  scale = h ** -0.5
+  exact_scale = float(np.log2(scale)).is_integer()
+  large_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dtype)
+  if exact_scale:
+    q = q * jnp.asarray(scale, q.dtype)
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))           # [B, N, T, H]
+  blocked = is_causal and t == s
+  out = []
+  for start in range(0, t, block if blocked else t):
+    stop = min(start + block, t) if blocked else t
+    keys = stop if blocked else s
+    rows, cols = slice(start, stop), slice(0, keys)
+    logits = jnp.einsum("bnth,bnsh->bnts", q[:, :, rows], k[:, :, cols],
+                        preferred_element_type=logits_dtype)        # [B, N, b, s]
+    if not exact_scale:
+      logits = logits * jnp.asarray(scale, logits_dtype)
+    if bias is not None:
+      logits = (logits + _block(bias, rows, cols)).astype(logits_dtype)
+    keep = _block(mask, rows, cols)
+    if is_causal:
+      causal = jnp.arange(start, stop)[:, None] >= jnp.arange(keys)[None, :]
+      keep = causal if keep is None else keep & causal
+    if keep is not None:
+      logits = jnp.where(keep, logits, large_negative)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    out.append(jnp.einsum("bnts,bnsh->bnth", probs, v[:, :, cols]))  # [B, N, b, H]
+  out = out[0] if len(out) == 1 else jnp.concatenate(out, axis=2)
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)                  # [B, T, N, H]
+
+
 def blocked_causal_attention(q: Array, k: Array, v: Array,
                              block: int = CAUSAL_BLOCK) -> Array:
-  """Causal self-attention, queries in blocks: block [i, j) attends to keys
-  [0, j) only, so the products above the diagonal's blocks are never formed.
-
-  Per block, the operations of jax.nn.dot_product_attention's XLA path (float32
-  logits, scale, masked with the same large negative, float32 softmax): the
-  keys it leaves out would get softmax weight exactly 0 there, so the result
-  is the same up to float rounding. Why: XLA's CPU code materialises several
-  [B, N, T, T] float32 arrays per layer, memory-bound work; blocks skip
-  ~40% of them at T=248 and keep the rest smaller. Measured on a 2-core CPU,
-  B=128, T=224, 2 heads of 64: forward + backward 1.75x faster (974 vs 1703
-  ms), temps 186 vs 210 MiB (BENCHMARKS.md).
-
-  q, k, v: [B, T, N, H] (self-attention: T queries, T keys). Returns [B, T, N, H].
-  """
-  t = q.shape[1]
-  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-  scale = jnp.asarray(q.shape[-1] ** -0.5, logits_dtype)
-  large_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dtype)
-  out = []
-  for start in range(0, t, block):
-    stop = min(start + block, t)
-    logits = jnp.einsum("btnh,bsnh->bnts", q[:, start:stop], k[:, :stop],
-                        preferred_element_type=logits_dtype) * scale  # [B, N, b, s]
-    causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-    logits = jnp.where(causal, logits, large_negative)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
-    out.append(jnp.einsum("bnts,bsnh->btnh", probs, v[:, :stop]))   # [B, b, N, H]
-  return jnp.concatenate(out, axis=1).astype(q.dtype)
+  """Causal self-attention in query blocks (`cpu_attention` with is_causal)."""
+  return cpu_attention(q, k, v, is_causal=True, block=block)
 
 
 class LayerNorm(nn.Module):

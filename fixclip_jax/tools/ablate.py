@@ -68,7 +68,7 @@ BUDGETS = {
     # A smoke run (tests/ablate_test.py): every path, no meaningful numbers.
     "small": Budget(pretrain_steps=20, finetune_steps=6, batch=32,
                     train_num=128, eval_num=32, eval_batch=32),
-    # The README demo's two stages (one seed, --variants=fixclip): minutes.
+    # About the README demo's size (configs/demo.py): one seed in minutes.
     "demo": Budget(pretrain_steps=200, finetune_steps=60, batch=32,
                    train_num=2048, eval_num=256, eval_batch=64),
     # RESULTS.md: 40-70 minutes on a shared 2-core CPU for two seeds.
