@@ -49,6 +49,24 @@ class CLIPOptionsTest(parameterized.TestCase):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                    got, want)
 
+  def test_remat_is_in_the_train_step(self):
+    """config.remat reaches the model step.make_model builds: one
+    rematerialised (optimisation-barrier) region per residual block."""
+    from fixclip_jax import config_base  # pylint: disable=g-import-not-at-top
+    from fixclip_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+    config = config_base.base_config()
+    layers_total = self.cfg.vision_layers + self.cfg.text_layers
+    for remat, barriers in (("none", 0), ("full", layers_total),
+                            ("dots", layers_total)):
+      config.remat = remat
+      model = step_lib.make_model(config, self.cfg)
+      self.assertEqual(model.remat, remat)
+      hlo = jax.jit(jax.grad(lambda p: jnp.sum(model.apply(
+          {"params": p}, self.images, self.text)["text"]["embedding"]) + jnp.sum(
+              model.apply({"params": p}, self.images, self.text)["image"]["embedding"])
+      )).lower(self.params).as_text()
+      self.assertEqual(hlo.count("stablehlo.optimization_barrier"), barriers, remat)
+
   def test_unknown_remat_policy(self):
     with self.assertRaisesRegex(ValueError, "remat='some'"):
       clip.remat_block("some")
@@ -128,7 +146,7 @@ class BlockedCausalAttentionTest(parameterized.TestCase):
     self.assertFalse(np.allclose(a[:, 70:], b[:, 70:]))
 
   def test_dispatch(self):
-    """CPU + causal + no other mask -> blocked; "xla" or a mask -> dense."""
+    """CPU -> cpu_attention (causal: query blocks); "xla" -> the XLA path."""
     q = jnp.zeros((1, 130, 1, 8))
     hlo = lambda **kw: jax.jit(lambda x: layers.attention(x, x, x, **kw)).lower(
         q).as_text()
@@ -136,7 +154,68 @@ class BlockedCausalAttentionTest(parameterized.TestCase):
     # Blocks of 64 queries against 64, 128 and 130 keys.
     self.assertIn("1x1x64x128", hlo(is_causal=True))
     self.assertNotIn("1x1x64x128", hlo(is_causal=True, implementation="xla"))
+    # Other masks: one block, all keys.
     self.assertNotIn("1x1x64x128", hlo(mask=jnp.ones((130, 130), bool)))
+    self.assertIn("1x1x130x130", hlo(mask=jnp.ones((130, 130), bool)))
+
+
+class CPUAttentionTest(parameterized.TestCase):
+  """cpu_attention (heads-major, scale folded when exact, causal blocks) =
+  jax.nn.dot_product_attention's XLA path, outputs and gradients, for every
+  mask the models use."""
+
+  @parameterized.named_parameters(
+      ("vision_no_mask", 65, 65, 64, False, None, False),
+      ("regional_prompt_mask", 69, 69, 64, False, "mask", False),
+      ("mask_per_example_and_head", 40, 40, 64, False, "mask4d", False),
+      ("bias", 33, 33, 64, False, "bias", False),
+      ("causal_and_mask", 150, 150, 64, True, "mask", False),
+      ("head_width_32_inexact_scale", 70, 70, 32, True, None, False),
+      ("cross_attention", 20, 37, 64, False, "mask", False),
+      ("causal_cross_lengths", 20, 37, 64, True, None, False),
+      ("bfloat16", 65, 65, 64, True, None, True),
+  )
+  def test_same_as_xla_path(self, t, s, h, is_causal, extra, bf16):
+    rng = np.random.default_rng(t * s + h)
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    q = jnp.asarray(rng.standard_normal((3, t, 2, h)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((3, s, 2, h)), dtype) for _ in range(2))
+    kw = {"is_causal": is_causal}
+    if extra == "mask":       # [B, 1, T, S], every query keeps a key
+      kw["mask"] = jnp.asarray(rng.random((3, 1, t, s)) > 0.3).at[..., 0].set(True)
+    elif extra == "mask4d":   # [B, N, T, S] with fully masked rows
+      kw["mask"] = jnp.asarray(rng.random((3, 2, t, s)) > 0.5).at[:, :, :3].set(False)
+    elif extra == "bias":     # [T, S] broadcast, 0 / -inf
+      kw["bias"] = jnp.where(jnp.asarray(rng.random((t, s)) > 0.3).at[:, 0].set(True),
+                             0.0, -jnp.inf).astype(dtype)
+    xla = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="xla", **{
+            **kw, "bias": None if "bias" not in kw else kw["bias"].astype(dtype)})
+    ours = lambda q, k, v: layers.cpu_attention(q, k, v, **kw)
+    got, want = ours(q, k, v), xla(q, k, v)
+    self.assertEqual(got.shape, (3, t, 2, h))
+    self.assertEqual(got.dtype, dtype)
+    tol = dict(rtol=2e-2, atol=2e-2) if bf16 else dict(rtol=1e-5, atol=5e-6)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               **tol)
+    if bf16:
+      return
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+  def test_scale_is_folded_only_when_exact(self):
+    """Head width 64: q * 2^-3 before the product (the logits' bits are the
+    same); width 32: the logits are scaled, as the XLA path does."""
+    def scaled_shapes(h):
+      x = jnp.zeros((1, 8, 1, h))
+      jaxpr = jax.make_jaxpr(lambda x: layers.cpu_attention(x, x, x))(x)
+      return [e.outvars[0].aval.shape for e in jaxpr.eqns
+              if e.primitive.name == "mul"]
+    self.assertEqual(scaled_shapes(64), [(1, 8, 1, 64)])   # q
+    self.assertEqual(scaled_shapes(32), [(1, 1, 8, 8)])    # logits [B, N, T, S]
 
 
 if __name__ == "__main__":

@@ -104,9 +104,16 @@ def cpu_attention(q: Array, k: Array, v: Array, *,
     0). XLA's CPU code materialises several [B, N, T, S] float32 arrays per
     layer, memory-bound work; blocks skip ~40% of them at T=248.
 
-  Measured on a 2-core CPU, B=128, 2 heads of 64, forward + backward from the
-  fused q/k/v projection (BENCHMARKS.md): causal T=160 and vision T=65
-  against the previous blocked / XLA-path versions.
+  Measured on the shared 2-core CPU of BENCHMARKS.md, B=128, 2 heads of 64,
+  forward + backward from the fused q/k/v output, medians of 7 interleaved
+  calls, vs the previous version (causal: query blocks on [B, T, N, H];
+  otherwise the XLA path): vision 65 tokens 41.6 -> 19.9 ms, 69 tokens with
+  FIX-CLIP's regional-prompt mask 34.4 -> 22.1 ms; causal 160 tokens
+  162 -> 144 ms (a second run: 98.3 -> 98.8), 224 tokens 186 -> 169 ms, 248
+  tokens 345 -> 312 ms. PyTorch's fused CPU kernel
+  (scaled_dot_product_attention, causal) took 82 ms at 160 and 190 ms at 248
+  tokens in the same loop: the causal forward is where XLA's CPU code still
+  loses (it writes the [B, N, T, S] logits and probabilities to memory).
 
   q: [B, T, N, H]; k, v: [B, S, N, H]; mask, bias: broadcastable to
   [B, N, T, S]. Returns [B, T, N, H] in q's dtype.
