@@ -45,7 +45,7 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(
         [n for n, _, _ in ablate.VARIANTS],
         ["clip248", "longclip", "fixclip", "fixclip_no_prompts",
-         "fixclip_no_masking", "fixclip_no_gta"])
+         "fixclip_no_masking", "fixclip_no_gta", "fixclip_mask50"])
     for name, c in configs.items():
       with self.subTest(name):
         self.assertEqual(c.init_from, "/runs/clip77")
@@ -74,7 +74,8 @@ class ConfigTest(absltest.TestCase):
     for name, (section, key, off) in {
         "fixclip_no_prompts": ("model", "num_prompts", 0),
         "fixclip_no_masking": ("masking", "ratio", 0.0),
-        "fixclip_no_gta": ("model", "gta_groups", 0)}.items():
+        "fixclip_no_gta": ("model", "gta_groups", 0),
+        "fixclip_mask50": ("masking", "ratio", 0.5)}.items():
       ablated = configs[name].to_dict()
       ablated[section][key] = full[section][key]
       self.assertEqual(ablated, full.to_dict(), name)
