@@ -20,7 +20,8 @@ from fixclip_jax.data import captions
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  # --- Model (fixclip_jax/models/sizes.py): a size name + overrides.
+  # --- Model (fixclip_jax/models/sizes.py): a size name + overrides (any
+  # CLIPConfig field: c.model.vision_layers = 4, ...; these are FIX-CLIP's).
   c.model_name = "B/16"
   c.model = ml_collections.ConfigDict()
   c.model.context_length = 248            # Long-CLIP's stretched context (§2)

@@ -20,6 +20,7 @@ dotted key, the value and what is accepted (the CLIs print either as one line
 Checks of the workdir (a resume with another model) and of init_from's
 weights need the files themselves: train.py runs them, also before writing.
 """
+import dataclasses
 import difflib
 from typing import Any, Iterator, Tuple
 
@@ -131,7 +132,17 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
   base = config_base.base_config()
   defaults = dict(_leaves(base))
   sections = {k.rsplit(".", 1)[0] for k in defaults if "." in k}
+  # config.model takes any CLIPConfig field (sizes.model_config): base_config
+  # lists the ones FIX-CLIP sets; widths, layers, image size... override the size.
+  size_fields = {f"model.{f.name}": f.default
+                 for f in dataclasses.fields(sizes.CLIPConfig)}
   for key, value in _leaves(config):
+    if key not in defaults and key in size_fields:
+      default = size_fields[key]
+      if value is not None and default is not None and not _type_ok(value, default):
+        raise _fail(key, value, f"must be {_kind(default)}, not a "
+                    f"{_type_name(value)}")
+      continue
     if key not in defaults:
       close = difflib.get_close_matches(key, list(defaults), n=1)
       hint = f" (did you mean {close[0]}?)" if close else ""

@@ -467,6 +467,25 @@ class ConfigCheckTest(absltest.TestCase):
                                                      pattern):
         config_check.check_config(bad, "train", device_count=8, process_count=1)
 
+  def test_model_takes_any_size_field(self):
+    # sizes.model_config reads every CLIPConfig field from config.model, so
+    # the check accepts them too (the fidelity-size model of BENCHMARKS.md).
+    config = train_test.demo_config()
+    config.model.vision_layers = 4
+    config.model.text_layers = 4
+    config.model.image_size = config.data.image_size = 64
+    config_check.check_config(config, "train", device_count=8, process_count=1)
+    self.assertEqual((sizes.model_config(config).vision_layers,
+                      sizes.model_config(config).image_size), (4, 64))
+    bad = train_test.demo_config()
+    bad.model.vision_layers = "four"  # a new key takes any type in ml_collections
+    with self.assertRaisesRegex(config_check.ConfigError,
+                                r"config\.model\.vision_layers='four': must be an integer"):
+      config_check.check_config(bad, "train", device_count=8, process_count=1)
+    config.model.vision_depth = 4
+    with self.assertRaisesRegex(config_check.ConfigError,
+                                r"config\.model\.vision_depth: no such config key"):
+      config_check.check_config(config, "train", device_count=8, process_count=1)
 
 # ----------------------------------------------------------------------------
 # The program: SIGTERM during a stalled read, user errors.
