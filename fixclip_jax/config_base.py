@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 import re
-from typing import List
+from typing import Any, List
 
 import ml_collections
 from ml_collections import config_dict
@@ -15,6 +15,21 @@ from ml_collections import config_dict
 # Only the caption-filter thresholds: captions.py imports nothing heavy, so
 # configs load without the data pipeline's grain/PIL.
 from fixclip_jax.data import captions
+
+
+# FIX-CLIP's additions off: the knobs that make a config plain CLIP (the
+# 77-token start of pretrain77.py, tools/ablate.py's baselines, tools/bench.py's twin).
+PLAIN_CLIP = {"model.num_prompts": 0, "model.mask_token": False,
+              "model.gta_groups": 0}
+
+
+def set_knob(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config["a.b.c"] = value."""
+  *parents, name = key.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[name] = value
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ Convention (the one MFU numbers are usually quoted in, e.g. PaLM's appendix B):
     the kernels XLA emits compute the full T x T products and mask afterwards
     (the usual MFU convention). Exception, not counted: on CPU the causal text
     attention runs in query blocks (layers.blocked_causal_attention) and skips
-    the blocks above the diagonal, ~36% of QK^T and AV at T=248, so XLA's own
+    the blocks above the diagonal, 37.5% of QK^T and AV at T=248, so XLA's own
     count of a text-heavy step comes out a few % below this one.
   * Text runs at the batch's actual lengths when given (`lengths`: a batch cut
     to length buckets, buckets.py), else at the config's contexts.

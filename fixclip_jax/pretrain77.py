@@ -14,22 +14,17 @@ ablation) no such CLIP exists, so one is trained first on the run's own data:
 train.py runs it as the first stage when config.pretrain77.steps > 0 (the
 demo); tools/ablate.py builds its CLIP-77 runs from the same functions.
 """
-from typing import Any
-
 import jax
 import ml_collections
 import numpy as np
 
 from fixclip_jax import checkpoint
+from fixclip_jax import config_base
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
 CONTEXT = 77                   # OpenAI CLIP's text context
 WARMUP_SHARE = 0.1             # of the pretraining's steps
-
-# FIX-CLIP's additions off: what makes a config plain CLIP.
-PLAIN_CLIP = {"model.num_prompts": 0, "model.mask_token": False,
-              "model.gta_groups": 0}
 
 # The CLIP-77's text positions before pretraining: "smooth" (a sinusoidal
 # table) or "random" (models/clip.py's init). KPS interpolates between
@@ -38,15 +33,6 @@ PLAIN_CLIP = {"model.num_prompts": 0, "model.mask_token": False,
 # pretrained for minutes keeps its random rows (adjacent cosine ~0.1), and
 # stretching them costs more than a short fine-tune wins back (RESULTS.md).
 START_POSITIONS = ("smooth", "random")
-
-
-def set_knob(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-  """config["a.b.c"] = value."""
-  *parents, name = key.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[name] = value
 
 
 def clip77_config(config: ml_collections.ConfigDict, steps: int, lr: float,
@@ -58,8 +44,8 @@ def clip77_config(config: ml_collections.ConfigDict, steps: int, lr: float,
   c.init_from = init_from
   c.init_logit_scale = 0.0                # keep the start model's ln(1/0.07)
   c.objective = "clip"
-  for key, value in PLAIN_CLIP.items():
-    set_knob(c, key, value)
+  for key, value in config_base.PLAIN_CLIP.items():
+    config_base.set_knob(c, key, value)
   c.model.context_length = CONTEXT
   c.model.positional_keep = None          # one table, trained
   c.optim.frozen_regex = ""

@@ -102,7 +102,7 @@ def cpu_attention(q: Array, k: Array, v: Array, *,
     attends to keys [0, j) only, so the products above the diagonal's blocks
     are never formed (the keys it leaves out would get softmax weight exactly
     0). XLA's CPU code materialises several [B, N, T, S] float32 arrays per
-    layer, memory-bound work; blocks skip ~40% of them at T=248.
+    layer, memory-bound work; blocks skip 37.5% of them at T=248.
 
   Measured on the shared 2-core CPU of BENCHMARKS.md, B=128, 2 heads of 64,
   forward + backward from the fused q/k/v output, medians of 7 interleaved

@@ -88,7 +88,7 @@ PCM_SHARE = 0.25
 
 
 # FIX-CLIP modules off: config knobs of each variant.
-_NO_FIXCLIP_MODULES = pretrain77.PLAIN_CLIP
+_NO_FIXCLIP_MODULES = config_base.PLAIN_CLIP
 
 # (directory name, table label, overrides of the fine-tune config).
 VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
@@ -184,7 +184,7 @@ def finetune_config(budget: Budget, seed: int, data: Dict[str, str],
   c.optim.new_params_lr = NEW_PARAMS_LR
   c.optim.warmup_steps = max(int(WARMUP_SHARE * budget.finetune_steps), 1)
   for key, value in overrides.items():
-    pretrain77.set_knob(c, key, value)
+    config_base.set_knob(c, key, value)
   return c
 
 

@@ -58,6 +58,8 @@ import numpy as np
 import optax
 
 from fixclip_jax import buckets
+from fixclip_jax import cli
+from fixclip_jax import config_base
 from fixclip_jax import fileio
 from fixclip_jax import flops as flops_lib
 from fixclip_jax import losses
@@ -272,9 +274,8 @@ def plain_clip_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   no masked image)."""
   twin = config.copy_and_resolve_references()
   twin.objective = "clip"
-  twin.model.num_prompts = 0
-  twin.model.gta_groups = 0
-  twin.model.mask_token = False
+  for key, value in config_base.PLAIN_CLIP.items():
+    config_base.set_knob(twin, key, value)
   return twin
 
 
@@ -863,4 +864,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
