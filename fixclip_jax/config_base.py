@@ -43,7 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.positional_keep = 20            # two-table positions; None = one table
   c.model.num_prompts = 4                 # FIX-CLIP regional prompts per layer (§3)
   c.model.prompt_layers = config_dict.placeholder(tuple)  # (start, stop); None = all
-  c.model.region_layout = "grid"          # grid | strips
+  c.model.region_layout = "strips"        # strips (the paper's) | grid (§3)
+  c.model.prompt_mode = "carry"           # carry | fresh (inert control; §3)
   c.model.mask_token = True               # learnable token for masked patches
   c.model.gta_groups = 4                  # hierarchical groups G (0 = none)
   c.model.gta_sigma = 1.0
@@ -136,6 +137,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 200
   c.optim.grad_clip = 1.0                 # global norm; 0 = off
   c.optim.accum_steps = 1
+  # Gradient caching (step.grad_cache_value_and_grad): the towers run the
+  # batch in N chunks, the loss sees the whole batch's negatives; memory of
+  # activations ~ 1/N, ~4/3 the step time. 1 = off. accum_steps instead
+  # averages per-micro-batch losses (fewer negatives).
+  c.optim.grad_cache_chunks = 1
   c.skip_nonfinite = True                 # skip updates of NaN/Inf steps (logged)
   c.optim.frozen_regex = r"text/positional_embedding"  # the frozen table (§2)
   c.optim.new_params_regex = r".*(prompts_\d+|mask_token|/gta/.*)"

@@ -36,6 +36,7 @@ from fixclip_jax.data import sources
 from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import datasets as eval_datasets
 from fixclip_jax.models import clip
+from fixclip_jax.models import fixclip
 from fixclip_jax.models import sizes
 
 
@@ -50,7 +51,8 @@ POSITIVE = (
     "data.global_batch", "data.image_size", "data.text_context",
     "data.max_caption_chars", "data.max_consecutive_skips",
     "data.worker_buffer_size", "data.synthetic_num",
-    "data.synthetic_image_size", "optim.accum_steps", "optim.lr",
+    "data.synthetic_image_size", "optim.accum_steps",
+    "optim.grad_cache_chunks", "optim.lr",
     "optim.eps", "eval.batch_size", "eval.synthetic_num", "model.vocab_size",
     "model.context_length", "loss.pcm_components", "loss.pcm_group_size",
     "pretrain77.lr")
@@ -70,7 +72,8 @@ CHOICES = {
     "attn_implementation": ("", "xla", "cudnn"),
     "distributed": ("auto", "on", "off"),
     "masking.mode": ("replace", "drop"),
-    "model.region_layout": ("grid", "strips"),
+    "model.region_layout": fixclip.REGION_LAYOUTS,
+    "model.prompt_mode": fixclip.PROMPT_MODES,
     "data.type": sources.SOURCE_TYPES,
     "data.transform": transforms.TRAIN_TRANSFORMS,
     "data.short_caption": pipeline.SHORT_CAPTION_POLICIES,
@@ -266,6 +269,11 @@ def check_devices(config: ml_collections.ConfigDict, device_count: int,
     raise _fail("data.global_batch", batch, f"must be divisible by the number "
                 f"of devices it is split over ({data * fsdp}: mesh data={data}"
                 f" x fsdp={fsdp})")
+  chunks = config.optim.grad_cache_chunks
+  if batch % (data * fsdp * chunks):
+    # Strided chunks (step.split_chunks) stay spread over every device.
+    raise _fail("optim.grad_cache_chunks", chunks, f"times the {data * fsdp} "
+                f"devices must divide data.global_batch={batch}")
   if evaluate and config.eval.batch_size % (data * fsdp):
     raise _fail("eval.batch_size", config.eval.batch_size, f"must be divisible "
                 f"by the number of devices it is split over ({data * fsdp})")

@@ -228,7 +228,9 @@ LAYOUTS = {
 #   fixclip.{visual,text}.gta.{g}.linear.{weight [d, w], bias [d]}
 #   fixclip.{visual,text}.gta.{g}.ln.{weight, bias}       GTA head of group g
 # Shapes give num_prompts, prompt_layers, mask_token and gta_groups back on
-# import; region_layout and gta_sigma are not stored (defaults: grid, 1.0).
+# import; region_layout, prompt_mode and gta_sigma are not stored: import gives
+# the defaults (strips, carry, 1.0), which every model of ours since 2026-12
+# uses (files converted earlier hold grid/fresh models: override on import).
 FIXCLIP_PREFIX = "fixclip."
 
 

@@ -87,12 +87,58 @@ class PromptTest(absltest.TestCase):
     # Prompt j's output depends only on its own region: perturbing region 3's
     # patches leaves prompts 0..2 unchanged at the first layer.
     grid = cfg.grid_size
-    region3 = (fixclip.patch_regions(grid, m, "grid") == 3).reshape(grid, grid)
+    region3 = (fixclip.patch_regions(grid, m, cfg.region_layout) == 3
+               ).reshape(grid, grid)
     pix = np.kron(region3, np.ones((cfg.patch_size, cfg.patch_size)))[None, ..., None]
     moved = _block_outputs(clip.CLIP(cfg), params, images + 5.0 * pix)
     np.testing.assert_allclose(moved[0][:, 1:1 + 3], with_p[0][:, 1:1 + 3],
                                rtol=1e-5, atol=1e-5)
     self.assertGreater(float(jnp.abs(moved[0][:, 4] - with_p[0][:, 4]).max()), 1e-3)
+
+  def test_carried_prompts_bring_regions_to_the_embedding(self):
+    """prompt_mode=carry: the region layout (which patches each prompt reads)
+    changes the image embedding and the GTA features. prompt_mode=fresh (the
+    ablation's control): prompts re-inserted from their parameters at every
+    layer, so the layout reaches no output -- bit-identical features."""
+    cfg = sizes.get_config("tiny", num_prompts=4, gta_groups=2)
+    params = clip.init_params(cfg, jax.random.PRNGKey(3))
+    images = jax.random.normal(jax.random.PRNGKey(4), (3, 32, 32, 3))
+
+    def features(mode, layout):
+      out = clip.CLIP(cfg.replace(prompt_mode=mode, region_layout=layout)).apply(
+          {"params": params}, images, method=clip.CLIP.encode_image)
+      return np.asarray(out["embedding"]), np.asarray(out["gta"])
+
+    for got, want in zip(features("carry", "strips"), features("carry", "grid")):
+      self.assertGreater(float(np.abs(got - want).max()), 1e-3)
+    for got, want in zip(features("fresh", "strips"), features("fresh", "grid")):
+      np.testing.assert_array_equal(got, want)
+
+  def test_second_layer_prompts_start_from_the_first_layers_outputs(self):
+    """Under carry, layer 1's prompt tokens are layer 0's prompt outputs plus
+    layer 1's parameters (docs/method.md §3): rebuilt here from layer 0's
+    block output and run through block 1 by hand."""
+    cfg = sizes.get_config("tiny", num_prompts=4)
+    params = clip.init_params(cfg, jax.random.PRNGKey(5))
+    images = jax.random.normal(jax.random.PRNGKey(6), (2, 32, 32, 3))
+    m = cfg.num_prompts
+    carry = _block_outputs(clip.CLIP(cfg), params, images)
+    fresh = _block_outputs(clip.CLIP(cfg.replace(prompt_mode="fresh")), params,
+                           images)
+    # The first prompted layer has nothing to carry: both modes agree there.
+    np.testing.assert_array_equal(carry[0], fresh[0])
+    w = params["visual"]["transformer"]
+    block1 = clip.remat_block(False)(cfg.vision_heads, cfg.vision_mlp_dim, cfg.act,
+                                     jnp.float32, None)
+    regions = fixclip.patch_regions(cfg.grid_size, m, cfg.region_layout)
+    mask = fixclip.regional_prompt_mask(regions[None], m)[:, None]
+    x0 = carry[0]                                                   # [B, 1+M+N, w]
+    y_in = jnp.concatenate([x0[:, :1], x0[:, 1:1 + m] + w["prompts_1"],
+                            x0[:, 1 + m:]], axis=1)
+    want = block1.apply({"params": w["resblocks_1"]}, y_in, mask, None, False)
+    np.testing.assert_allclose(carry[1], want, rtol=1e-5, atol=1e-5)
+    self.assertGreater(float(jnp.abs(carry[1][:, 1:1 + m] -
+                                     fresh[1][:, 1:1 + m]).max()), 1e-3)
 
   def test_prompt_layer_range(self):
     cfg = sizes.get_config("tiny", num_prompts=2, prompt_layers=(1, 2))

@@ -56,7 +56,7 @@ def remat_block(remat) -> type:
 
 
 class Transformer(nn.Module):
-  """A stack of residual blocks, optionally with fresh regional prompts per layer.
+  """A stack of residual blocks, optionally with FIX-CLIP's regional prompts.
 
   Returns the final sequence and the token at `pool_index` after every block.
   """
@@ -69,6 +69,7 @@ class Transformer(nn.Module):
   remat: Any = False  # see REMAT_POLICIES
   num_prompts: int = 0
   prompt_layers: Optional[tuple] = None
+  prompt_mode: str = "carry"  # fixclip.PROMPT_MODES
 
   @nn.compact
   def __call__(self, x, *, pool_index=None, is_causal=False, prompt_mask=None):
@@ -81,17 +82,27 @@ class Transformer(nn.Module):
     pool_index = jnp.zeros((b,), jnp.int32) if pool_index is None else pool_index
     block_cls = remat_block(self.remat)
     m = self.num_prompts
+    if m and self.prompt_mode not in fixclip.PROMPT_MODES:
+      raise ValueError(f"prompt_mode={self.prompt_mode!r}; use "
+                       f"{' | '.join(fixclip.PROMPT_MODES)}")
+    carried = None                                                   # [B, M, w]
     collected = []
     for i in range(self.num_layers):
       block = block_cls(self.num_heads, self.mlp_dim, self.act, self.dtype,
                         self.attn_implementation, name=f"resblocks_{i}")
       if m and fixclip.prompt_layer_active(i, self.prompt_layers):
-        # FIX-CLIP (docs/method.md §3): fresh prompts after CLS at every layer; the
-        # previous layer's prompt outputs are discarded.
+        # FIX-CLIP's regional prompts (docs/method.md §3), placed after CLS.
+        # "carry": the previous prompted layer's prompt outputs (each gathered
+        # from its region's patches) plus this layer's parameters, so CLS reads
+        # regional features. "fresh": parameters only; a prompt's keys and values
+        # then depend on nothing but its parameters (the ablation's control).
         prompts = self.param(f"prompts_{i}", nn.initializers.normal(0.02), (m, w))
         prompts = jnp.broadcast_to(prompts.astype(x.dtype), (b, m, w))
+        if carried is not None and self.prompt_mode == "carry":
+          prompts = carried + prompts
         y = jnp.concatenate([x[:, :1], prompts, x[:, 1:]], axis=1)  # [B, T+M, w]
         y = block(y, prompt_mask, None, False)
+        carried = y[:, 1:1 + m]                                      # [B, M, w]
         x = jnp.concatenate([y[:, :1], y[:, 1 + m:]], axis=1)       # [B, T, w]
       else:
         x = block(x, None, None, is_causal)
@@ -166,7 +177,7 @@ class VisionTower(nn.Module):
     x, layer_tokens = Transformer(
         c.vision_layers, c.vision_heads, c.vision_mlp_dim, c.act, self.dtype,
         self.attn_implementation, self.remat, c.num_prompts, c.prompt_layers,
-        name="transformer")(x, prompt_mask=prompt_mask)
+        c.prompt_mode, name="transformer")(x, prompt_mask=prompt_mask)
     x = layers.LayerNorm(self.dtype, name="ln_post")(x)
     pooled = x[:, 0]                                                 # [B, w]
     proj = self.param("proj", nn.initializers.normal(scale), (w, c.embed_dim))

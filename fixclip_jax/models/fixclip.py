@@ -22,6 +22,16 @@ Array = jax.Array
 # ----------------------------------------------------------------------------
 # Regional prompts.
 
+# How patches are split among the M prompts (patch_regions): "strips" =
+# contiguous runs of the raster order (the paper's mask formula), "grid" = 2-D
+# rectangles.
+REGION_LAYOUTS = ("strips", "grid")
+# What a prompted layer's prompt tokens are (models/clip.py Transformer):
+# "carry" = the previous prompted layer's prompt outputs plus this layer's
+# parameters; "fresh" = this layer's parameters only (outputs discarded, so the
+# regional mask reaches no output: the ablation's control).
+PROMPT_MODES = ("carry", "fresh")
+
 def grid_shape(num_regions: int) -> Tuple[int, int]:
   """rows x cols of a 2-D region grid, as square as num_regions allows (4 -> 2x2)."""
   rows = int(math.isqrt(num_regions))
@@ -30,12 +40,13 @@ def grid_shape(num_regions: int) -> Tuple[int, int]:
   return rows, num_regions // rows
 
 
-def patch_regions(grid_size: int, num_regions: int, layout: str = "grid") -> np.ndarray:
+def patch_regions(grid_size: int, num_regions: int, layout: str = "strips") -> np.ndarray:
   """Region id of each patch, in raster order: int32 [grid_size**2].
 
-  "grid": a rows x cols grid of rectangles over the patch grid (docs/method.md §3
-  decision; 4 regions = the 4 quadrants). "strips": num_regions contiguous runs
-  of the raster order (the paper's formula read literally).
+  "strips": num_regions contiguous runs of the raster order (the paper's mask
+  formula, docs/method.md §3; N not divisible by M gives runs of floor or ceil
+  N/M). "grid": a rows x cols grid of rectangles over the patch grid (ours;
+  4 regions = the 4 quadrants).
   """
   n = grid_size * grid_size
   if layout == "grid":
@@ -45,7 +56,8 @@ def patch_regions(grid_size: int, num_regions: int, layout: str = "grid") -> np.
     return (r[:, None] * cols + c[None, :]).reshape(n).astype(np.int32)
   if layout == "strips":
     return (np.arange(n) * num_regions // n).astype(np.int32)
-  raise ValueError(f"Unknown region layout {layout!r}; use 'grid' or 'strips'")
+  raise ValueError(f"Unknown region layout {layout!r}; use "
+                   f"{' | '.join(REGION_LAYOUTS)}")
 
 
 def regional_prompt_mask(regions: Array, num_prompts: int) -> Array:

@@ -40,7 +40,8 @@ class CLIPConfig:
   # FIX-CLIP (docs/method.md §3); the defaults give plain CLIP.
   num_prompts: int = 0                  # regional prompt tokens per vision layer
   prompt_layers: Optional[Tuple[int, int]] = None  # [start, stop); None = all
-  region_layout: str = "grid"           # "grid" or "strips"
+  region_layout: str = "strips"         # fixclip.REGION_LAYOUTS
+  prompt_mode: str = "carry"            # fixclip.PROMPT_MODES
   mask_token: bool = False              # learnable token for masked patches
   gta_groups: int = 0                   # hierarchical groups (0 = no GTA heads)
   gta_sigma: float = 1.0
@@ -94,6 +95,10 @@ def model_config(config) -> CLIPConfig:
   return get_config(config.model_name, **overrides)
 
 
+# Values of fields added after model_config.json files were first written.
+LEGACY_DEFAULTS = {"prompt_mode": "fresh", "region_layout": "grid"}
+
+
 def config_to_dict(cfg: CLIPConfig) -> dict:
   """The CLIPConfig fields, as stored in model_config.json."""
   return dataclasses.asdict(cfg)
@@ -108,4 +113,7 @@ def config_from_dict(fields: Mapping[str, Any], source: str = "config") -> CLIPC
                      f"known: {sorted(known)}")
   # JSON has no tuples; CLIPConfig is frozen and hashable, so restore them.
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+  # Files written before these fields existed hold models built the old way:
+  # prompts re-inserted fresh each layer, regions a 2-D grid.
+  fields = dict(LEGACY_DEFAULTS, **fields)
   return CLIPConfig(**fields)
