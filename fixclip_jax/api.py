@@ -15,7 +15,7 @@ The model carries its tokenizer (CLIP's BPE at the checkpoint's context, 77 or
 (bicubic resize, centre crop, CLIP mean/std: docs/method.md §1).
 
 Features are L2-normalised float32 numpy arrays. Each tower is jitted once
-per model and always runs on `batch_size` rows (the last batch is padded), so
+per architecture (models/encoders.py) and always runs on `batch_size` rows (the last batch is padded), so
 later calls reuse the compiled function.
 """
 import concurrent.futures
@@ -35,6 +35,7 @@ from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
 from fixclip_jax.models import clip
+from fixclip_jax.models import encoders
 from fixclip_jax.models.sizes import CLIPConfig
 
 # A single image or a batch: paths, PIL images, uint8 [H, W, 3] arrays (raw
@@ -45,21 +46,9 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 def tower_fns(cfg: CLIPConfig) -> tuple:
   """Jitted (params, pixels [B,S,S,3]) -> [B,d] and (params, tokens [B,C]) ->
-  [B,d], L2-normalised. The params are an argument (not baked-in constants),
-  so large models compile fast."""
-  model = clip.CLIP(cfg)
-
-  @jax.jit
-  def image_fn(params, pixels):
-    out = model.apply({"params": params}, pixels, method=clip.CLIP.encode_image)
-    return clip.normalize(out["embedding"])
-
-  @jax.jit
-  def text_fn(params, tokens):
-    out = model.apply({"params": params}, tokens, method=clip.CLIP.encode_text)
-    return clip.normalize(out["embedding"])
-
-  return image_fn, text_fn
+  [B,d], L2-normalised: encoders.tower_fns, shared by every model of this
+  architecture (and with evaluation), so each compiles once per process."""
+  return encoders.tower_fns(clip.CLIP(cfg))
 
 
 def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -24,26 +24,22 @@ from fixclip_jax.evaluation import report
 from fixclip_jax.evaluation import retrieval
 from fixclip_jax.evaluation import zeroshot
 from fixclip_jax.models import clip
+from fixclip_jax.models import encoders
 
 # Held-out synthetic scenes use a seed the training set never uses.
 SYNTHETIC_EVAL_SEED = 10_000
 
 
 def embed_fns(model: clip.CLIP, params, mesh, text_buckets=()) -> tuple:
-  """(images -> [B, d], texts -> [B, d]) jitted with the batch over the mesh.
+  """(images -> [B, d], texts -> [B, d]) normalised, with the batch over the mesh.
 
+  The towers are encoders.tower_fns(model): built and compiled once per model,
+  so evaluating again (every eval_every steps) compiles nothing new.
   text_buckets: token batches are cut to the smallest of these lengths that
   holds their longest text (buckets.py: the same features; () = off).
   """
   batch = sharding.batch_sharding(mesh)
-
-  @jax.jit
-  def _image(params, x):
-    return model.apply({"params": params}, x, method=clip.CLIP.encode_image)["embedding"]
-
-  @jax.jit
-  def _text(params, t):
-    return model.apply({"params": params}, t, method=clip.CLIP.encode_text)["embedding"]
+  _image, _text = encoders.tower_fns(model)
 
   def cut_text(t):
     # Every host holds the whole batch, so every host cuts it alike.

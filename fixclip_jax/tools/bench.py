@@ -66,7 +66,7 @@ from fixclip_jax import losses
 from fixclip_jax import pixels
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
-from fixclip_jax.models import clip
+from fixclip_jax.models import encoders
 from fixclip_jax.models import sizes
 
 NA = "n/a"
@@ -349,16 +349,7 @@ def eval_throughput(step: JaxTrainStep, mesh, warmup: int, steps: int) -> dict:
   images = sharding.global_batch(pixels.normalize_uint8(host["image"]), mesh)
   texts = sharding.global_batch(host["text_long"], mesh)
 
-  @jax.jit
-  def image_fn(params, x):
-    return clip.normalize(model.apply({"params": params}, x,
-                                      method=clip.CLIP.encode_image)["embedding"])
-
-  @jax.jit
-  def text_fn(params, t):
-    return clip.normalize(model.apply({"params": params}, t,
-                                      method=clip.CLIP.encode_text)["embedding"])
-
+  image_fn, text_fn = encoders.tower_fns(model)  # the towers eval and the API run
   params = step.state["params"]
   times = time_interleaved(
       {"images": lambda: jax.block_until_ready(image_fn(params, images)),
