@@ -75,6 +75,9 @@ SIZES = {
     # A few-MFLOP model for unit tests and the CPU demo; follows the same
     # head_dim=64 rule so that convert.config_from_shapes recovers it exactly.
     "tiny": _vit(32, 8, 128, 2, 64, 128, 2),
+    # The ablation's discriminating size (tools/ablate.py --budget=
+    # discriminative): 4+4 layers, an 8x8 patch grid at 64 px.
+    "tiny4": _vit(64, 8, 128, 4, 64, 128, 4),
 }
 
 
