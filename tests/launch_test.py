@@ -25,7 +25,7 @@ from absl.testing import parameterized
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LAUNCH = os.path.join(_REPO, "launch")
-_SCRIPTS = ("local.sh", "slurm_gpu.sbatch", "tpu_pod.sh")
+_SCRIPTS = ("local.sh", "slurm_gpu.sbatch", "tpu_pod.sh", "fetch_device_wheels.sh")
 _ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 # Overrides that must reach fixclip_jax.main word for word (one has a space
 # and a quote, so quoting mistakes show).
