@@ -24,7 +24,15 @@ gives our ids on any text.
 
   fixclip-convert --src=longclip-B.pt --dst=/ckpt/longclip_b16
   python -m fixclip_jax.convert --src=/ckpt/longclip_b16 --dst=out.pt --to=openai
-  python -m fixclip_jax.convert --src=WORKDIR --dst=hf_dir --to=hf --drop_extra
+  python -m fixclip_jax.convert --src=WORKDIR --dst=hf_dir --to=hf
+
+FIX-CLIP's extra parameters (regional prompts, mask token, GTA heads) go
+under `fixclip.*` keys in the openai layout; HF's CLIPModel has no place for
+them, so --to=hf and --to=hf_text write the model without them and warn
+(as transformers' from_pretrained does for unused weights): the prompts
+change the image CLS, so --to=hf's image features are plain CLIP's; the text
+encoder is complete. --drop_extra drops them from openai/orbax outputs too.
+Writing a .pt file (and reading one) needs PyTorch: the [torch] extra.
 """
 import collections
 import dataclasses
@@ -345,18 +353,31 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], *,
   )
 
 
-def strip_fixclip(params: dict, cfg: CLIPConfig) -> Tuple[dict, CLIPConfig]:
+def strip_fixclip(params: dict, cfg: CLIPConfig, *, written: str = "the model",
+                  text_only: bool = False) -> Tuple[dict, CLIPConfig]:
   """Drops prompts, mask token and GTA heads: a plain (Long-)CLIP model.
 
-  The text encoder is complete; the image encoder without its prompts is
-  CLIP's, so its features differ from the FIX-CLIP model's.
+  Warns (on the console) what goes and what it changes: the text encoder is
+  complete; of the extras only the regional prompts change a feature (the
+  image CLS), the mask token and GTA heads serve training only. `written`
+  names the output in the warning; `text_only`: only the text tower is written.
   """
   extra = {r.ours for r in fixclip_rules(cfg)}
   if not extra:
     return params, cfg
-  logging.warning("Dropping %d FIX-CLIP parameters (prompts, mask token, GTA "
-                  "heads): the image features of the written model are plain "
-                  "CLIP's", len(extra))
+  parts = ([f"regional prompts ({cfg.num_prompts} per prompted layer)"]
+           * bool(cfg.num_prompts) + ["mask token"] * cfg.mask_token
+           + [f"{cfg.gta_groups} GTA head group(s)"] * bool(cfg.gta_groups))
+  if text_only or not cfg.num_prompts:
+    effect = ("no feature changes (text encoder complete; mask token and GTA "
+              "heads serve training only)")
+  else:
+    effect = ("its image features are plain CLIP's, without the regional "
+              "prompts, so they differ from the FIX-CLIP model's; text "
+              "features are unchanged")
+  # HF's from_pretrained does the same: unused weights dropped with a warning.
+  logging.warning("Writing %s without FIX-CLIP's %s (%d arrays): %s", written,
+                  ", ".join(parts), len(extra), effect)
   flat = {k: v for k, v in flatten_params(params).items()
           if k not in extra}
   return unflatten_params(flat), cfg.replace(
@@ -879,6 +900,20 @@ def load_any(path: str, *, act: Optional[str] = None) -> Tuple[dict, CLIPConfig,
 # Writing PyTorch files. Everything goes to a temporary path next to the
 # destination and is renamed into place, so failures leave nothing behind.
 
+TORCH_EXTRA = "pip install 'fixclip_jax[torch]'"
+
+
+def require_torch(purpose: str):
+  """The torch module, or a CheckpointError (one line at the CLI) naming the
+  extra that installs it: the base install has no PyTorch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
+  except ImportError as e:
+    raise CheckpointError(
+        f"{purpose} needs PyTorch, which is not installed: {TORCH_EXTRA} "
+        "(.safetensors files and HF directories need no torch)") from e
+  return torch
+
 def _write_tensors(path: str, sd: StateDict, as_safetensors: bool) -> None:
   """One local file: safetensors, or torch.save of a plain dict of tensors."""
   if as_safetensors:
@@ -887,7 +922,7 @@ def _write_tensors(path: str, sd: StateDict, as_safetensors: bool) -> None:
     with open(path, "wb") as f:
       f.write(safetensors_numpy.save(sd, metadata={"format": "pt"}))
   else:
-    import torch  # pylint: disable=g-import-not-at-top  # optional: .pt output only
+    torch = require_torch(f"{path}: writing a .pt file")
     torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
 
 
@@ -895,6 +930,8 @@ def save_openai(path: str, params: dict, cfg: CLIPConfig, *,
                 overwrite: bool = False) -> None:
   """OpenAI-layout .pt (plain dict of tensors) or .safetensors."""
   fileio.refuse_existing(path, overwrite)
+  if not path.endswith(".safetensors"):
+    require_torch(f"{path}: writing a .pt file")
   sd = params_to_openai_state_dict(params, cfg)
   with fileio.atomic_file(path, overwrite=overwrite) as tmp:
     _write_tensors(tmp, sd, as_safetensors=path.endswith(".safetensors"))
@@ -930,6 +967,7 @@ def save_hf(directory: str, params: dict, cfg: CLIPConfig, *,
   files (model_max_length = the context) and preprocessor_config.json, so
   CLIPModel / CLIPProcessor / CLIPTokenizer(Fast).from_pretrained load it."""
   fileio.refuse_existing(directory, overwrite)
+  params, cfg = strip_fixclip(params, cfg, written="the HF CLIPModel")
   sd = params_to_hf_state_dict(params, cfg)
   _, cfg = single_position_table(params, cfg)
   with fileio.atomic_directory(directory, overwrite=overwrite) as tmp:
@@ -955,7 +993,8 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   """
   fileio.refuse_existing(directory, overwrite)
   params, cfg = single_position_table(params, cfg)
-  params, cfg = strip_fixclip(params, cfg)  # GTA heads only; text is complete
+  params, cfg = strip_fixclip(params, cfg, written="the HF text encoder",
+                              text_only=True)
   full = params_to_state_dict(params, cfg, "hf")
   sd = {k: v for k, v in full.items()
         if k.startswith("text_model.") or k == "text_projection.weight"}
@@ -990,6 +1029,11 @@ def convert(src: str, dst: str, to: str = "orbax", *, act: Optional[str] = None,
   if to not in SAVERS:
     raise ValueError(f"--to={to!r}: must be one of {sorted(SAVERS)}")
   fileio.refuse_existing(dst, overwrite)
+  # PyTorch files need the [torch] extra: said before anything is read.
+  if fileio.isfile(src) and not src.endswith(".safetensors"):
+    require_torch(f"--src={src}: reading a PyTorch file")
+  if to == "openai" and not dst.endswith(".safetensors"):
+    require_torch(f"--to=openai --dst={dst}: writing a .pt file")
   params, cfg, fmt = load_any(src, act=act)
   if params_transform is not None:
     params, cfg = params_transform(params, cfg)
@@ -1018,7 +1062,9 @@ def define_flags():
       "stretching (248 from 77) and create the two-table scheme (docs/method.md §2).")
   flags.DEFINE_bool(
       "drop_extra", False, "Write without FIX-CLIP's prompts / mask token / GTA "
-      "heads: a plain Long-CLIP-layout model (text encoder complete).")
+      "heads: a plain Long-CLIP-layout model (text encoder complete). For "
+      "--to=openai|orbax, which keep them otherwise; --to=hf|hf_text always "
+      "drop them (HF's CLIP has no place for them), with a warning.")
   flags.mark_flags_as_required(["src", "dst"])
 
 

@@ -418,12 +418,16 @@ class BadInputTest(ConvertTestBase):
   def test_fixclip_params_are_not_silently_dropped(self):
     # Regional prompts change the CLS feature: HF's CLIPModel can't hold them
     # (the OpenAI layout writes them under fixclip.* keys, see
-    # longclip_convert_test.py).
+    # longclip_convert_test.py): save_hf drops them and says so.
     cfg = get_config("tiny", num_prompts=2)
     params = jax.device_get(clip.init_params(cfg))
     with self.assertRaisesRegex(convert.CheckpointError, "prompts_0.*no place"):
+      convert.params_to_hf_state_dict(params, cfg)
+    with self.assertLogs(level="WARNING") as logs:
       convert.save_hf(self.path("x"), params, cfg)
-    self.assertEqual(os.listdir(self.tmp), [])
+    self.assertRegex("\n".join(logs.output), "without FIX-CLIP's regional "
+                     "prompts.*image features are plain CLIP's")
+    self.assertEqual(convert.load_any(self.path("x"))[1].num_prompts, 0)
 
 
 if __name__ == "__main__":

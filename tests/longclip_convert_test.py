@@ -161,9 +161,13 @@ class FixCLIPCheckpointTest(absltest.TestCase):
     self.assertEqual((plain_cfg.num_prompts, plain_cfg.gta_groups), (0, 0))
     np.testing.assert_array_equal(params["text"]["token_embedding"],
                                   self.params["text"]["token_embedding"])
-    with self.assertRaisesRegex(convert.CheckpointError, "drop_extra"):
-      convert.save_hf(os.path.join(self.tmp, "hf"), self.params, self.cfg)
-    self.assertFalse(os.path.exists(os.path.join(self.tmp, "hf")))
+    # HF's layout has no place for them: --to=hf drops them as --drop_extra does.
+    convert.save_hf(os.path.join(self.tmp, "hf"), self.params, self.cfg)
+    convert.save_hf(os.path.join(self.tmp, "hf_plain"), stripped, cfg)
+    for name in ("model.safetensors", "config.json"):
+      with open(os.path.join(self.tmp, "hf", name), "rb") as f, \
+           open(os.path.join(self.tmp, "hf_plain", name), "rb") as g:
+        self.assertEqual(f.read(), g.read(), name)
 
   def test_init_from_clip_keeps_weights_and_lists_new_params(self):
     cfg77 = sizes.get_config("tiny")
