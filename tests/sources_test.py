@@ -187,10 +187,12 @@ class JsonlSourceTest(absltest.TestCase):
 
   def test_a_read_that_does_not_finish_times_out(self):
     root = _tempdir(self)
-    fifo = os.path.join(root, "stuck.png")
+    fifo, fifo2 = os.path.join(root, "stuck.png"), os.path.join(root, "s2.png")
     os.mkfifo(fifo)  # open() blocks until a writer comes: a stalled read
+    os.mkfifo(fifo2)  # (a blocked record's next read fails at once)
     src = sources.JsonlSource(write_manifest(
-        root, [{"image": "stuck.png", "caption": "c"}], "fifo.jsonl"))
+        root, [{"image": "stuck.png", "caption": "c"},
+               {"image": "s2.png", "caption": "c"}], "fifo.jsonl"))
     src.read_timeout_s = 0.3
     try:
       start = time.monotonic()
@@ -204,10 +206,11 @@ class JsonlSourceTest(absltest.TestCase):
       threading.Timer(0.3, sources.abandon_reads).start()
       start = time.monotonic()
       with self.assertRaisesRegex(sources.ReadTimeoutError, "abandoned"):
-        src[0]  # pylint: disable=pointless-statement
+        src[1]  # pylint: disable=pointless-statement
       self.assertLess(time.monotonic() - start, 5)
     finally:
       _release_fifo(fifo)
+      _release_fifo(fifo2)
     # Without a timeout, sources read in the calling thread as before.
     src = sources.JsonlSource(write_manifest(root))
     self.assertEqual(src[0]["caption"], CAPTIONS[0])

@@ -31,13 +31,17 @@ source, then the cheap caption checks, then decoding the image), when its
 image file is missing ("missing_file"), its image path is no readable
 regular file ("unreadable_file": a directory, a device, a symlink loop, no
 permission, an I/O error), its read takes longer than data.read_timeout_s
-("read_timeout": a FIFO, a stalled mount; the read is abandoned on a daemon
-thread), its record has missing or ill-typed fields ("bad_record": "image":
+("read_timeout": a FIFO, a stalled mount; the read is abandoned on a thread
+of a bounded pool, sources.py; reads that keep timing out are a stalled
+storage, not bad data: sources.ReadsStalledError stops the stream), its
+record has missing or ill-typed fields ("bad_record": "image":
 123, a "short_caption" that is no string, a manifest line that is not JSON,
 any other error reading it), its image does not decode ("unreadable_image":
 truncated or corrupt bytes, unknown format), has more than
 data.max_image_pixels pixels even at the smallest scale a JPEG (1/8) or JPEG
-2000 decodes at ("image_too_large"; other formats decode at full size only),
+2000 decodes at, or a side or aspect ratio whose image_size crop would
+(check_shape: a 20000x1 PNG; both on the header, before decoding)
+("image_too_large"; other formats decode at full size only),
 its caption is empty or blank ("empty_caption"), its caption bytes are not
 UTF-8 ("bad_caption_encoding"), its caption (or provided short caption) has
 more than data.max_caption_chars characters ("caption_too_long"; truncation
@@ -129,19 +133,53 @@ class ImageTooLargeError(ValueError):
 JPEG_SCALES = (2, 4, 8)  # the reductions libjpeg decodes at (PIL's draft)
 
 
-def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
+def check_shape(width: int, height: int, max_pixels: int,
+                image_size: int = 0) -> None:
+  """ImageTooLargeError for a header whose sides or aspect ratio cannot be
+  made an image_size crop within max_pixels (0: no limit).
+
+  The eval crop resizes the short side to image_size, so an image with
+  aspect ratio A becomes image_size^2 * A pixels: a 143-byte 20000x1 PNG
+  (20000 pixels, under any pixel cap) would become 224 x 4.48M = 1e9 pixels.
+  Hence A <= max_pixels / image_size^2 (797 for 224 px and 40M), and each side
+  <= max_pixels / image_size (implied by the two bounds; named first as the
+  clearer message). Checked on the header, before anything is decoded.
+  image_size 0 (no crop size known) or max_pixels 0: no bound.
+  """
+  if not max_pixels or not image_size:
+    return
+  long_side, short_side = max(width, height), max(min(width, height), 1)
+  size = int(image_size)
+  max_side = max_pixels // size
+  if long_side > max_side:
+    raise ImageTooLargeError(
+        f"{width}x{height}: a side of {long_side} pixels > data.max_image_"
+        f"pixels / data.image_size = {max_pixels} / {size} = {max_side}")
+  max_aspect = max_pixels / size ** 2
+  if long_side / short_side > max_aspect:
+    raise ImageTooLargeError(
+        f"{width}x{height}: aspect ratio {long_side / short_side:.1f} > data."
+        f"max_image_pixels / data.image_size^2 = {max_aspect:.1f} (its "
+        f"{size}-pixel crop would resize it to "
+        f"{size * long_side // short_side}x{size} pixels)")
+
+
+def decode_oversized(data: bytes, max_pixels: int, image_size: int = 0
+                     ) -> Optional[Image.Image]:
   """None if `data` holds at most max_pixels pixels (decode it as usual).
 
   Else the image decoded at the largest scale within the limit, as RGB: a
   JPEG at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling, PIL's draft), a JPEG 2000
   at 1/2 .. 1/32 (its resolution levels, PIL's reduce); ImageTooLargeError if
-  no scale fits or the format decodes at full size only (PNG, WebP, ...).
-  Only the header is parsed before that decision.
+  no scale fits or the format decodes at full size only (PNG, WebP, ...), or
+  if a side or the aspect ratio is too large for an image_size crop
+  (check_shape). Only the header is parsed before that decision.
   """
   if not max_pixels:
     return None
   img = Image.open(io.BytesIO(data))
   width, height = img.size
+  check_shape(width, height, max_pixels, image_size)
   if width * height <= max_pixels:
     return None
   if img.format == "JPEG":
@@ -150,7 +188,7 @@ def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
         img.draft("RGB", (width // factor, height // factor))
         if img.size[0] * img.size[1] <= max_pixels:
           img.load()
-          return img.convert("RGB")
+          return transforms.to_rgb(img)
   if img.format == "JPEG2000":
     for level in range(1, 6):
       power = 1 << level
@@ -158,7 +196,7 @@ def decode_oversized(data: bytes, max_pixels: int) -> Optional[Image.Image]:
           <= max_pixels):
         img.reduce = level  # decode that resolution level only
         img.load()
-        return img.convert("RGB")
+        return transforms.to_rgb(img)
   how = ("even at the smallest scale" if img.format in ("JPEG", "JPEG2000")
          else f"({img.format}: only JPEG and JPEG 2000 decode reduced)")
   raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels > "
@@ -248,9 +286,10 @@ class _ExampleProcessor:
     """uint8 [S, S, 3], not normalised (the step normalises on the device).
 
     An image over data.max_image_pixels is decoded reduced first
-    (decode_oversized), then transformed like any other.
+    (decode_oversized), then transformed like any other; one whose side or
+    aspect ratio would make the crop exceed it is skipped undecoded.
     """
-    reduced = decode_oversized(data, self.max_image_pixels)
+    reduced = decode_oversized(data, self.max_image_pixels, self.image_size)
     if self.transform == "random_resized_crop":
       rng = np.random.default_rng([self.seed, epoch, record_id, 1])
       if reduced is not None:
@@ -327,6 +366,8 @@ class _ExampleProcessor:
     where = source.location(record_id)
     try:
       example = source.get(record_id, epoch)
+    except sources_lib.ReadsStalledError:
+      raise  # the storage, not this record: skipping cannot help
     except Exception as e:  # pylint: disable=broad-except
       # Any error of one record is that record's problem; a systematic one
       # still stops the run through data.max_consecutive_skips.

@@ -87,7 +87,7 @@ def shrink_image(data: bytes, max_side: int) -> bytes:
     return data
   scale = max_side / max(img.size)
   new_size = tuple(max(1, int(round(s * scale))) for s in img.size)
-  img = img.convert("RGB").resize(new_size, Image.BICUBIC)
+  img = transforms.to_rgb(img).resize(new_size, Image.BICUBIC)
   buf = io.BytesIO()
   if fmt == "JPEG":
     img.save(buf, format="JPEG", quality=95)

@@ -33,7 +33,9 @@ Bad examples: reading one raises, so the pipeline can skip it and count why
                         a device or socket, a symlink loop, no permission, I/O
   ReadTimeoutError      the read did not finish within `read_timeout_s` (a FIFO
                         with no writer, a stalled network mount); the blocked
-                        read stays on a daemon thread, which never holds up exit
+                        read stays on a daemon thread of a bounded pool, which
+                        never holds up exit (ReadsStalledError, which is no
+                        bad record, when reads keep timing out: see below)
   CaptionEncodingError  caption bytes that are not UTF-8
   BadRecordError        missing fields or wrong types ("image": 123, a
                         "short_caption" that is no string, a manifest line or
@@ -43,9 +45,11 @@ example is read, so one bad line costs one example, not the run (a manifest
 without a single usable line is an error at construction). `location(index)`
 says where an example lives (for skip logs) without reading it.
 """
+import collections
 import functools
 import glob as glob_lib
 import io
+import itertools
 import json
 import logging
 import os
@@ -92,40 +96,108 @@ class ReadTimeoutError(OSError):
 
 # ----------------------------------------------------------------------------
 # Reads with a timeout. A read blocked in the kernel (open() of a FIFO, a hung
-# NFS/FUSE mount) cannot be interrupted; it runs on a daemon thread that the
-# caller stops waiting for. Threads are reused; one stuck in a read is simply
-# never handed work again (and, a daemon, never holds up interpreter exit).
+# NFS/FUSE mount) cannot be interrupted; it runs on a daemon thread of a
+# bounded pool that the caller stops waiting for. A thread stuck in a read is
+# lost to the pool until the read returns (a daemon, it never holds up exit),
+# so: at most READ_POOL_SIZE threads per process, however many reads stall;
+# a record whose previous read is still blocked fails at once (a FIFO read
+# every epoch costs one thread, not one per epoch); and STALLED_READS_TO_STOP
+# reads in a row that time out stop the stream (ReadsStalledError: the
+# storage is stalled, which no skipping cures) within a few timeouts.
 
 _POLL_S = 0.05  # how often a waiting read checks for abandon_reads()
+READ_POOL_SIZE = 32  # read threads per process (grain's readers share them)
+STALLED_READS_TO_STOP = 16  # timed-out reads in a row that end the stream
 
 
-class _ReadThreads:
-  """Daemon worker threads of this process, each with its own job queue."""
+class ReadsStalledError(OSError):
+  """Reads keep timing out: the stream stops (no bad record: not skipped)."""
 
-  def __init__(self):
+
+class _ReadJob:
+  """One read handed to the pool: fn's outcome, or cancelled by its waiter."""
+
+  def __init__(self, fn: Callable[[], Any], key: Any):
+    self.fn, self.key = fn, key
+    self.done = threading.Event()
+    self.outcome: Optional[tuple] = None  # (ok, value or exception)
+    self.cancelled = False  # the waiter gave up: not started, or discarded
+    self.started = False
+
+
+class _ReadPool:
+  """At most `size` daemon threads of this process taking reads from one
+  queue. Remembers the keys (group, item) of reads still blocked after their
+  waiter gave up, and counts per group (a Source) the reads in a row that
+  timed out."""
+
+  def __init__(self, size: int = READ_POOL_SIZE):
     self.pid = os.getpid()  # a forked child starts with no threads: new pool
-    self._idle: List[queue.SimpleQueue] = []
+    self.size = size
+    self._jobs: queue.SimpleQueue = queue.SimpleQueue()
     self._lock = threading.Lock()
+    self.threads = 0
+    self._pending = 0  # jobs queued or running (stuck ones included)
+    self.blocked: Dict[Any, _ReadJob] = {}  # key -> abandoned running job
+    self.timeouts_in_a_row: Dict[Any, int] = collections.Counter()  # group ->
 
-  def _work(self, jobs: queue.SimpleQueue):
+  def _work(self) -> None:
     while True:
-      job = jobs.get()
-      job()
+      job = self._jobs.get()
       with self._lock:
-        self._idle.append(jobs)
+        skip = job.cancelled  # timed out while queued: never started
+        job.started = not skip
+      if not skip:
+        try:
+          job.outcome = (True, job.fn())
+        except BaseException as e:  # pylint: disable=broad-except  # re-raised by the waiter
+          job.outcome = (False, e)
+      with self._lock:  # with give_up's check: a job is blocked or done
+        self._pending -= 1
+        if self.blocked.get(job.key) is job:
+          del self.blocked[job.key]  # the stalled read came back
+        job.done.set()
 
-  def run(self, job: Callable[[], None]) -> None:
+  def submit(self, job: _ReadJob) -> None:
     with self._lock:
-      jobs = self._idle.pop() if self._idle else None
-    if jobs is None:
-      jobs = queue.SimpleQueue()
-      threading.Thread(target=self._work, args=(jobs,), daemon=True,
+      self._pending += 1
+      start = self._pending > self.threads and self.threads < self.size
+      if start:
+        self.threads += 1
+    if start:
+      threading.Thread(target=self._work, daemon=True,
                        name="fixclip-read").start()
-    jobs.put(job)
+    self._jobs.put(job)
+
+  def give_up(self, job: _ReadJob, timed_out: bool = True) -> int:
+    """The waiter of `job` stops waiting; returns its group's timeouts in a
+    row."""
+    group = job.key[0] if job.key is not None else None
+    with self._lock:
+      job.cancelled = True
+      if job.started and not job.done.is_set() and job.key is not None:
+        self.blocked[job.key] = job
+      self.timeouts_in_a_row[group] += int(timed_out)
+      return self.timeouts_in_a_row[group]
+
+  def finished(self, job: _ReadJob) -> None:
+    with self._lock:
+      self.timeouts_in_a_row.pop(job.key[0] if job.key is not None else None,
+                                 None)
+
+  def is_blocked(self, key: Any) -> bool:
+    with self._lock:
+      return key is not None and key in self.blocked
 
 
-_read_threads = _ReadThreads()
+_read_pool = _ReadPool()
+_read_groups = itertools.count()  # Source._read_group
 _abandon_generation = 0  # bumped by abandon_reads()
+
+
+def read_pool_threads() -> int:
+  """The read threads this process has started (at most READ_POOL_SIZE)."""
+  return _read_pool.threads if _read_pool.pid == os.getpid() else 0
 
 
 def abandon_reads() -> None:
@@ -139,32 +211,41 @@ def abandon_reads() -> None:
 
 
 def call_with_timeout(fn: Callable[[], Any], timeout_s: float,
-                      where: Callable[[], str]) -> Any:
-  """fn() on a read thread; ReadTimeoutError naming where() after timeout_s."""
-  global _read_threads
-  if _read_threads.pid != os.getpid():
-    _read_threads = _ReadThreads()
+                      where: Callable[[], str], key: Any = None) -> Any:
+  """fn() on a pool thread; ReadTimeoutError naming where() after timeout_s
+  (at once if the read of `key` = (group, item) before this one is still
+  blocked), or ReadsStalledError once STALLED_READS_TO_STOP reads of the
+  group in a row timed out."""
+  global _read_pool
+  if _read_pool.pid != os.getpid():
+    _read_pool = _ReadPool(_read_pool.size)
+  pool = _read_pool
+  if pool.is_blocked(key):
+    raise ReadTimeoutError(f"{where()}: its previous read, which timed out, "
+                           "is still blocked (a FIFO or other special file? a "
+                           "stalled mount?)")
   generation = _abandon_generation
-  done = threading.Event()
-  outcome = []
-
-  def job():
-    try:
-      outcome.append((True, fn()))
-    except BaseException as e:  # pylint: disable=broad-except  # re-raised below
-      outcome.append((False, e))
-    done.set()
-
-  _read_threads.run(job)
+  job = _ReadJob(fn, key)
+  pool.submit(job)
   deadline = time.monotonic() + timeout_s
-  while not done.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
+  while not job.done.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
     if _abandon_generation != generation:
+      pool.give_up(job, timed_out=False)
       raise ReadTimeoutError(f"{where()}: read abandoned (the run is stopping)")
     if time.monotonic() >= deadline:
-      raise ReadTimeoutError(
-          f"{where()}: read did not finish within data.read_timeout_s="
-          f"{timeout_s:g}s (a FIFO or other special file? a stalled mount?)")
-  ok, value = outcome[0]
+      in_a_row = pool.give_up(job)
+      message = (f"{where()}: read did not finish within data.read_timeout_s="
+                 f"{timeout_s:g}s (a FIFO or other special file? a stalled "
+                 "mount?)")
+      if in_a_row >= STALLED_READS_TO_STOP:
+        raise ReadsStalledError(
+            f"{in_a_row} reads in a row did not finish within data."
+            f"read_timeout_s={timeout_s:g}s ({len(pool.blocked)} of at most "
+            f"{pool.size} read threads blocked); the last: {message}. The "
+            "storage looks stalled: check the data path and its mount")
+      raise ReadTimeoutError(message)
+  pool.finished(job)
+  ok, value = job.outcome
   if ok:
     return value
   raise value
@@ -275,6 +356,7 @@ class Source:
   # memory set reads_storage = False: nothing of theirs can stall.
   read_timeout_s: float = 0.0
   reads_storage: bool = True
+  _read_group: Optional[int] = None  # call_with_timeout's group of its reads
 
   def __len__(self) -> int:
     raise NotImplementedError
@@ -294,9 +376,12 @@ class Source:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range [0, {len(self)})")
     if self.read_timeout_s > 0 and self.reads_storage:
+      if self._read_group is None:  # this object's reads (not id(): reused)
+        self._read_group = next(_read_groups)
       rec = call_with_timeout(functools.partial(self.raw, index),
                               self.read_timeout_s,
-                              functools.partial(self.location, index))
+                              functools.partial(self.location, index),
+                              key=(self._read_group, index))
     else:
       rec = self.raw(index)
     rec = _checked(rec, functools.partial(self.location, index))
@@ -389,7 +474,8 @@ class JsonlSource(Source):
   def _record_of_line(raw_line: bytes, where: str, lineno: int
                       ) -> Dict[str, Any]:
     try:
-      line = raw_line.decode("utf-8")
+      # A byte-order mark (Windows editors write one) opens the first line.
+      line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
       raise CaptionEncodingError(f"{where}: line is not UTF-8 ({e})") from None
     try:

@@ -24,11 +24,31 @@ CLIP_STD = pixels.CLIP_STD
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# PIL's modes of one 16-bit (or 32-bit integer) channel: PNG 16-bit grayscale
+# opens as "I;16". PIL's convert("RGB") clips them at 255 (a 16-bit image
+# turns almost all white), so to_rgb keeps their high byte instead.
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """An RGB image; 16-bit grayscale scaled to 8 bits by its high byte.
+
+  v >> 8 is libpng's png_set_strip_16 and what PIL itself does with 16-bit
+  RGB(A) PNGs (they open as 8-bit RGB(A)), so both kinds of 16-bit image
+  get the same 8-bit values. Mode "I" (32-bit) is taken as 16-bit data (what
+  older PIL opened 16-bit PNGs as), clipped to [0, 65535] first.
+  """
+  if img.mode in WIDE_GRAY_MODES:
+    wide = np.asarray(img).astype(np.int64)  # [H, W]
+    img = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
+  return img.convert("RGB")
+
+
 def decode_image(data: Union[bytes, str]) -> Image.Image:
   """Decodes encoded image bytes (or opens a path) into an RGB PIL image."""
   img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
   img.load()
-  return img.convert("RGB")
+  return to_rgb(img)
 
 
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
@@ -77,7 +97,7 @@ def normalize_pixels(img: Union[Image.Image, np.ndarray]) -> np.ndarray:
 
 def clip_eval_crop(img: Image.Image, image_size: int) -> np.ndarray:
   """CLIP's resize + centre crop, not normalised: [S, S, 3] uint8."""
-  img = img.convert("RGB")
+  img = to_rgb(img)
   return np.asarray(center_crop(resize_short_side(img, image_size), image_size),
                     np.uint8)
 
@@ -175,7 +195,7 @@ def decode_random_resized_crop(data: bytes, size: int,
     if drafted is not None:
       reduction = width / drafted[1][2]
   img.load()
-  img = img.convert("RGB")
+  img = to_rgb(img)
   box = (left / reduction, top / reduction, (left + w) / reduction,
          (top + h) / reduction)
   return img.resize((size, size), Image.BICUBIC, box=box)
@@ -196,6 +216,6 @@ def clip_train_transform(img: Image.Image, image_size: int,
   if kind == "random_resized_crop":
     if rng is None:
       raise ValueError("random_resized_crop needs a numpy Generator `rng`")
-    img = img.convert("RGB")
+    img = to_rgb(img)
     return normalize_pixels(random_resized_crop(img, image_size, rng, scale, ratio))
   raise ValueError(f"Unknown train transform {kind!r}; known: {TRAIN_TRANSFORMS}")
