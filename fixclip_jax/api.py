@@ -11,8 +11,18 @@
 WORKDIR (its latest step, or `step=`), OpenAI / open_clip / Long-CLIP /
 FIX-CLIP `.pt` / `.safetensors` files, Hugging Face `CLIPModel` directories.
 The model carries its tokenizer (CLIP's BPE at the checkpoint's context, 77 or
-248 tokens, cutting longer texts as open_clip does) and its preprocessing
-(bicubic resize, centre crop, CLIP mean/std: docs/method.md §1).
+248 tokens) and its preprocessing (bicubic resize, centre crop, CLIP
+mean/std: docs/method.md §1).
+
+Texts longer than the context (`encode_text(texts, long_text=...)`):
+  "truncate" (default)  cut to the context, the last kept token the end token
+                        (open_clip's and Long-CLIP's rule); a warning line
+                        says how many texts were cut.
+  "chunks"              the text's tokens in consecutive windows of the
+                        context (each with its start and end token), each
+                        window embedded and L2-normalised, the mean of the
+                        windows normalised again. A text that fits is one
+                        window: the same features as "truncate".
 
 Features are L2-normalised float32 numpy arrays. Each tower is jitted once
 per architecture (models/encoders.py) and always runs on `batch_size` rows (the last batch is padded), so
@@ -22,8 +32,9 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+from absl import logging
 import jax
 import numpy as np
 from PIL import Image
@@ -42,6 +53,13 @@ from fixclip_jax.models.sizes import CLIPConfig
 # images), float32 [S, S, 3] arrays (already `preprocess`ed), or a 4-D array.
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+LONG_TEXT_MODES = ("truncate", "chunks")
+
+
+def check_long_text(long_text: str) -> str:
+  if long_text not in LONG_TEXT_MODES:
+    raise ValueError(f"long_text={long_text!r}: expected one of {LONG_TEXT_MODES}")
+  return long_text
 
 
 def tower_fns(cfg: CLIPConfig) -> tuple:
@@ -129,6 +147,20 @@ class Model:
     """int32 [N, context_length] ids; longer texts are cut (last id EOT)."""
     return np.asarray(self.tokenizer(_as_list(texts, str)), np.int32)
 
+  def tokenize_counting_cuts(self, texts: Sequence[str]) -> np.ndarray:
+    """`tokenize`, with one warning line when texts were cut."""
+    tokens, cut = tokenizers.tokenize_counting_cuts(
+        self.tokenizer, list(texts), self.context_length)
+    warn_cut(int(cut.sum()), len(texts), self.context_length)
+    return tokens
+
+  def text_windows(self, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """(int32 [W, C] the texts' context windows, int [W] the text of each)."""
+    windows = [tokenizers.context_windows(self.tokenizer, t, self.context_length)
+               for t in texts]
+    owner = np.repeat(np.arange(len(texts)), [len(w) for w in windows])
+    return np.concatenate(windows), owner
+
   # --- Features.
 
   def _run(self, fn: Callable, rows: np.ndarray) -> np.ndarray:
@@ -161,12 +193,20 @@ class Model:
       pixels = np.stack(list(pool.map(self.preprocess, items)))
     return self.encode_pixels(pixels)
 
-  def encode_text(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
-    """Normalised features [N, d] of one text or a list."""
+  def encode_text(self, texts: Union[str, Sequence[str]],
+                  long_text: str = "truncate") -> np.ndarray:
+    """Normalised features [N, d] of one text or a list; texts longer than
+    the context are cut ("truncate", with a warning line saying how many) or
+    embedded whole ("chunks": the normalised mean of their context windows,
+    see the module docstring)."""
+    check_long_text(long_text)
     texts = _as_list(texts, str)
     if not texts:
       return np.zeros((0, self.cfg.embed_dim), np.float32)
-    return self.encode_tokens(self.tokenize(texts))
+    if long_text == "truncate":
+      return self.encode_tokens(self.tokenize_counting_cuts(texts))
+    windows, owner = self.text_windows(texts)
+    return mean_of_windows(self.encode_tokens(windows), owner, len(texts))
 
   def class_embeddings(self, class_names: Sequence[str],
                        templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
@@ -187,6 +227,26 @@ class Model:
     logits = self.logit_scale * similarity(
         self.encode_image(images), self.class_embeddings(class_names, templates))
     return _softmax(logits)
+
+
+def warn_cut(num_cut: int, num_texts: int, context_length: int) -> None:
+  """One warning line when texts were cut to the context."""
+  if num_cut:
+    logging.warning(
+        "%d of %d texts are longer than the model's %d-token context and were "
+        "cut to it; long_text=\"chunks\" (fixclip-embed --long_text=chunks) "
+        "embeds them whole, as the mean of their %d-token windows",
+        num_cut, num_texts, context_length, context_length)
+
+
+def mean_of_windows(features: np.ndarray, owner: np.ndarray,
+                    num_texts: int) -> np.ndarray:
+  """[N, d]: per text, the normalised mean of its windows' normalised
+  features [W, d] (owner [W]: the text of each window)."""
+  sums = np.zeros((num_texts, features.shape[-1]), np.float32)
+  np.add.at(sums, owner, retrieval.l2_normalize(features))
+  counts = np.bincount(owner, minlength=num_texts)[:, None]
+  return retrieval.l2_normalize(sums / counts)
 
 
 def _workdir_tokenizer(path: str) -> Optional[str]:

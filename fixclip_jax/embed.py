@@ -2,7 +2,7 @@
 
   fixclip-embed --checkpoint=/ckpt/longclip_b16 \
       --texts=captions.txt --images='photos/*.jpg' --out=features.npz \
-      [--tokenizer=clip | --tokenizer=/path/spm.model]
+      [--tokenizer=clip | --tokenizer=/path/spm.model] [--long_text=chunks]
   python -m fixclip_jax.embed --checkpoint=WORKDIR [--step=N] ...
 
 --checkpoint is anything `fixclip_jax.load` reads (api.py): one of our model
@@ -12,8 +12,14 @@ directory. Preprocessing and tokenization: docs/method.md §1.
 
 The .npz holds L2-normalised float32 `text_features` [N, d] and
 `image_features` [M, d], the `texts` (one per non-blank line of --texts) and
-`image_paths` in the same order as the feature rows, and `skipped_images`
-(files that could not be decoded; each is also logged as a warning).
+`image_paths` in the same order as the feature rows, `skipped_images`
+(files that could not be decoded; each is also logged as a warning), and
+`texts_cut` (bool per text: longer than the model's context).
+
+Texts longer than the context (--long_text, api.py): "truncate" (default)
+cuts them, end token kept, and says how many in a warning line and in the
+summary; "chunks" embeds each as the normalised mean of its normalised
+context-window features (a text that fits: one window, the same features).
 
 Batches always have --batch_size rows (the last is zero-padded and its padded
 rows dropped), so each tower compiles once (the text tower once per length
@@ -36,6 +42,7 @@ from fixclip_jax import buckets
 from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import fileio
+from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
 
@@ -94,13 +101,12 @@ def _stack(parts):
 TEXT_BUCKETS = buckets.eval_buckets(config_base.base_config())
 
 
-def encode_texts_bucketed(model: api.Model, texts: List[str],
-                          text_buckets: Sequence[int]) -> np.ndarray:
-  """model.encode_text, each batch cut to its length bucket (buckets.py:
-  the same features, less compute for short texts): [N, d]."""
-  if not texts or not text_buckets:
-    return model.encode_text(texts)
-  tokens = model.tokenize(texts)                                   # [N, C]
+def encode_tokens_bucketed(model: api.Model, tokens: np.ndarray,
+                           text_buckets: Sequence[int]) -> np.ndarray:
+  """model.encode_tokens of [N, C] rows, each batch cut to its length bucket
+  (buckets.py: the same features, less compute for short texts): [N, d]."""
+  if not len(tokens) or not text_buckets:
+    return model.encode_tokens(tokens)
   return np.concatenate([
       model.encode_tokens(buckets.cut_to_bucket(
           tokens[start:start + model.batch_size], text_buckets,
@@ -108,26 +114,57 @@ def encode_texts_bucketed(model: api.Model, texts: List[str],
       for start in range(0, len(tokens), model.batch_size)])
 
 
+def encode_texts_bucketed(model: api.Model, texts: List[str],
+                          text_buckets: Sequence[int]) -> np.ndarray:
+  """model.encode_text (texts cut to the context), each batch cut to its
+  length bucket: [N, d]."""
+  if not texts or not text_buckets:
+    return model.encode_text(texts)
+  return encode_tokens_bucketed(model, model.tokenize(texts), text_buckets)
+
+
+def encode_texts(model: api.Model, texts: List[str],
+                 text_buckets: Sequence[int], long_text: str = "truncate"
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """model.encode_text(texts, long_text), batches cut to length buckets:
+  (features [N, d], bool [N]: the texts longer than the context)."""
+  api.check_long_text(long_text)
+  if not texts:
+    return np.zeros((0, model.cfg.embed_dim), np.float32), np.zeros((0,), bool)
+  if long_text == "truncate":
+    tokens, cut = tokenizers.tokenize_counting_cuts(
+        model.tokenizer, texts, model.context_length)              # [N, C], [N]
+    api.warn_cut(int(cut.sum()), len(texts), model.context_length)
+    return encode_tokens_bucketed(model, tokens, text_buckets), cut
+  windows, owner = model.text_windows(texts)                       # [W, C], [W]
+  features = encode_tokens_bucketed(model, windows, text_buckets)  # [W, d]
+  cut = np.bincount(owner, minlength=len(texts)) > 1
+  return api.mean_of_windows(features, owner, len(texts)), cut
+
+
 def embed(checkpoint: str, texts: Sequence[str] = (),
           image_paths: Sequence[str] = (), batch_size: int = 64,
           tokenizer: Optional[str] = None,
           step: Optional[int] = None,
-          text_buckets: Sequence[int] = TEXT_BUCKETS) -> Dict[str, np.ndarray]:
+          text_buckets: Sequence[int] = TEXT_BUCKETS,
+          long_text: str = "truncate") -> Dict[str, np.ndarray]:
   """Features of texts and images under the model in `checkpoint`.
 
   checkpoint: anything api.load reads (model dir, training WORKDIR, .pt,
     .safetensors, HF directory); `step` picks a WORKDIR's saved step.
   tokenizer: "clip" or a SentencePiece .model path (tokenizers.get_tokenizer);
     None: a WORKDIR's config.data.tokenizer, else "clip".
+  long_text: "truncate" or "chunks" (texts longer than the context, api.py).
 
   Returns a dict of numpy arrays: text_features [N, d], image_features [M, d]
   (L2-normalised float32; rows follow `texts` / the readable `image_paths`),
-  texts [N], image_paths [M], skipped_images [K].
+  texts [N], image_paths [M], skipped_images [K], texts_cut [N].
   """
+  api.check_long_text(long_text)
   model = api.load(checkpoint, step=step, tokenizer=tokenizer,
                    batch_size=batch_size)
   logging.info("Loaded %s (%s): %s", checkpoint, model.format, model.cfg)
-  text_features = encode_texts_bucketed(model, list(texts), text_buckets)
+  text_features, cut = encode_texts(model, list(texts), text_buckets, long_text)
   logging.info("texts: %d embedded", len(texts))
   image_features, kept, skipped = embed_image_files(
       list(image_paths), model.encode_pixels, batch_size, model.image_size)
@@ -138,6 +175,7 @@ def embed(checkpoint: str, texts: Sequence[str] = (),
       "texts": np.asarray(list(texts), dtype=str),
       "image_paths": np.asarray(kept, dtype=str),
       "skipped_images": np.asarray(skipped, dtype=str),
+      "texts_cut": np.asarray(cut, dtype=bool),
   }
 
 
@@ -190,6 +228,10 @@ def define_flags():
   flags.DEFINE_list("text_buckets", [str(n) for n in TEXT_BUCKETS],
                     "Text batches are cut to the smallest of these lengths "
                     "holding their longest text (same features); '' = off.")
+  flags.DEFINE_enum("long_text", "truncate", list(api.LONG_TEXT_MODES),
+                    "Texts longer than the model's context: 'truncate' cuts "
+                    "them (end token kept); 'chunks' embeds each as the "
+                    "normalised mean of its context windows.")
   flags.mark_flags_as_required(["checkpoint", "out"])
 
 
@@ -204,11 +246,14 @@ def main(argv):
   paths = list_images(FLAGS.images) if FLAGS.images else []
   result = embed(FLAGS.checkpoint, texts, paths, FLAGS.batch_size,
                  FLAGS.tokenizer, FLAGS.step,
-                 [int(n) for n in FLAGS.text_buckets])
+                 [int(n) for n in FLAGS.text_buckets], FLAGS.long_text)
   save_npz(FLAGS.out, result)
+  long_texts = int(result["texts_cut"].sum())
+  how = "cut to the context" if FLAGS.long_text == "truncate" else "embedded in windows"
   print(f"Wrote {FLAGS.out}: {len(result['text_features'])} text and "
         f"{len(result['image_features'])} image features "
-        f"({len(result['skipped_images'])} images skipped)", flush=True)
+        f"({len(result['skipped_images'])} images skipped; {long_texts} texts "
+        f"longer than the context, {how})", flush=True)
 
 
 if __name__ == "__main__":

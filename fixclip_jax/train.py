@@ -349,6 +349,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           metrics["mfu"] = window_flops / elapsed / (peak * jax.device_count())
         for reason, count in zip(pipeline.SKIP_REASONS, _sum_over_hosts(skipped)):
           metrics[f"data/skipped_{reason}"] = int(count)
+        cut = _sum_over_hosts(np.asarray([train_iter.truncated[k] for k in
+                                          pipeline.TRUNCATION_COUNTS]))
+        for name, count in zip(("truncated_long", "truncated_short", "examples"), cut):
+          metrics[f"data/{name}"] = int(count)  # captions cut to their context
         if metrics["skipped_total"] > skipped_logged:
           logging.warning(
               "%d update(s) skipped for NaN/Inf between steps %d and %d (this "

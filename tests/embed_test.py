@@ -105,7 +105,8 @@ class EmbedTest(absltest.TestCase):
     self.assertIn("Skipping unreadable image", proc.stderr)
     with np.load(out) as npz:
       self.assertEqual(sorted(npz.files), ["image_features", "image_paths",
-                                           "skipped_images", "text_features", "texts"])
+                                           "skipped_images", "text_features", "texts",
+                                           "texts_cut"])
       self.assertEqual(npz["image_features"].shape, (3, 64))
       self.assertEqual(list(npz["texts"]), _TEXTS)
       self.assertEqual([os.path.basename(p) for p in npz["skipped_images"]],

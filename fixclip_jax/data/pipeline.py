@@ -24,6 +24,9 @@ Batches (numpy, per host):
   text_short  int32   [B, Cs]       short caption (see below)
   index       int32   [B]           record id in the source
   skipped     int32   [B, R]        bad examples skipped, R = len(SKIP_REASONS)
+  truncated   int32   [B, 2]        1 where the caption (column 0) or the short
+                                    caption (column 1) was longer than its
+                                    context and cut (the end token kept)
 
 Bad data never stops a train run (unless data.raise_on_bad_data, for
 debugging). An example is skipped, for the first problem found (reading the
@@ -79,12 +82,15 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 from absl import logging
 import grain
+# The shared-memory arrays of grain's worker processes (BackgroundBatches.close).
+from grain._src.python.ipc import shared_memory_array
 import jax
 import numpy as np
 from PIL import Image
 
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import sources as sources_lib
+from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 
 SHORT_CAPTION_POLICIES = ("provided", "first_sentence")
@@ -96,6 +102,9 @@ SKIP_REASONS = ("unreadable_image", "missing_file", "empty_caption",
                 "image_too_large")
 SKIP_LOG_FIRST = 10  # every skip is logged up to this many per reason...
 SKIP_LOG_EVERY = 1000  # ...then every this-many-th
+CLOSE_WAIT_S = 0.5  # BackgroundBatches.close waits this long for its thread (one put poll)
+# BackgroundBatches.truncated: captions and short captions cut, examples taken.
+TRUNCATION_COUNTS = ("text_long", "text_short", "examples")
 
 
 def _host(process_index: Optional[int], process_count: Optional[int]
@@ -351,14 +360,21 @@ class _ExampleProcessor:
       # IndexError, ...): still one bad image, not a dead run.
       return self.skip("unreadable_image", where, f"cannot decode the image: "
                        f"{type(e).__name__}: {e}", e)
+    text_long, long_cut = self.tokens(example["caption"], self.text_context)
+    text_short, short_cut = self.tokens(self.short_text(example),
+                                        self.short_context)
     return {
         "image": np.asarray(image, np.uint8),  # no copy if uint8
-        "text_long": self.tokenizer([example["caption"]],
-                                    self.text_context)[0].astype(np.int32),
-        "text_short": self.tokenizer([self.short_text(example)],
-                                     self.short_context)[0].astype(np.int32),
+        "text_long": text_long,
+        "text_short": text_short,
         "index": np.int32(record_id),
+        "truncated": np.asarray([long_cut, short_cut], np.int32),
     }
+
+  def tokens(self, text: str, context: int) -> Tuple[np.ndarray, bool]:
+    """(int32 [context] ids of `text`, whether it was cut to fit)."""
+    rows, cut = tokenizers.tokenize_counting_cuts(self.tokenizer, [text], context)
+    return rows[0], bool(cut[0])
 
   def load(self, source, record_id: int, epoch: int
            ) -> Union[Dict[str, np.ndarray], SkippedExample]:
@@ -506,6 +522,25 @@ def make_train_iterator(config, tokenizer, *, source=None,
                                  process_count=process_count))
 
 
+def own_memory(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """The batch in this process's own memory. Worker processes hand batches
+  over in shared memory (grain's SharedMemoryArray, an ndarray subclass),
+  which grain frees once the last reference is gone: copied here, none
+  outlives the fetch, so none is left at exit. Plain arrays pass as they are."""
+  return {k: v if type(v) is np.ndarray else np.array(v)  # pylint: disable=unidiomatic-typecheck
+          for k, v in batch.items()}
+
+
+def wait_for_shared_memory_release() -> None:
+  """Waits for grain's queued shared-memory frees (it unlinks dropped arrays
+  on a one-thread pool; a free still queued at exit is reported by Python's
+  resource_tracker as a leak). Without that pool (no worker processes, or
+  another grain version) there is nothing to wait for."""
+  pool = getattr(shared_memory_array.SharedMemoryArray, "_del_thread_pool", None)
+  if pool is not None:
+    pool.apply(int)  # runs after the frees queued before it
+
+
 class BackgroundBatches:
   """The train loop's batch iterator: `next(stop)` can give up while a batch
   is stuck (a signal arrived), and the saved state is where the loop is.
@@ -514,8 +549,10 @@ class BackgroundBatches:
   read that never returns holds up neither the loop nor the process's exit.
   The state (get_state/set_state, JSON bytes: grain's checkpoint handler
   saves it as it saves a DataLoader iterator) is the position after the last
-  batch the loop took, plus this host's skip totals per SKIP_REASONS, which
-  so continue across resumes.
+  batch the loop took, plus this host's skip totals per SKIP_REASONS and its
+  counts of captions cut to their context (`truncated`, with the examples
+  taken), which so continue across resumes. The first cut caption of a run
+  is reported once, in one warning line.
   """
 
   def __init__(self, iterator: grain.DatasetIterator):
@@ -525,17 +562,32 @@ class BackgroundBatches:
     self._thread: Optional[threading.Thread] = None
     self._closed = False
     self.skip_totals = np.zeros(len(SKIP_REASONS), np.int64)
+    # Captions cut to their context: {"text_long", "text_short", "examples"}.
+    self.truncated = dict.fromkeys(TRUNCATION_COUNTS, 0)
+    self._truncation_reported = False
 
   def _fetch(self) -> None:
     while not self._closed:
       try:
-        batch = next(self._iterator)
+        batch = own_memory(next(self._iterator))
         item = (batch, self._iterator.get_state(), None)
       except BaseException as e:  # pylint: disable=broad-except  # StopIteration too: raised in next()
         item = (None, None, e)
-      self._batches.put(item)
-      if item[2] is not None:
+      if not self._put(item) or item[2] is not None:
         return
+
+  def _put(self, item, poll_s: float = 0.1) -> bool:
+    """Queues `item`; False (item dropped) once closed: a thread blocked on
+    a full queue would hold its batch's shared memory (worker processes
+    send batches in it) past the end of the process, which Python then
+    reports as leaked."""
+    while not self._closed:
+      try:
+        self._batches.put(item, timeout=poll_s)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def next(self, stop: Callable[[], bool] = lambda: False,
            poll_s: float = 0.1) -> Optional[Dict[str, np.ndarray]]:
@@ -555,8 +607,27 @@ class BackgroundBatches:
         raise error
       self._state = state
       self.skip_totals += np.asarray(batch["skipped"]).sum(0)
+      self._count_truncated(batch)
       return batch
     return None
+
+  def _count_truncated(self, batch: Dict[str, np.ndarray]) -> None:
+    cut = np.asarray(batch["truncated"]).sum(0)                     # [2]
+    self.truncated["text_long"] += int(cut[0])
+    self.truncated["text_short"] += int(cut[1])
+    self.truncated["examples"] += len(batch["truncated"])
+    if cut.any() and not self._truncation_reported:
+      self._truncation_reported = True
+      logging.warning(
+          "Captions longer than the text context are cut to it, end token "
+          "kept (as Long-CLIP does): %d of the first %d captions at %d tokens "
+          "(data.text_context), %d short captions at %d (data.short_context); "
+          "counted as data/truncated_long and data/truncated_short in the "
+          "metrics. Nothing to do unless many are cut: then shorten the "
+          "captions or train a longer context (model.context_length).",
+          self.truncated["text_long"], self.truncated["examples"],
+          batch["text_long"].shape[1], self.truncated["text_short"],
+          batch["text_short"].shape[1])
 
   def __next__(self) -> Dict[str, np.ndarray]:
     return self.next()
@@ -575,6 +646,7 @@ class BackgroundBatches:
     return json.dumps({
         "pipeline": self._state,
         "skip_totals": dict(zip(SKIP_REASONS, self.skip_totals.tolist())),
+        "truncated": self.truncated,
     }).encode()
 
   def set_state(self, state: bytes) -> None:
@@ -588,6 +660,8 @@ class BackgroundBatches:
     totals = state.get("skip_totals", {})
     self.skip_totals = np.array([int(totals.get(r, 0)) for r in SKIP_REASONS],
                                 np.int64)
+    cut = state.get("truncated", {})  # absent: saved before they were counted
+    self.truncated = {k: int(cut.get(k, 0)) for k in TRUNCATION_COUNTS}
 
   def start_prefetch(self) -> None:
     """(grain's checkpoint handler calls it after a restore; the thread starts
@@ -602,3 +676,14 @@ class BackgroundBatches:
     # running ones are abandoned.
     self._iterator.close()
     sources_lib.abandon_reads()
+    # The batches not taken are dropped now, while grain can still free
+    # their shared memory (no resource_tracker "leaked shared_memory"
+    # warning at exit); a thread stuck in a read is not waited for.
+    if self._thread is not None:
+      self._thread.join(timeout=CLOSE_WAIT_S)
+    while True:
+      try:
+        self._batches.get_nowait()
+      except queue.Empty:
+        break
+    wait_for_shared_memory_release()

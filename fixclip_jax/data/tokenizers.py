@@ -555,3 +555,48 @@ def check_model_compatible(tokenizer: Tokenizer, vocab_size: int,
     raise ValueError(
         f"{where}: model eot_token_id={eot_token_id} but the tokenizer ends "
         f"texts with {tokenizer.eot_token_id}")
+
+
+# ----------------------------------------------------------------------------
+# Texts longer than the context: counted when cut, or embedded in windows.
+
+def special_ids(tokenizer: Tokenizer) -> Tuple[Optional[int], Optional[int]]:
+  """(start id, end id) the tokenizer puts around each row; None where it
+  puts none (SentencePiece without add_bos / add_eos)."""
+  bos = tokenizer.sot_token_id if getattr(tokenizer, "add_bos", True) else None
+  eos = tokenizer.eot_token_id if getattr(tokenizer, "add_eos", True) else None
+  return bos, eos
+
+
+def tokenize_counting_cuts(tokenizer: Tokenizer, texts: Texts,
+                           context_length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(int32 [N, C] rows, exactly `tokenizer(texts, C)`; bool [N]: the texts
+  that did not fit and were cut, their last kept id the end token).
+
+  One tokenisation: rows are packed one slot longer; a token in that slot
+  means the text needs more than C, and the row is cut as pack_batch cuts.
+  """
+  rows = np.asarray(tokenizer(texts, context_length + 1), np.int32)  # [N, C+1]
+  _, eos = special_ids(tokenizer)
+  last = rows[:, context_length]
+  cut = last == eos if eos is not None else last != tokenizer.pad_token_id
+  rows = rows[:, :context_length].copy()                            # [N, C]
+  if eos is not None:
+    rows[cut, -1] = eos
+  return rows, cut
+
+
+def context_windows(tokenizer: Tokenizer, text: str,
+                    context_length: int) -> np.ndarray:
+  """int32 [W, C]: the text's ids in consecutive windows, each packed as a
+  row (start and end tokens around C minus those ids). A text that fits
+  gives one window, the row `tokenizer(text, C)` gives."""
+  bos, eos = special_ids(tokenizer)
+  room = context_length - (bos is not None) - (eos is not None)
+  if room < 1:
+    raise ValueError(f"context_length={context_length} leaves no room for "
+                     "text between the start and end tokens")
+  ids = tokenizer.encode(text)
+  parts = [ids[i:i + room] for i in range(0, len(ids), room)] or [[]]
+  return pack_batch(parts, context_length, truncate=False,
+                    pad_id=tokenizer.pad_token_id, bos_id=bos, eos_id=eos)
