@@ -12,9 +12,10 @@ from typing import Any, List
 import ml_collections
 from ml_collections import config_dict
 
-# Only the caption-filter thresholds: captions.py imports nothing heavy, so
-# configs load without the data pipeline's grain/PIL.
+# Only the caption-filter thresholds and ShareGPT4V's holdout: captions.py and
+# sharegpt4v.py import nothing heavy, so configs load without grain/PIL.
 from fixclip_jax.data import captions
+from fixclip_jax.data import sharegpt4v
 
 
 # FIX-CLIP's additions off: the knobs that make a config plain CLIP (the
@@ -70,8 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Data (fixclip_jax/data/pipeline.py reads config.data).
   c.data = ml_collections.ConfigDict()
   # Where the examples come from (data/sources.py, make_source).
-  c.data.type = "jsonl"                   # jsonl | tar | array_record | tfds | synthetic
-  c.data.path = ""                        # manifest | shard glob/folder/comma list | tfds name
+  c.data.type = "jsonl"                   # jsonl | tar | array_record | tfds | synthetic | sharegpt4v
+  c.data.path = ""                        # manifest | shard glob/folder/comma list | tfds name | json
+  # type=sharegpt4v: its first entries, never trained on (data/sharegpt4v.py:
+  # 1000 = the sharegpt4v_1k evaluation split, as Long-CLIP).
+  c.data.holdout_first = sharegpt4v.EVAL_HOLDOUT
   c.data.image_root = ""                  # jsonl: root of relative image paths ("" = manifest dir)
   c.data.tfds_split = "train"
   c.data.tfds_data_dir = ""
@@ -127,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.prefetch_buffer = 64             # examples those threads keep ready
   # --- Optimisation (fixclip_jax/train.py).
   c.num_train_steps = 1000                # micro-steps (= updates * accum_steps)
+  # > 0: num_train_steps = steps_for_epochs(this, the training source's
+  # length, data.global_batch), resolved by main.py; 0 = num_train_steps.
+  c.num_train_epochs = 0.0
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-6                       # Long-CLIP's lr for CLIP weights
   c.optim.new_params_lr = 1e-4            # prompts, mask token, GTA heads
@@ -185,6 +192,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.name = ""                       # run name; "" = the workdir's name
   c.wandb.mode = "online"                 # online | offline
   return c
+
+
+def steps_for_epochs(epochs: float, num_pairs: int, global_batch: int) -> int:
+  """Steps of `epochs` passes over `num_pairs` at `global_batch`: Long-CLIP's
+  count (train/train.py: epochs * len(train_loader), a DataLoader without
+  drop_last, so a partial last batch is a step): 6 epochs of 1,245,901 pairs
+  at 2,048 = 6 * 609 = 3,654."""
+  if num_pairs < 1 or global_batch < 1 or epochs < 0:
+    raise ValueError(f"steps_for_epochs: epochs={epochs}, pairs={num_pairs}, "
+                     f"batch={global_batch}: need epochs >= 0 and pairs, "
+                     "batch >= 1")
+  per_epoch = -(-num_pairs // global_batch)
+  # round(): 0.1 * 610 is 61.00000000000001 in floats, one step too many.
+  return math.ceil(round(epochs * per_epoch, 6))
 
 
 def config_dirs() -> List[str]:

@@ -58,6 +58,7 @@ POSITIVE = (
     "pretrain77.lr")
 NON_NEGATIVE = (
     "eval_every", "resume_step", "peak_tflops", "data.num_epochs",
+    "num_train_epochs", "data.holdout_first",
     "data.num_workers", "data.read_threads", "data.prefetch_buffer",
     "data.short_context", "data.read_timeout_s", "data.max_image_pixels",
     "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
@@ -299,13 +300,15 @@ def check_paths(config: ml_collections.ConfigDict, mode: str) -> None:
   if mode != "eval":
     if d.type == "jsonl":
       _expect("data.path", d.path, "a JSONL manifest", "file")
+    elif d.type == "sharegpt4v":
+      _expect("data.path", d.path, "ShareGPT4V's captioner json", "file")
     elif d.type in ("tar", "array_record"):
       suffix = ".tar" if d.type == "tar" else ".array_record"
       try:
         sources.expand_paths(d.path, suffix)
       except FileNotFoundError as e:
         raise FileNotFoundError(f"config.data.path={d.path!r}: {e}") from None
-    if d.type == "jsonl" and d.image_root:
+    if d.type in ("jsonl", "sharegpt4v") and d.image_root:
       _expect("data.image_root", d.image_root, "the images' folder", "dir")
   if d.tokenizer != "clip":
     _expect("data.tokenizer", d.tokenizer, '"clip" or a SentencePiece .model '

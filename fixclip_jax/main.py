@@ -33,6 +33,7 @@ from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import config_check
 from fixclip_jax import train
+from fixclip_jax.data import sources
 
 DEFAULT_CONFIG = "demo"
 MODES = ("train_and_eval", "train", "eval")
@@ -165,11 +166,33 @@ def define_flags():
 # ----------------------------------------------------------------------------
 # The run.
 
+def resolve_train_steps(config: ml_collections.ConfigDict, mode: str) -> None:
+  """config.num_train_epochs > 0 sets config.num_train_steps from the training
+  source's length (config_base.steps_for_epochs), before the config is
+  checked and recorded; eval mode trains nothing."""
+  epochs, batch = config.num_train_epochs, config.data.global_batch
+  if mode == "eval" or epochs <= 0 or batch < 1:  # < 0: check_config says why
+    return
+  try:
+    pairs = sources.source_length(config.data)
+    steps = config_base.steps_for_epochs(epochs, pairs, batch)
+  except (OSError, ValueError) as e:
+    raise cli.UserError(
+        f"config.num_train_epochs={epochs:g} counts the training pairs of "
+        f"config.data.path={config.data.path!r} (data.type="
+        f"{config.data.type}): {e}") from e
+  logging.info("num_train_epochs=%g: %d pairs at global batch %d -> %d steps",
+               epochs, pairs, batch, steps)
+  config.num_train_steps = steps
+
+
 def config_summary(config: ml_collections.ConfigDict, name: str, mode: str,
                    workdir: str) -> str:
   """One line: which config, what model and objective, how long, where."""
   steps = (f"{config.num_train_steps} steps x batch {config.data.global_batch}"
            if mode != "eval" else "evaluation only")
+  if mode != "eval" and config.num_train_epochs > 0:
+    steps += f" ({config.num_train_epochs:g} epochs)"
   start = f", from {config.init_from}" if config.init_from else ""
   if mode != "eval" and config.pretrain77.steps:
     start = f", after {config.pretrain77.steps} steps of a 77-token CLIP start"
@@ -209,6 +232,7 @@ def main(argv):
   maybe_initialize_distributed(config.distributed)
   process = jax.process_index()
   # Config errors end here, in one line, before anything is written.
+  resolve_train_steps(config, mode)
   config_check.check_config(config, mode)
   open_log = log_file_opener(workdir, process)
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__,

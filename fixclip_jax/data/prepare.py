@@ -1,7 +1,13 @@
-"""Prepare: a JSONL manifest or webdataset tars -> ArrayRecord shards.
+"""Prepare: a JSONL manifest, ShareGPT4V's json or webdataset tars -> ArrayRecord shards.
 
   python -m fixclip_jax.data.prepare --src=train.jsonl --dst=/data/train_ar \
       --num_shards=64 [--image_root=/data/images] [--max_side=512]
+  python -m fixclip_jax.data.prepare --dst=/data/sharegpt4v_ar \
+      --src=/data/sharegpt4v/share-captioner_coco_lcs_sam_1246k_1107.json
+
+ShareGPT4V's captioner json (data/sharegpt4v.py; recognised by its name or
+by holding a JSON list) is read without its first --holdout_first entries
+(1000: the evaluation split sharegpt4v_1k, as Long-CLIP's train/sharegpt4v.py).
 
 Reads every image once, checks it decodes, optionally shrinks it so its long
 side is at most `max_side` (re-encoded: JPEG quality 95 if it was a JPEG, else
@@ -10,7 +16,8 @@ and writes records (sources.encode_record: header {"key", "captions",
 "short_caption"} + image bytes) round-robin into
 `data-SSSSS-of-NNNNN.array_record`, plus `metadata.json`:
 
-  count, num_input, shards, shard_counts,
+  count, num_input (the items read: a ShareGPT4V json's entries after the
+      holdout), shards, shard_counts,
   skipped: {reason: n} over pipeline.SKIP_REASONS, in its order (the names
       the training metrics count bad data under): missing_file,
       bad_caption_encoding, unreadable_image, and, when no caption of an item
@@ -27,7 +34,9 @@ and writes records (sources.encode_record: header {"key", "captions",
       and 248),
   prompts: {prompt_id: {"prompt": text, "count": n}} when manifest lines carry
       "prompt" / "prompt_id" (the MLLM prompt templates),
-  source, max_side, filters.
+  source, source_format (jsonl | sharegpt4v | tar), holdout_first (the
+      ShareGPT4V entries left out; the evaluation warns when a ShareGPT4V
+      split it scores was not), max_side, filters.
 
 Output is written through fileio.atomic_directory, so DST (a local path or
 a URL) is either complete or absent.
@@ -52,6 +61,7 @@ from fixclip_jax import cli
 from fixclip_jax import fileio
 from fixclip_jax.data import captions as captions_lib
 from fixclip_jax.data import pipeline
+from fixclip_jax.data import sharegpt4v
 from fixclip_jax.data import sources as sources_lib
 from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
@@ -67,12 +77,23 @@ def shard_name(i: int, n: int) -> str:
   return f"data-{i:05d}-of-{n:05d}.array_record"
 
 
-def open_source(src: str, image_root: Optional[str] = None
+def open_source(src: str, image_root: Optional[str] = None,
+                holdout_first: int = sharegpt4v.EVAL_HOLDOUT
                 ) -> sources_lib.Source:
-  """A manifest (.jsonl/.json) or a tar glob/folder/list."""
+  """ShareGPT4V's json (without its first `holdout_first` entries), a
+  manifest (.jsonl/.json) or a tar glob/folder/list."""
+  if sharegpt4v.is_captioner_json(src):
+    return sources_lib.ShareGPT4VSource(src, image_root, holdout_first)
   if src.endswith((".jsonl", ".json")):
     return sources_lib.JsonlSource(src, image_root)
   return sources_lib.TarSource(src)
+
+
+def source_format(source: sources_lib.Source) -> str:
+  """metadata.json's source_format."""
+  if isinstance(source, sources_lib.ShareGPT4VSource):
+    return "sharegpt4v"
+  return "jsonl" if isinstance(source, sources_lib.JsonlSource) else "tar"
 
 
 def shrink_image(data: bytes, max_side: int) -> bytes:
@@ -199,18 +220,20 @@ def prepare(src: str, dst: str, num_shards: int, *,
             filter_config: Optional[captions_lib.CaptionFilterConfig] = (
                 _DEFAULT_FILTERS),
             tokenizer=None, num_threads: int = 4,
-            progress: bool = True) -> Dict[str, Any]:
+            progress: bool = True,
+            holdout_first: int = sharegpt4v.EVAL_HOLDOUT) -> Dict[str, Any]:
   """Writes DST (shards + metadata.json); returns the metadata dict.
 
   filter_config=None keeps every caption. tokenizer (with `.encode`) adds
-  token-length statistics. DST must not exist.
+  token-length statistics. holdout_first: ShareGPT4V entries left out (other
+  sources ignore it). DST must not exist.
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
   # Before indexing the source, which can take long; atomic_directory checks
   # again when it starts.
   fileio.refuse_existing(dst, overwrite=False)
-  source = open_source(src, image_root)
+  source = open_source(src, image_root, holdout_first)
   source_skipped = getattr(source, "skipped", {})
   names = [shard_name(i, num_shards) for i in range(num_shards)]
   tally = _Tally(num_shards, source_skipped, tokenizer)
@@ -255,11 +278,15 @@ def prepare(src: str, dst: str, num_shards: int, *,
                            if tokenizer is not None else None),
         "prompts": tally.prompts,
         "source": src,
+        "source_format": source_format(source),
+        "holdout_first": (source.pairs.holdout_first
+                          if isinstance(source, sources_lib.ShareGPT4VSource)
+                          else None),
         "max_side": max_side,
         "filters": (dataclasses.asdict(filter_config)
                     if filter_config is not None else None),
     }
-    with open(os.path.join(tmp, "metadata.json"), "w") as f:
+    with open(os.path.join(tmp, sources_lib.METADATA_FILE), "w") as f:
       json.dump(metadata, f, indent=2)
   logging.info("Wrote %d examples to %s (skipped %s)", tally.count, dst,
                {k: n for k, n in metadata["skipped"].items() if n})
@@ -267,7 +294,8 @@ def prepare(src: str, dst: str, num_shards: int, *,
 
 
 def define_flags():
-  flags.DEFINE_string("src", None, "JSONL manifest, or webdataset tar glob.")
+  flags.DEFINE_string("src", None, "JSONL manifest, ShareGPT4V's captioner "
+                      "json, or webdataset tar glob.")
   flags.DEFINE_string("dst", None, "Output folder (must not exist).")
   flags.DEFINE_integer("num_shards", 16, "Number of ArrayRecord shards.")
   flags.DEFINE_string("image_root", None,
@@ -292,6 +320,9 @@ def define_flags():
                       "Tokenizer for token statistics: 'clip' or a "
                       "SentencePiece .model path ('' to skip).")
   flags.DEFINE_integer("num_threads", 4, "Image decoding threads.")
+  flags.DEFINE_integer("holdout_first", sharegpt4v.EVAL_HOLDOUT,
+                       "ShareGPT4V json: leave out its first entries (1000: "
+                       "the evaluation split sharegpt4v_1k; 0 = train on all).")
 
 
 def main(argv: List[str]) -> None:
@@ -311,7 +342,8 @@ def main(argv: List[str]) -> None:
   metadata = prepare(FLAGS.src, FLAGS.dst, FLAGS.num_shards,
                      image_root=FLAGS.image_root, max_side=FLAGS.max_side,
                      filter_config=filter_config, tokenizer=tokenizer,
-                     num_threads=FLAGS.num_threads)
+                     num_threads=FLAGS.num_threads,
+                     holdout_first=FLAGS.holdout_first)
   print(json.dumps({k: metadata[k] for k in ("count", "skipped",
                                              "dropped_captions")}, indent=2))
 

@@ -19,6 +19,8 @@ Kinds (`make_source(config)` picks one by `config.type`):
                 below).
   tfds          `tfds.data_source(name, split=..., data_dir=...)`.
   synthetic     rendered scenes held in memory (fixclip_jax.data.synthetic).
+  sharegpt4v    ShareGPT4V's captioner json (data/sharegpt4v.py) without its
+                first `holdout_first` entries (1000: the evaluation split).
 
 Several captions per image: `get(index, epoch)` picks one with a generator
 seeded by (seed, epoch, index), so the choice changes from epoch to epoch but
@@ -65,12 +67,14 @@ from grain import sources as grain_sources
 import numpy as np
 from PIL import Image
 
+from fixclip_jax.data import sharegpt4v
 from fixclip_jax.data import synthetic
 
 Example = Dict[str, Any]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SOURCE_TYPES = ("jsonl", "tar", "array_record", "tfds", "synthetic")
+SOURCE_TYPES = ("jsonl", "tar", "array_record", "tfds", "synthetic",
+                "sharegpt4v")
 
 # ArrayRecord record format ("FXC1"): b"FXC1" | uint32 little-endian N |
 # N bytes of UTF-8 JSON header {"key", "captions", "short_caption", ...} |
@@ -783,6 +787,64 @@ class InMemorySource(Source):
     return self.records[index]
 
 
+class ShareGPT4VSource(Source):
+  """ShareGPT4V's captioner json (data/sharegpt4v.py: one JSON list of
+  {"id", "image", "conversations": [..., {"value": caption}]}) without its
+  first `holdout_first` entries: 1000 is the evaluation split (sharegpt4v_1k),
+  which Long-CLIP's train/sharegpt4v.py also leaves out of training.
+
+  Example i is entry holdout_first + i. Images are under `image_root`
+  (default: the json's folder). An entry without a usable image path or
+  caption keeps its place: reading it raises BadRecordError naming the entry.
+  """
+
+  def __init__(self, path: str, image_root: Optional[str] = None,
+               holdout_first: int = sharegpt4v.EVAL_HOLDOUT, seed: int = 0):
+    self.pairs = sharegpt4v.read_pairs(path, holdout_first)  # FormatError
+    self.path = path
+    self.image_root = image_root or os.path.dirname(os.path.abspath(path))
+    self.seed = seed
+    errors = self.pairs.errors
+    if errors and len(errors) == len(self.pairs):
+      raise ValueError(f"{path}: no usable entry ({len(errors)} bad, the "
+                       f"first: {errors[min(errors)]})")
+    if errors:
+      logging.warning("%s: %d of %d entries are bad records, skipped when "
+                      "read; the first: %s", path, len(errors),
+                      len(self.pairs), errors[min(errors)])
+
+  def __len__(self) -> int:
+    return len(self.pairs)
+
+  def key(self, index: int) -> str:
+    return self.pairs.keys[index]
+
+  def image_path(self, index: int) -> Optional[str]:
+    """The image file of example `index` (None for a bad entry)."""
+    if index in self.pairs.errors:
+      return None
+    return os.path.join(self.image_root, self.pairs.images[index])
+
+  def image_paths(self) -> List[str]:
+    """Every example's image file (bad entries left out)."""
+    return [self.image_path(i) for i in range(len(self))
+            if i not in self.pairs.errors]
+
+  def location(self, index: int) -> str:
+    entry = f"ShareGPT4V {self.path} entry {self.pairs.entry_index(index)}"
+    if index in self.pairs.errors:
+      return entry
+    return f"{self.image_path(index)} ({entry}, key {self.key(index)!r})"
+
+  def raw(self, index: int) -> Dict[str, Any]:
+    if index in self.pairs.errors:
+      raise BadRecordError(self.pairs.errors[index])
+    image = _read_file(self.image_path(index), f"ShareGPT4V {self.path} "
+                       f"entry {self.pairs.entry_index(index)}")
+    return {"image": image, "captions": [self.pairs.captions[index]],
+            "short_caption": None, "key": self.key(index)}
+
+
 def make_source(config) -> Source:
   """The source named by `config.type` (`config.data`, see config_base)."""
   source = _make_source(config)
@@ -804,6 +866,11 @@ def _make_source(config) -> Source:
                       data_dir=config.tfds_data_dir or None,
                       image_key=config.tfds_image_key,
                       caption_key=config.tfds_caption_key, seed=seed)
+  if kind == "sharegpt4v":
+    return ShareGPT4VSource(
+        config.path, config.image_root or None,
+        holdout_first=config.get("holdout_first", sharegpt4v.EVAL_HOLDOUT),
+        seed=seed)
   if kind == "synthetic":
     return InMemorySource(synthetic.synthetic_examples(
         config.synthetic_num, config.synthetic_image_size,
@@ -812,3 +879,60 @@ def _make_source(config) -> Source:
                                      synthetic.DEFAULT_LATE_DETAIL_SHARE)),
         seed=seed)
   raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")
+
+
+# ----------------------------------------------------------------------------
+# What the training data holds, for main.py (num_train_epochs) and the
+# evaluation (images it also trains on), without building a pipeline.
+
+METADATA_FILE = "metadata.json"  # prepare's record of the shards it wrote
+
+
+def source_length(config) -> int:
+  """len(make_source(config)) (config.data), counted cheaply where it can be:
+  a manifest's non-blank lines, the ShareGPT4V json parsed once."""
+  if config.type == "jsonl":
+    if not os.path.isfile(config.path):
+      raise FileNotFoundError(f"{config.path}: manifest not found")
+    with open(config.path, "rb") as f:
+      return sum(1 for line in f if line.strip())
+  return len(make_source(config))
+
+
+def training_image_paths(config) -> Optional[List[str]]:
+  """The image files of the training data config (config.data) where its
+  source names them (a JSONL manifest, the ShareGPT4V json); else None."""
+  if config.type not in ("jsonl", "sharegpt4v"):
+    return None
+  source = _make_source(config)
+  if isinstance(source, ShareGPT4VSource):
+    return source.image_paths()
+  return [p for p in (source.image_path(i) for i in range(len(source))) if p]
+
+
+def prepared_metadata(config) -> List[Dict[str, Any]]:
+  """The metadata.json of each folder holding config.data's ArrayRecord
+  shards (prepare writes one per output folder); [] for other sources."""
+  if config.type != "array_record":
+    return []
+  out = []
+  for folder in sorted({os.path.dirname(p)
+                        for p in expand_paths(config.path, ".array_record")}):
+    path = os.path.join(folder, METADATA_FILE)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        meta = json.loads(f.read().decode("utf-8"))
+      out.append(dict(meta, path=path) if isinstance(meta, dict) else {})
+  return out
+
+
+def sharegpt4v_holdout(config) -> Optional[tuple]:
+  """(entries held out, the json) when config.data trains on ShareGPT4V's
+  captioner json, directly or through shards prepared from it; else None."""
+  if config.type == "sharegpt4v":
+    return (int(config.get("holdout_first", sharegpt4v.EVAL_HOLDOUT)),
+            config.path)
+  for meta in prepared_metadata(config):
+    if meta.get("source_format") == "sharegpt4v":
+      return int(meta.get("holdout_first", 0)), meta.get("source", "")
+  return None

@@ -64,9 +64,10 @@ from absl import logging
 import numpy as np
 
 from fixclip_jax.data import captions as captions_lib
+from fixclip_jax.data import sharegpt4v
 from fixclip_jax.evaluation import imagenet_classes
 
-SHAREGPT4V_JSON = "share-captioner_coco_lcs_sam_1246k_1107.json"
+SHAREGPT4V_JSON = sharegpt4v.JSON_NAME
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -287,29 +288,29 @@ def load_urban1k(root: str) -> RetrievalDataset:
                              pairs_found=found)
 
 
-def load_sharegpt4v(root: str, num_examples: int = 1000,
+def load_sharegpt4v(root: str, num_examples: int = sharegpt4v.EVAL_HOLDOUT,
                     image_root: Optional[str] = None,
                     json_name: str = SHAREGPT4V_JSON) -> RetrievalDataset:
-  """The first `num_examples` pairs of ShareGPT4V's captioner json."""
+  """The first `num_examples` pairs of ShareGPT4V's captioner json (its
+  format and the 1,000 held out of training: data/sharegpt4v.py)."""
   path = root if os.path.isfile(root) else os.path.join(root, json_name)
-  entries = _load_json(path, "sharegpt4v", f"the ShareGPT4V json {json_name}")
-  if not isinstance(entries, list):
-    raise ValueError(f"sharegpt4v: {path} should hold a JSON list")
+  _expect_file(path, "sharegpt4v", f"the ShareGPT4V json {json_name}")
+  try:
+    entries = sharegpt4v.load(path)
+  except sharegpt4v.FormatError as e:
+    raise ValueError(f"sharegpt4v: {e}") from None
   if len(entries) < num_examples:
     raise ValueError(f"sharegpt4v: {path} has {len(entries)} entries, "
                      f"fewer than the {num_examples} asked for")
   image_root = image_root or os.path.dirname(path)
   paths, caps = [], []
   for i, e in enumerate(entries[:num_examples]):
-    where = f"{path} entry {i}"
-    conv = _field(e, "conversations", "sharegpt4v", where)
-    if not isinstance(conv, list) or len(conv) < 2 or "value" not in conv[1]:
-      raise KeyError(f"sharegpt4v: {where} needs conversations[1].value")
-    paths.append(os.path.join(image_root, _field(e, "image", "sharegpt4v", where)))
-    caps.append([conv[1]["value"].replace("\n", " ")])
+    where = f"sharegpt4v: {path} entry {i}"
+    paths.append(os.path.join(image_root, sharegpt4v.image_of(e, where)))
+    caps.append([sharegpt4v.caption_of(e, where)])
   n = f"{num_examples // 1000}k" if num_examples % 1000 == 0 else str(num_examples)
-  return from_existing(f"sharegpt4v-{n}", f"sharegpt4v-first{num_examples}",
-                     paths, caps)
+  return from_existing(f"sharegpt4v-{n}", sharegpt4v.eval_protocol(num_examples),
+                       paths, caps)
 
 
 def load_dci(root: str, splits: Optional[Sequence[str]] = None) -> RetrievalDataset:

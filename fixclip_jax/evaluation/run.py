@@ -17,6 +17,8 @@ import numpy as np
 
 from fixclip_jax import buckets
 from fixclip_jax import sharding
+from fixclip_jax.data import sharegpt4v
+from fixclip_jax.data import sources
 from fixclip_jax.data import synthetic
 from fixclip_jax.data import tokenizers
 from fixclip_jax.evaluation import datasets
@@ -99,6 +101,64 @@ def load_eval_sets(config, workdir: str) -> List[Any]:
   return out
 
 
+# What warn_train_overlap has checked in this process: evaluate runs every
+# eval_every steps, the training data and the sets stay the same.
+_overlap_checked = set()
+
+
+def _norm(path: str) -> str:
+  return os.path.normpath(os.path.abspath(path))
+
+
+def warn_train_overlap(config, eval_sets: List[Any]) -> List[str]:
+  """Warns, one line per retrieval set, when its images are also training
+  images (its scores are then not held out), where config.data can say so
+  cheaply: the image files of a JSONL manifest or of the ShareGPT4V json
+  (sources.training_image_paths); for ArrayRecord shards prepared from the
+  ShareGPT4V json, a ShareGPT4V split of more entries than prepare held out
+  (metadata.json). Each set once a process; returns the lines."""
+  data = config.data
+  todo = []
+  for ds in eval_sets:
+    key = (data.type, data.path, data.image_root, data.get("holdout_first"),
+           ds.protocol, ds.num_images)
+    if isinstance(ds, datasets.RetrievalDataset) and key not in _overlap_checked:
+      _overlap_checked.add(key)
+      todo.append(ds)
+  if not todo or not data.path:
+    return []
+  try:
+    train_paths = sources.training_image_paths(data)
+    holdout = sources.sharegpt4v_holdout(data) if train_paths is None else None
+  except (OSError, ValueError) as e:  # no training data here to compare with
+    logging.info("Evaluation images not compared with the training data: %s", e)
+    return []
+  train = {_norm(p) for p in train_paths or ()}
+  lines = []
+  for ds in todo:
+    if train_paths is not None:
+      shared = [p for p in ds.image_paths if _norm(p) in train]
+      if shared:
+        lines.append(f"{ds.name}: {len(shared)} of its {ds.num_images} images "
+                     f"are also training images (config.data.path="
+                     f"{data.path!r}), e.g. {shared[0]}: its scores are not "
+                     "held out")
+    elif holdout is not None:
+      held, json_path = holdout
+      size = sharegpt4v.eval_split_size(ds.protocol)
+      if size and held < size:
+        lines.append(
+            f"{ds.name}: the training shards (config.data.path={data.path!r}) "
+            f"were prepared from the ShareGPT4V json {json_path} holding out "
+            f"its first {held} entries, so up to {size - held} of this split's "
+            f"{size} images are training images (e.g. "
+            f"{ds.image_paths[min(held, ds.num_images - 1)]}); prepare with "
+            f"--holdout_first={size} to score it held out")
+  for line in lines:
+    logging.warning("%s", line)
+  return lines
+
+
 def dataset_tokenizer(tokenizer, ds: datasets.RetrievalDataset,
                       model_context: int):
   """The tokenizer at the dataset's own context when it names one (e.g.
@@ -132,7 +192,9 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
     raise ValueError(f"config.eval.batch_size={batch_size} must divide over "
                      f"{sharding.num_batch_shards(mesh)} batch shards")
   results = []
-  for ds in load_eval_sets(config, workdir):
+  eval_sets = load_eval_sets(config, workdir)
+  warn_train_overlap(config, eval_sets)
+  for ds in eval_sets:
     if isinstance(ds, datasets.ClassificationDataset):
       r = zeroshot.evaluate_zeroshot(ds, image_fn, text_fn, tokenizer,
                                      batch_size, cfg.image_size)
