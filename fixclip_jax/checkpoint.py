@@ -11,15 +11,19 @@ directory alone:
 `save_model` writes into a temporary directory next to DIR and renames it
 into place, so a failed or interrupted save never leaves a half-written DIR.
 """
+import datetime
+import errno
 import json
 import os
 import re
 import shutil
+import socket
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import grain
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,8 +34,78 @@ from fixclip_jax.models.sizes import config_from_dict
 from fixclip_jax.models.sizes import config_to_dict
 from fixclip_jax.params import check_params
 
+try:
+  import fcntl  # POSIX: the workdir lock (WorkdirLock)
+except ImportError:  # Windows: the lock file's pid/host record alone
+  fcntl = None
+
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_SUBDIR = "params"
+
+
+class NonFiniteError(ValueError):
+  """Weights or a train state holding NaN/Inf (never loaded, never saved)."""
+
+
+def _key_name(path) -> str:
+  """'params/visual/conv1/kernel' for a tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _is_float(x) -> bool:
+  return np.issubdtype(np.dtype(x.dtype), np.floating) or (
+      np.dtype(x.dtype).kind == "V")  # bfloat16 on some numpy builds
+
+
+@jax.jit
+def _leaf_stats(leaves: list) -> Tuple[jax.Array, jax.Array]:
+  """(non-finite count, non-zero count) of each float array: two [n] int32."""
+  bad = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
+  nonzero = jnp.stack([jnp.count_nonzero(x) for x in leaves])
+  return bad, nonzero
+
+
+def _local_value(x) -> np.ndarray:
+  """A replicated jit output as numpy, also when it spans several hosts."""
+  return np.asarray(x.addressable_shards[0].data)
+
+
+def tree_stats(tree) -> Dict[str, Tuple[int, int, int, int]]:
+  """{key: (non-finite count, non-zero count, size, itemsize)} of every
+  array of `tree` (device or host arrays; one jitted pass on the device).
+  Non-float arrays count as finite."""
+  flat = [(_key_name(p), x) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0]]
+  floats = [(k, x) for k, x in flat if _is_float(x)]
+  stats = {k: (0, int(np.prod(np.shape(x), dtype=np.int64)),
+               int(np.prod(np.shape(x), dtype=np.int64)),
+               np.dtype(x.dtype).itemsize) for k, x in flat}
+  if floats:
+    bad, nonzero = _leaf_stats([x for _, x in floats])
+    bad, nonzero = _local_value(bad), _local_value(nonzero)
+    for i, (k, x) in enumerate(floats):
+      stats[k] = (int(bad[i]), int(nonzero[i]), stats[k][2], stats[k][3])
+  return stats
+
+
+def first_nonfinite(tree, stats=None) -> Optional[str]:
+  """'KEY (N of M values are NaN/Inf)' for the first such array, else None."""
+  for key, (bad, _, size, _) in (stats or tree_stats(tree)).items():
+    if bad:
+      return f"{key} ({bad} of {size} values are NaN/Inf)"
+  return None
+
+
+def check_finite(params, source: str) -> None:
+  """NonFiniteError naming the first parameter holding NaN/Inf: weights that
+  would make every feature NaN are refused at load, not discovered later."""
+  host = jax.tree.map(np.asarray, params)
+  for key, value in jax.tree_util.tree_flatten_with_path(host)[0]:
+    if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+      count = int((~np.isfinite(value)).sum())
+      raise NonFiniteError(f"{source}: parameter {_key_name(key)} holds "
+                           f"{count} NaN/Inf value(s) of {value.size}; these "
+                           "weights are broken (a diverged run?), not loaded")
 
 
 def is_model_dir(path: str) -> bool:
@@ -48,6 +122,7 @@ def save_model(path: str, params: dict, cfg: CLIPConfig, *,
   fileio.refuse_existing(path, overwrite)
   check_params(params, cfg, f"save_model({path})")
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+  check_finite(host, f"save_model({path})")
   with fileio.atomic_directory(path, overwrite=overwrite) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), host)
@@ -78,6 +153,7 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
     params = ckptr.restore(params_dir)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   check_params(params, cfg, path)
+  check_finite(params, path)
   return params, cfg
 
 
@@ -92,16 +168,22 @@ def load_model(path: str) -> Tuple[dict, CLIPConfig]:
 #    save that failed in the background);
 #  - a failed save raises CheckpointSaveError as soon as it is known: the
 #    loop polls (`check_saves`) after every step;
-#  - free space is checked before each save;
+#  - free space is checked before each save, and that the folder takes a
+#    write (a read-only folder would otherwise stall in orbax's barrier);
+#  - a state holding NaN/Inf is never saved (NonFiniteError);
 #  - a step that does not restore (an empty folder, a truncated array file) is
 #    reported, moved to WORKDIR/unrestorable_checkpoints/ (never deleted) and
 #    the newest older step that restores is used.
 
 TRAIN_CHECKPOINT_SUBDIR = "checkpoints"
 UNRESTORABLE_SUBDIR = "unrestorable_checkpoints"
-# A checkpoint needs its arrays' bytes plus metadata: ask for this much more.
+# What a save writes (checkpoint_bytes_estimate): the arrays' non-zero bytes
+# (orbax compresses; Adam's moments of the token table are mostly zero rows,
+# so the raw size overstates it ~2.6x on the demo model), this much metadata
+# per array, a margin, and FREE_SPACE_FACTOR for what compression keeps.
 FREE_SPACE_FACTOR = 1.1
-FREE_SPACE_MARGIN = 16 << 20
+FREE_SPACE_PER_ARRAY = 4 << 10
+FREE_SPACE_MARGIN = 1 << 20
 
 
 class CheckpointSaveError(OSError):
@@ -221,6 +303,14 @@ def state_nbytes(state) -> int:
              for x in jax.tree.leaves(state))
 
 
+def checkpoint_bytes_estimate(state, stats=None) -> int:
+  """About what saving `state` adds to the disk (tested within 1.5x)."""
+  stats = stats or tree_stats(state)
+  data = sum(nonzero * itemsize for _, nonzero, _, itemsize in stats.values())
+  return (int(data * FREE_SPACE_FACTOR) + FREE_SPACE_PER_ARRAY * len(stats) +
+          FREE_SPACE_MARGIN)
+
+
 def free_bytes(directory: str) -> Optional[int]:
   """Free bytes where `directory` is (None for URLs: no such notion)."""
   if fileio.is_url(directory):
@@ -231,10 +321,48 @@ def free_bytes(directory: str) -> Optional[int]:
   return shutil.disk_usage(existing).free
 
 
-def check_free_space(manager: ocp.CheckpointManager, step: int, state) -> None:
+# A write that fails at once says what the folder is: errno -> words.
+_WRITE_ERRORS = {errno.EROFS: "is on a read-only file system",
+                 errno.EACCES: "is not writable (permission denied)",
+                 errno.EPERM: "is not writable (operation not permitted)",
+                 errno.ENOSPC: "has no space left",
+                 errno.EDQUOT: "is over its disk quota"}
+
+
+def check_writable(manager: ocp.CheckpointManager, step: int) -> None:
+  """CheckpointSaveError, at once, when the checkpoint folder takes no write.
+
+  orbax creates a step's folder in a background thread and the save waits
+  for it on a 300 s barrier, so a folder that turned read-only would stall
+  that long and then report a timeout; a small file written and removed
+  here names the cause instead (local folders; object stores have no such
+  state)."""
+  directory = os.fspath(manager.directory)
+  if fileio.is_url(directory):
+    return
+  probe = os.path.join(directory, f".write_probe-{socket.gethostname()}-"
+                       f"{os.getpid()}")
+  try:
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      os.write(fd, b"fixclip")
+    finally:
+      os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    what = _WRITE_ERRORS.get(e.errno, f"cannot be written ({e.strerror})")
+    raise CheckpointSaveError(
+        f"Cannot save the checkpoint of step {step}: {directory} {what} "
+        f"({errno.errorcode.get(e.errno, e.errno)}); "
+        f"{_newest_good_step(manager)}. Make the folder writable (or free "
+        "space), then rerun the same command to resume.") from None
+
+
+def check_free_space(manager: ocp.CheckpointManager, step: int, state,
+                     stats=None) -> None:
   """CheckpointSaveError before a save that would not fit on the disk."""
   free = free_bytes(os.fspath(manager.directory))
-  needed = int(state_nbytes(state) * FREE_SPACE_FACTOR) + FREE_SPACE_MARGIN
+  needed = checkpoint_bytes_estimate(state, stats)
   if free is not None and free < needed:
     raise CheckpointSaveError(
         f"Not enough free space for the checkpoint of step {step}: it needs "
@@ -249,9 +377,20 @@ def save_train_state(manager: ocp.CheckpointManager, step: int, state,
   """Saves the train state (+ data iterator) at `step`: asynchronously, or
   with `wait` (preemption, the last step) synchronously. The previous save
   is confirmed first; `metrics` feed the best-checkpoint choice. Raises
-  CheckpointSaveError (nothing is deleted then)."""
+  CheckpointSaveError (nothing is deleted then); NonFiniteError for a state
+  holding NaN/Inf (nothing written: the newest good checkpoint stays the
+  newest)."""
   check_saves(manager, wait=True)
-  check_free_space(manager, step, state)
+  stats = tree_stats(state)
+  bad = first_nonfinite(state, stats)
+  if bad is not None:
+    raise NonFiniteError(
+        f"Not saving the checkpoint of step {step}: the train state holds "
+        f"NaN/Inf in {bad}; {_newest_good_step(manager)}. The run diverged "
+        "with config.skip_nonfinite off: lower --config.optim.lr and rerun "
+        "(it resumes from that checkpoint).")
+  check_writable(manager, step)
+  check_free_space(manager, step, state, stats)
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -426,6 +565,140 @@ def write_run_record(workdir: str) -> None:
        "device_count": jax.device_count()}, indent=2))
 
 
+# ----------------------------------------------------------------------------
+# One run per workdir: WORKDIR/run.lock, taken (process 0) before the first
+# write and held until the run ends. Two trainers on one workdir would
+# interleave metrics, overwrite config.json and delete each other's steps.
+
+LOCK_FILE = "run.lock"
+
+
+class WorkdirLockedError(OSError):
+  """Another live run holds the workdir."""
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """The kernel's start time of `pid` (/proc; None elsewhere): a pid reused
+  by another process has another start time."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _pid_alive(pid: int, start: Optional[str]) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  now = _process_start(pid)
+  return start is None or now is None or now == start
+
+
+class WorkdirLock:
+  """An exclusive lock on a local workdir: WORKDIR/run.lock holds the
+  holder's pid, host and start time, under an OS lock (flock) that the
+  kernel drops when the holder dies, however it dies.
+
+  acquire() raises WorkdirLockedError naming the holder when a live run has
+  it; a lock left by a dead process of this host (kill -9, a crash) is taken
+  over with a warning. A holder on another host whose OS lock is gone (a
+  file system without flock) cannot be checked: refused, naming the file to
+  delete. On several processes only process 0 locks, the others learn its
+  outcome. URL workdirs (gs://) are not locked (no exclusive create there).
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.path = os.path.join(fileio.absolute(workdir), LOCK_FILE)
+    self._fd: Optional[int] = None
+
+  def _holder(self, record: Dict[str, Any]) -> str:
+    return (f"pid {record.get('pid')} on host {record.get('host')}, started "
+            f"{record.get('started')}")
+
+  def _take(self) -> None:
+    fileio.makedirs(os.path.dirname(self.path))
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      if fcntl is not None:
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+          raise WorkdirLockedError(
+              f"{self.workdir} is in use by another run "
+              f"({self._holder(self._read(fd))}; {self.path}). Wait for it to "
+              "end or stop it, or use another --workdir.") from None
+      record = self._read(fd)
+      if record.get("pid") and record.get("pid") != os.getpid():
+        here = record.get("host") == socket.gethostname()
+        if here and _pid_alive(int(record["pid"]), record.get("pid_start")):
+          raise WorkdirLockedError(
+              f"{self.workdir} is in use by another run ({self._holder(record)}"
+              f"; {self.path}). Wait for it to end or stop it, or use another "
+              "--workdir.")
+        if not here and fcntl is None:
+          raise WorkdirLockedError(
+              f"{self.workdir} may be in use by a run on another host "
+              f"({self._holder(record)}); if that run is gone, delete "
+              f"{self.path} and rerun.")
+        logging.warning("Taking over the lock of %s left by a run that ended "
+                        "without releasing it (%s)", self.workdir,
+                        self._holder(record))
+      now = datetime.datetime.now(datetime.timezone.utc)
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps({
+          "pid": os.getpid(), "host": socket.gethostname(),
+          "started": now.isoformat(timespec="seconds"),
+          "pid_start": _process_start(os.getpid())}).encode(), 0)
+      os.fsync(fd)
+    except BaseException:
+      os.close(fd)
+      raise
+    self._fd = fd
+
+  @staticmethod
+  def _read(fd: int) -> Dict[str, Any]:
+    try:
+      record = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except ValueError:  # torn by a crash mid-write: no holder to name
+      return {}
+    return record if isinstance(record, dict) else {}
+
+  def acquire(self) -> None:
+    """Takes the lock (again: nothing); raises WorkdirLockedError."""
+    if self._fd is not None or fileio.is_url(self.workdir):
+      return
+    error = ""
+    if jax.process_index() == 0:
+      try:
+        self._take()
+      except WorkdirLockedError as e:
+        error = str(e)
+    if jax.process_count() > 1:
+      failed = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+      if failed and not error:
+        error = (f"{self.workdir} is in use by another run (process 0 could "
+                 f"not take {self.path}; its log says by whom)")
+    if error:
+      raise WorkdirLockedError(error)
+
+  def release(self) -> None:
+    """Empties the record and drops the OS lock (the file stays: removing a
+    locked file would let two later runs lock two different files)."""
+    if self._fd is None:
+      return
+    try:
+      os.ftruncate(self._fd, 0)
+    except OSError:  # a read-only or full folder: the OS lock still goes
+      pass
+    os.close(self._fd)
+    self._fd = None
+
+
 def saved_steps(workdir: str) -> List[int]:
   """The steps in WORKDIR/checkpoints (read without creating anything)."""
   directory = fileio.path(workdir) / TRAIN_CHECKPOINT_SUBDIR
@@ -528,5 +801,6 @@ def load_train_params(workdir: str, step=None) -> Tuple[dict, CLIPConfig]:
       state=ocp.args.StandardRestore(abstract)))["state"]
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), state["params"])
   check_params(params, cfg, f"{workdir} step {step}")
+  check_finite(params, f"{workdir} step {step}")
   logging.info("Loaded params of %s at step %d", workdir, step)
   return params, cfg

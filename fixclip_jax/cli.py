@@ -6,13 +6,17 @@
   missing required flag, a config key typo, a missing file or folder, a bad
   value: `USER_ERRORS` raised by `main`, or `UserError` raised while parsing
   flags) print one line `PROGRAM: error: MESSAGE` to stderr and exit with
-  status 2, without a traceback. `--debug` (or FIXCLIP_DEBUG=1) lets the
-  exception through, traceback included.
+  status 2 (or the exception's `exit_code`: 3 for a run that stopped itself,
+  train.DivergenceError), without a traceback. `--debug` (or FIXCLIP_DEBUG=1)
+  lets the exception through, traceback included.
 * A quiet console: stderr shows warnings and errors only. INFO logs, ours and
   the libraries' (orbax, grain, jax), go to the file a program names with
   `log_to_file` (main.py: WORKDIR/log.txt). `--debug` shows them on stderr too.
   What a user should read (progress, results, output paths) is printed to
-  stdout by the programs themselves.
+  stdout by the programs themselves. Console records are one line each
+  (tracebacks and a message's further lines stay in the log file), and a
+  log file that cannot be written (a full disk) is given up with one warning
+  instead of a "--- Logging error ---" block per record.
 
 The installed commands (pyproject.toml [project.scripts]) run the package's
 modules as `python -m MODULE` does, so `fixclip-train --help` and
@@ -69,13 +73,14 @@ def program_name() -> str:
   return os.path.basename(sys.argv[0] or "fixclip")
 
 
-def fail(message: object, program: Optional[str] = None) -> None:
-  """Prints `PROGRAM: error: MESSAGE` on one line and exits with status 2."""
+def fail(message: object, program: Optional[str] = None,
+         code: int = EXIT_USER_ERROR) -> None:
+  """Prints `PROGRAM: error: MESSAGE` on one line and exits with `code`."""
   program = program or program_name()
   hint = f" (--debug or {DEBUG_ENV}=1 shows the traceback)"
   sys.stderr.write(f"{program}: error: {one_line(message)}{hint}\n")
   sys.stderr.flush()
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(code)
 
 
 # ----------------------------------------------------------------------------
@@ -95,12 +100,57 @@ class _ConsoleFilter(logging.Filter):
 _console_filter = _ConsoleFilter(verbose=False)
 
 
+class _OneLineFormatter(absl_logging.PythonFormatter):
+  """absl's console format, one line a record: a library's error in a
+  background thread (orbax on a full disk) prints its message's first line,
+  not pages of tracebacks; the log file keeps them whole."""
+
+  def __init__(self):
+    super().__init__()
+    self.verbose = False
+
+  def format(self, record: logging.LogRecord) -> str:
+    if self.verbose:
+      return super().format(record)
+    saved = record.exc_info, record.exc_text, record.stack_info
+    # The traceback is formatted (and cached on the record) by the file's
+    # handler, not here: hide it for this format only.
+    record.exc_info = record.exc_text = record.stack_info = None
+    try:
+      lines = super().format(record).splitlines() or [""]
+    finally:
+      record.exc_info, record.exc_text, record.stack_info = saved
+    more = len(lines) > 1 or saved[0] is not None
+    return lines[0] + (" [...]" if more else "")
+
+
+_console_formatter = _OneLineFormatter()
+
+
 def quiet_console(verbose: bool = False) -> None:
-  """Keeps INFO logs off stderr (absl's handler), unless `verbose`."""
+  """Keeps INFO logs off stderr (absl's handler), and each record to one
+  line, unless `verbose`."""
   _console_filter.verbose = verbose
+  _console_formatter.verbose = verbose
   handler = absl_logging.get_absl_handler()
   if _console_filter not in handler.filters:
     handler.addFilter(_console_filter)
+  handler.setFormatter(_console_formatter)
+
+
+class _LogFileHandler(logging.FileHandler):
+  """A FileHandler that gives up once its file cannot be written (a full or
+  read-only disk): one warning on stderr, not a traceback per record."""
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    logging.getLogger().removeHandler(self)
+    try:
+      self.close()
+    except OSError:
+      pass
+    sys.stderr.write(f"{program_name()}: warning: stopped writing "
+                     f"{self.baseFilename}: {one_line(error)}\n")
 
 
 def log_to_file(path: str) -> Optional[logging.Handler]:
@@ -114,7 +164,7 @@ def log_to_file(path: str) -> Optional[logging.Handler]:
     return None
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # Appended record by record, like metrics.jsonl, so not an atomic write.
-  handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+  handler = _LogFileHandler(path, mode="a", encoding="utf-8")
   handler.setFormatter(absl_logging.PythonFormatter())
   handler.setLevel(logging.INFO)
   logging.getLogger().addHandler(handler)
@@ -152,7 +202,7 @@ def _guarded(main: Callable[[List[str]], None]) -> Callable[[List[str]], None]:
     except USER_ERRORS as e:
       if debug_requested(argv):
         raise
-      fail(e)
+      fail(e, code=getattr(e, "exit_code", EXIT_USER_ERROR))
   return run_main
 
 

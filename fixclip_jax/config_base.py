@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   # averages per-micro-batch losses (fewer negatives).
   c.optim.grad_cache_chunks = 1
   c.skip_nonfinite = True                 # skip updates of NaN/Inf steps (logged)
+  # That many skipped updates in a row stop the run (divergence: lower the lr;
+  # exit 3, the checkpoints kept: a skipped update changes nothing). 0 = never.
+  c.optim.max_skipped_updates = 20
   c.optim.frozen_regex = r"text/positional_embedding"  # the frozen table (§2)
   c.optim.new_params_regex = r".*(prompts_\d+|mask_token|/gta/.*)"
   c.optim.no_decay_regex = (r".*(/bias|/scale|logit_scale|class_embedding|"

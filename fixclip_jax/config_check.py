@@ -8,8 +8,11 @@ dotted key, the value and what is accepted (the CLIs print either as one line
             command line's --config.KEY overrides are checked by main.py)
   types     a value whose type differs from the default's (an int where a
             float is expected is fine; None only where a knob allows it)
+  finite    every float knob (and float in a tuple) is a finite number: a NaN
+            passes every comparison below and would reach the optimizer
   ranges    sizes and intervals that must be positive (log_every=0 would
             divide by zero after the first step), shares within [0, 1), ...
+  model     heads that divide their tower's width
   names     dtype, objective (losses.get_objective), model size, data type,
             transform, short-caption policy, masking mode, remat policy,
             eval datasets, ...
@@ -22,6 +25,7 @@ weights need the files themselves: train.py runs them, also before writing.
 """
 import dataclasses
 import difflib
+import math
 from typing import Any, Iterator, Tuple
 
 import jax
@@ -62,8 +66,9 @@ NON_NEGATIVE = (
     "data.num_workers", "data.read_threads", "data.prefetch_buffer",
     "data.short_context", "data.read_timeout_s", "data.max_image_pixels",
     "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
-    "optim.new_params_lr", "model.num_prompts", "model.gta_groups",
-    "loss.short_weight", "pretrain77.steps")
+    "optim.new_params_lr", "optim.max_skipped_updates", "model.num_prompts",
+    "model.gta_groups", "model.gta_sigma", "loss.short_weight",
+    "pretrain77.steps")
 UNIT_INTERVAL = ("masking.ratio", "loss.label_smoothing", "optim.b1",
                  "optim.b2")  # [0, 1)
 CHOICES = {
@@ -169,7 +174,25 @@ def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------
 # Values.
 
+def _floats(value: Any) -> Iterator[float]:
+  """The floats of a knob's value, also inside tuples and lists."""
+  if isinstance(value, float):
+    yield value
+  elif isinstance(value, (tuple, list)):
+    for item in value:
+      yield from _floats(item)
+
+
+def check_finite(config: ml_collections.ConfigDict) -> None:
+  """Every float knob, found generically (no list to forget one), is finite:
+  NaN compares False with every bound, so the range checks cannot see it."""
+  for key, value in _leaves(config):
+    if any(not math.isfinite(x) for x in _floats(value)):
+      raise _fail(key, value, "must be a finite number (not NaN or infinity)")
+
+
 def check_ranges(config: ml_collections.ConfigDict) -> None:
+  check_finite(config)
   for key in POSITIVE:
     value = _get(config, key)
     if value is not None and value <= 0:
@@ -233,6 +256,12 @@ def check_model(config: ml_collections.ConfigDict) -> sizes.CLIPConfig:
     cfg = sizes.model_config(config)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.model / config.model_name: {e}") from None
+  for tower in ("vision", "text"):
+    width, heads = getattr(cfg, f"{tower}_width"), getattr(cfg, f"{tower}_heads")
+    if heads < 1 or width % heads:
+      raise _fail(f"model.{tower}_heads", heads, f"must divide the "
+                  f"{tower} width ({width}, model {config.model_name} with "
+                  "config.model overrides)")
   if config.data.image_size != cfg.image_size:
     raise _fail("data.image_size", config.data.image_size,
                 f"model {config.model_name} takes {cfg.image_size}px images")

@@ -642,7 +642,7 @@ def _refused_unpickle(path: str, detail: str) -> CheckpointError:
 
 
 def _torch_load(path: str):
-  import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
+  torch = require_torch(f"{path}: reading a PyTorch file")
   try:
     with warnings.catch_warnings():  # torch's notes on pickle protocols and
       warnings.simplefilter("ignore", UserWarning)  # TorchScript: errors say it
@@ -692,7 +692,16 @@ def _safetensors_header(data: bytes, path: str) -> Tuple[dict, int]:
   except (ValueError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path}: could not read the safetensors file "
                           f"(truncated or corrupt?): bad header ({e})") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{path}: could not read the safetensors file "
+                          "(truncated or corrupt?): its header is a JSON "
+                          f"{type(header).__name__}, not an object of tensors")
   header.pop("__metadata__", None)
+  for key, info in header.items():
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+      raise CheckpointError(f"{path}: could not read the safetensors file "
+                            f"(truncated or corrupt?): header entry {key!r} is "
+                            "not {dtype, shape, data_offsets}")
   return header, 8 + size
 
 
@@ -740,7 +749,7 @@ def _safetensors_load(path: str) -> StateDict:
 
 def _unwrap(obj, path: str) -> StateDict:
   """torch.load result -> flat {key: array}: nested state_dict, module. prefix."""
-  import torch  # pylint: disable=g-import-not-at-top  # optional: PyTorch files only
+  torch = require_torch(f"{path}: reading a PyTorch file")
   if isinstance(obj, dict):
     for wrapper in ("state_dict", "model_state_dict", "model"):
       if isinstance(obj.get(wrapper), dict):
@@ -779,7 +788,15 @@ def _read_hf_weights(directory: str) -> StateDict:
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index = os.path.join(directory, index_name)
     if fileio.isfile(index):
-      shards = sorted(set(json.loads(fileio.read_text(index))["weight_map"].values()))
+      try:
+        weight_map = json.loads(fileio.read_text(index))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        if not all(isinstance(name, str) for name in shards):
+          raise TypeError("a shard name is not a string")
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{index}: not a valid index of weight files ({type(e).__name__}:"
+            f" {e}; expected {{\"weight_map\": {{key: file name}}}})") from None
       sd = {}
       for shard in shards:
         sd.update(read_state_dict(os.path.join(directory, shard)))
@@ -869,6 +886,7 @@ def load_torch_checkpoint(path: str, *, act: Optional[str] = None
                             "directory (no config.json)")
     logging.info("%s: detected format hf (CLIPModel directory)", path)
     params, cfg = _load_hf_dir(path)
+    checkpoint.check_finite(params, path)
     return params, cfg, "hf"
   sd = read_state_dict(path)
   fmt = _format_of(sd, path)
@@ -878,8 +896,9 @@ def load_torch_checkpoint(path: str, *, act: Optional[str] = None
       raise CheckpointError(f"{path}: HF-layout weights without a config.json "
                             "next to them; pass the save_pretrained directory")
     params, cfg = _load_hf_dir(os.path.dirname(path) or ".")
-    return params, cfg, fmt
-  params, cfg = _load_openai(sd, path, act)
+  else:
+    params, cfg = _load_openai(sd, path, act)
+  checkpoint.check_finite(params, path)
   return params, cfg, fmt
 
 

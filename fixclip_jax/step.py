@@ -111,6 +111,13 @@ def make_optimizer(params: Any, config) -> optax.GradientTransformation:
 # ----------------------------------------------------------------------------
 # The train step.
 
+def all_finite(tree: Any) -> Array:
+  """True when every float entry of `tree` is finite (ints are skipped)."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.array(True)
+
+
 def image_masks(config, rng: Array, batch: int, num_patches: int) -> dict:
   """The masked short branch's inputs for CLIP.train_outputs (docs/method.md §3)."""
   masked, keep_index = fixclip.random_patch_mask(
@@ -161,10 +168,13 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
     # CLIP caps the temperature parameter after every update (Long-CLIP: never).
     if max_logit_scale is not None:
       params["logit_scale"] = jnp.minimum(params["logit_scale"], max_logit_scale)
-    # A batch with NaN/Inf features or gradients is skipped, not applied
-    # (config.skip_nonfinite; off = apply it anyway, for debugging).
+    # A batch with NaN/Inf features, loss or gradients is skipped, not
+    # applied, and so is a finite one whose update is not (an overflowing
+    # step): no NaN/Inf ever enters the state (config.skip_nonfinite; off =
+    # apply it anyway, for debugging).
     bad = ((terms.get("nonfinite_features", 0) > 0) | ~jnp.isfinite(loss) |
-           ~jnp.isfinite(grad_norm)) & config.skip_nonfinite
+           ~jnp.isfinite(grad_norm) | ~all_finite(params) |
+           ~all_finite(opt_state)) & config.skip_nonfinite
     keep_old = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(bad, o, n), new, old)
     num_skipped = state["num_skipped"] + bad.astype(jnp.int32)
@@ -173,8 +183,8 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
                  "step": state["step"] + 1, "rng": state["rng"],
                  "num_skipped": num_skipped}
     metrics = dict(terms, loss=loss, grad_norm=grad_norm,
-                   temperature=losses.temperature(params["logit_scale"],
-                                                  max_logit_scale),
+                   temperature=losses.temperature(
+                       new_state["params"]["logit_scale"], max_logit_scale),
                    skipped=bad.astype(jnp.int32), skipped_total=num_skipped)
     return new_state, metrics
 

@@ -80,6 +80,59 @@ class PreemptionGuard:
 
 
 # ----------------------------------------------------------------------------
+# Divergence: updates skipped for NaN/Inf (step.py) many times in a row.
+
+class DivergenceError(ValueError):
+  """config.optim.max_skipped_updates updates in a row were skipped."""
+  exit_code = 3  # cli.run: a run that stopped itself, told apart from usage errors
+
+
+class DivergenceWatch:
+  """Counts consecutive skipped updates from the step's metrics (read one
+  step late, when the loop waits for that step anyway) and remembers the
+  last finite loss."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.streak = 0
+    self.first_skipped = 0
+    self.last_finite: Optional[tuple] = None  # (step, loss)
+
+  def observe(self, step: int, loss, skipped) -> bool:
+    """True when the run should stop (the limit reached)."""
+    loss, skipped = float(jax.device_get(loss)), int(jax.device_get(skipped))
+    if np.isfinite(loss):
+      self.last_finite = (step, loss)
+    if not skipped:
+      self.streak = 0
+      return False
+    self.streak += 1
+    if self.streak == 1:
+      self.first_skipped = step
+    return bool(self.limit) and self.streak >= self.limit
+
+  def error(self, config, step: int, workdir: str) -> DivergenceError:
+    saved = checkpoint.saved_steps(workdir)
+    kept = (f"The newest checkpoint, step {saved[-1]}, is kept in "
+            f"{os.path.join(workdir, checkpoint.TRAIN_CHECKPOINT_SUBDIR)} "
+            "(skipped updates change nothing)" if saved else
+            "No checkpoint was saved")
+    last = ("no finite loss in this run" if self.last_finite is None else
+            f"last finite loss {self.last_finite[1]:.4f} at step "
+            f"{self.last_finite[0]}")
+    o = config.optim
+    return DivergenceError(
+        f"The run diverged: stopped at step {step} after {self.streak} updates "
+        f"in a row were skipped for NaN/Inf (steps {self.first_skipped}-{step};"
+        f" config.optim.max_skipped_updates={self.limit}); {last}. {kept}. "
+        f"Try a lower --config.optim.lr (now {o.lr:g}), a longer "
+        f"--config.optim.warmup_steps (now {o.warmup_steps}), gradient "
+        f"clipping (--config.optim.grad_clip, now {o.grad_clip:g}) or "
+        "--config.dtype=float32, then rerun the same command to resume "
+        "(--config.resume_step=N: an earlier step).")
+
+
+# ----------------------------------------------------------------------------
 # The loop.
 
 def _host_batch(batch: dict) -> dict:
@@ -120,7 +173,13 @@ def _restore(config, workdir, manager, model, mesh, train_iter):
   state, step = checkpoint.restore_newest(manager, abstract, train_iter,
                                           newest=step,
                                           fallback=not config.resume_step)
+  # Only steps of this workdir's earlier runs can be later (the workdir is
+  # locked: no other run writes here now); named before they go.
   later = sorted(s for s in manager.all_steps() if s > step)
+  if later:
+    logging.warning("Resuming at step %d (config.resume_step): deleting the "
+                    "later checkpoints %s of an earlier run in %s (orbax "
+                    "cannot save over them)", step, later, manager.directory)
   for s in later:
     manager.delete(s)
   if later:
@@ -198,11 +257,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Everything that can be wrong with the config, the data source, the
   workdir (another model, another process count) or init_from raises before
   anything is written; `on_start()` runs after those checks, before the
-  first write (main.py opens its log file there).
+  first write (main.py opens its log file there). The workdir is locked
+  (checkpoint.WorkdirLock) from then until the run ends: a second run on it
+  stops with one line naming this one.
   """
+  lock = checkpoint.WorkdirLock(workdir)
+
+  def start():
+    lock.acquire()
+    if on_start is not None:
+      on_start()
+
+  try:
+    return _train_and_evaluate_locked(config, workdir, evaluate, start, lock)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate_locked(config, workdir: str, evaluate: bool,
+                               on_start: Callable[[], None],
+                               lock: checkpoint.WorkdirLock) -> TrainState:
+  """train_and_evaluate's stages; `on_start` locks the workdir."""
   if config.get("pretrain77") and config.pretrain77.steps:
     start_dir = os.fspath(fileio.path(workdir) / PRETRAIN77_SUBDIR)
     if not checkpoint.has_train_checkpoint(workdir):  # the run has not begun
+      lock.acquire()  # stage 1 writes its start model before its checks
       state, preempted = _pretrain77(config, start_dir, evaluate, on_start)
       if preempted:
         return state
@@ -308,7 +387,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   timer_start, timer_steps = time.perf_counter(), 0
   step = start
   skipped_logged, last_logged = int(jax.device_get(state["num_skipped"])), start
-  in_flight = None  # the previous step's loss: at most one step queued
+  in_flight = None  # the previous step's (step, loss, skipped): one queued
+  divergence = DivergenceWatch(config.optim.get("max_skipped_updates", 0))
+  diverged = False
   preempted = False
   with PreemptionGuard() as guard, train_iter:
     while step < config.num_train_steps:
@@ -329,9 +410,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if train_step is None:
         train_step = step_lib.jit_train_step(step_fn, mesh, shardings, batch)
       state, metrics = train_step(state, batch)
-      if in_flight is not None:  # a signal then stops within one step
-        jax.block_until_ready(in_flight)
-      in_flight = metrics["loss"]
+      if in_flight is not None:  # waits for it: a signal stops within one step
+        diverged = divergence.observe(*in_flight)
+        if diverged:  # (the step just queued is not counted or saved)
+          break
+      in_flight = (step + 1, metrics["loss"], metrics["skipped"])
       step += 1
       timer_steps += 1
       # The first step of a run is logged too: a progress line right away
@@ -379,8 +462,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
         break
+    if in_flight is not None and not diverged and not preempted:
+      diverged = divergence.observe(*in_flight)  # the last step
   checkpoint.check_saves(manager, wait=True)
   writer.close()
+  if diverged:
+    raise divergence.error(config, step, workdir)
   if preempted:
     _say(f"Stopped by a signal at step {step}; its checkpoint is saved: rerun "
          "the same command to resume.")
