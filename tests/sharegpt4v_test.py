@@ -19,9 +19,11 @@ from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import config_check
 from fixclip_jax import main
+from fixclip_jax.data import pipeline
 from fixclip_jax.data import prepare
 from fixclip_jax.data import sharegpt4v
 from fixclip_jax.data import sources
+from fixclip_jax.data import tokenizers
 from fixclip_jax.evaluation import datasets
 from fixclip_jax.evaluation import run as eval_run
 
@@ -111,6 +113,26 @@ class ShareGPT4VSourceTest(absltest.TestCase):
                                 "data.holdout_first=-1"):
       config_check.check_config(config, "train", device_count=1,
                                 process_count=1)
+
+  def test_trains_through_the_pipeline(self):
+    path = _write_sharegpt4v(self.root, 6, with_images=range(6))
+    data = _data_config(**{"data.type": "sharegpt4v", "data.path": path,
+                           "data.holdout_first": 2, "data.image_size": 24,
+                           "data.global_batch": 4, "data.num_epochs": 1,
+                           "data.read_threads": 2}).data
+    tokenizer = tokenizers.get_tokenizer("clip", context_length=248)
+    batch = next(pipeline.make_train_iterator(data, tokenizer,
+                                              process_index=0, process_count=1))
+    self.assertEqual(sorted(batch["index"].tolist()), [0, 1, 2, 3])
+    for row, index in enumerate(batch["index"]):
+      entry = 2 + int(index)  # the first two entries are held out
+      # Long-CLIP's captions (train/sharegpt4v.py), written out.
+      caption = _caption(entry).replace("\n", " ")
+      np.testing.assert_array_equal(batch["text_long"][row],
+                                    tokenizer([caption])[0])
+      np.testing.assert_array_equal(batch["text_short"][row],
+                                    tokenizer([caption.split(". ")[0]])[0])
+      self.assertEqual(int(batch["image"][row].mean()), entry)  # its PNG
 
   def test_a_bad_entry_costs_one_example(self):
     path = _write_sharegpt4v(self.root, 4, with_images=range(4))
