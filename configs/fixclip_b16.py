@@ -59,8 +59,10 @@ def get_config():
   # not add any), so keep it at 2048 whatever the device count.
   c.data.global_batch = 2048
   c.data.num_workers = 8
-  # Long-CLIP: 6 epochs; ShareGPT4V's 1,245,901 pairs at 2048 = ceil(608.3) x 6.
-  # Another manifest: ceil(pairs / 2048) x epochs.
+  # Long-CLIP: 6 epochs of whatever data.path holds (main.py sets
+  # num_train_steps = ceil(6 * ceil(pairs / 2048)), config_base.steps_for_epochs);
+  # ShareGPT4V's 1,245,901 training pairs give 609 x 6 = 3654, the fallback.
+  c.num_train_epochs = 6
   c.num_train_steps = 3654
   c.checkpoint_every = 500
   c.eval_every = 500

@@ -17,7 +17,8 @@ def get_config():
   # come from the batch, so halving it would change the objective. Memory comes
   # from remat and FSDP, not from accum_steps (per-micro-batch negatives).
   c.data.global_batch = 2048
-  c.num_train_steps = 3654                # as B/16: 6 epochs of ShareGPT4V
+  c.num_train_epochs = 6                  # as B/16: 6 epochs of data.path
+  c.num_train_steps = 3654                # ShareGPT4V's (the fallback)
   c.remat = "full"                        # activations of 24 layers x 2 branches
   c.mesh.fsdp = -1                        # shard params/optimizer over all devices
   c.mesh.data = 1
