@@ -242,6 +242,7 @@ COMMANDS = {
     "data_bench": "fixclip_jax.tools.data_bench",
     "tokenizer_bench": "fixclip_jax.tools.tokenizer_bench",
     "ablate": "fixclip_jax.tools.ablate",
+    "eval": "fixclip_jax.eval_cli",
 }
 
 
@@ -290,3 +291,7 @@ def tokenizer_bench():
 
 def ablate():
   run_module(COMMANDS["ablate"])
+
+
+def evaluate():
+  run_module(COMMANDS["eval"])

@@ -53,8 +53,9 @@ class ReportTest(absltest.TestCase):
     with open(self._path(report.MARKDOWN_NAME)) as f:
       lines = f.read().strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    self.assertEqual(header[:6], ["model", "step", "dataset", "protocol",
-                                  "i2t_R@1", "i2t_R@5"])
+    # The protocol's numbers (absent here: '-') follow its name.
+    self.assertEqual(header[:8], ["model", "step", "dataset", "protocol",
+                                  "image_size", "text_context", "i2t_R@1", "i2t_R@5"])
     self.assertIn("top1", header)
     self.assertLen(lines, 2 + 3)
     rows = {r.split("|")[3].strip(): r for r in lines[2:]}
@@ -132,6 +133,21 @@ class ReportTest(absltest.TestCase):
       report.write_report(self.workdir, [_retrieval("urban1k", "urban1k", 1.0)])
     with open(self._path(report.JSON_NAME)) as f:
       self.assertEqual(f.read(), "{not json")
+
+
+class ProtocolFieldsTest(absltest.TestCase):
+
+  def test_protocol_numbers_are_keys_and_checked(self):
+    workdir = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, workdir, ignore_errors=True)
+    rows = [dict(_retrieval("coco", "coco-karpathy-test-5000", 40.0), image_size=size,
+                 text_context=77) for size in (224, 336)]
+    merged = report.write_report(workdir, rows, model="m")
+    self.assertLen(merged, 2)  # 224 px and 336 px are two protocols
+    self.assertIn("Protocol: images at 336 px (coco-karpathy-test-5000: 224)",
+                  report.console_table(merged))
+    with self.assertRaisesRegex(ValueError, "'image_size' = '224' is not a positive int"):
+      report.write_report(workdir, [dict(rows[0], image_size="224")])
 
 
 class ConsoleAndCurvesTest(absltest.TestCase):

@@ -25,7 +25,8 @@ the benchmark's own top folder where one exists, e.g. `.../data` for
                     "extra_caption". ASSUMPTION (from the public Long-CLIP /
                     FIX-CLIP style DCI retrieval code, not the DCI paper): the
                     long text is f"{short_caption}\\n{extra_caption}" and all
-                    splits are used (7,805 images); `splits=` narrows it.
+                    splits are used (7,805 images; protocol dci-full-7805);
+                    `splits=` narrows it (dci-<splits>-<images>).
   docci             docci_descriptions.jsonlines (the released name;
                     descriptions.jsonlines also accepted) with "image_file",
                     "description", "split"; images in images/. Split "test"
@@ -334,8 +335,10 @@ def load_dci(root: str, splits: Optional[Sequence[str]] = None) -> RetrievalData
       extra = _field(anno, "extra_caption", "dci", anno_path)
       paths.append(os.path.join(photo_dir, _field(anno, "image", "dci", anno_path)))
       caps.append([f"{short}\n{extra}"])
-  protocol = "dci-long" + ("" if splits is None else "-" + "+".join(chosen))
-  return from_existing("dci", protocol, paths, caps)
+  # Named by split and size: "DCI" numbers differ between papers by subset.
+  which = "full" if splits is None else "+".join(chosen)
+  ds = from_existing("dci", "dci", paths, caps)
+  return dataclasses.replace(ds, protocol=f"dci-{which}-{ds.num_images}")
 
 
 def load_docci(root: str, split: str = "test") -> RetrievalDataset:

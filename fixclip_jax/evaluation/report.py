@@ -3,10 +3,10 @@
 Files (all written atomically with fileio, so a crash or a bad input never
 leaves a half-written or clobbered file; the workdir may be a URL, gs://...):
   eval_results.json   {"results": [{"model", "step", "dataset", "protocol",
-                      <metric>: number, ...}, ...]}; new results replace older
-                      ones with the same (model, step, dataset, protocol) key and
-                      are appended otherwise, so evaluating step after step
-                      builds a history.
+                      "image_size", "text_context", <metric>: number, ...},
+                      ...]}; new results replace older ones with the same key
+                      (those six fields) and are appended otherwise, so
+                      evaluating step after step builds a history.
   eval_results.md     one markdown table row per result.
   eval_recall.png     R@K bars per benchmark, latest step of each model.
   eval_history.png    R@1 over training steps per benchmark (only when some
@@ -16,6 +16,13 @@ leaves a half-written or clobbered file; the workdir may be a URL, gs://...):
   train_curves.png    loss terms, learning rate and throughput against step,
                       from metrics.jsonl rows (written by the training loop).
 `console_table` is the short form of the table that runs print at the end.
+
+Every row names its protocol (docs/method.md §4): `protocol` is the
+benchmark's split and size as its loader names it (coco-karpathy-test-5000,
+flickr30k-karpathy-test-1000 or flickr30k-full-31783, dci-full-7805,
+urban1k, ...), `image_size` the pixels the model saw (224, 336, ...) and
+`text_context` the tokens a caption was cut to (77, 248). The console table
+adds one line saying the image sizes and text contexts of its rows.
 """
 import io
 import json
@@ -33,7 +40,10 @@ MARKDOWN_NAME = "eval_results.md"
 RECALL_PNG = "eval_recall.png"
 HISTORY_PNG = "eval_history.png"
 TRAIN_PNG = "train_curves.png"
-KEY_FIELDS = ("model", "step", "dataset", "protocol")
+KEY_FIELDS = ("model", "step", "dataset", "protocol", "image_size",
+              "text_context")
+# The key fields that are protocol numbers (None in results written before).
+PROTOCOL_NUMBERS = ("image_size", "text_context")
 # Metrics first in this order, then any other numeric fields alphabetically.
 METRIC_ORDER = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5",
                 "t2i_R@10", "top1", "top5", "num_images", "num_texts")
@@ -59,6 +69,10 @@ def _validate(result: Dict[str, Any]) -> None:
   for field in ("dataset", "protocol"):
     if not isinstance(result.get(field), str) or not result[field]:
       raise ValueError(f"Result needs a non-empty string {field!r}: {result}")
+  for field in PROTOCOL_NUMBERS:
+    v = result.get(field)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+      raise ValueError(f"Result field {field!r} = {v!r} is not a positive int")
   for k, v in result.items():
     if k in KEY_FIELDS:
       continue
@@ -75,7 +89,8 @@ def _step(r: Dict[str, Any]) -> int:
 
 
 def _sort_key(r: Dict[str, Any]):
-  return (str(r.get("model")), _step(r), r["dataset"], r["protocol"])
+  return (str(r.get("model")), _step(r), r["dataset"], r["protocol"],
+          r.get("image_size") or 0, r.get("text_context") or 0)
 
 
 def merge_results(old: Sequence[Dict[str, Any]], new: Sequence[Dict[str, Any]]
@@ -117,9 +132,31 @@ CONSOLE_COLUMNS = (("i2t_R@1", "I2T R@1"), ("i2t_R@10", "I2T R@10"),
                    ("top1", "top-1"), ("top5", "top-5"))
 
 
+def protocol_line(results: Sequence[Dict[str, Any]]) -> str:
+  """"Protocol: 224 px images, text cut at 248 tokens (synthetic-long77: 77)."
+  for rows that carry image_size / text_context ('' when none does)."""
+  rows = [r for r in results if any(r.get(f) for f in PROTOCOL_NUMBERS)]
+  if not rows:
+    return ""
+  parts = []
+  for field, unit, what in (("image_size", "px", "images at"),
+                            ("text_context", "tokens", "text cut at")):
+    values = [r.get(field) for r in rows if r.get(field)]
+    if not values:
+      continue
+    # The most frequent value (ties: the larger, the model's own context).
+    common = max(set(values), key=lambda v: (values.count(v), v))
+    others = sorted({f"{_label(r)}: {r[field]}" for r in rows
+                     if r.get(field) and r[field] != common})
+    parts.append(f"{what} {common} {unit}" +
+                 (f" ({', '.join(others)})" if others else ""))
+  return "Protocol: " + "; ".join(parts) + "\n"
+
+
 def console_table(results: Sequence[Dict[str, Any]]) -> str:
   """| step | benchmark | I2T R@1 | ... |: the few columns worth a terminal
-  (a model column first when the results hold more than one model)."""
+  (a model column first when the results hold more than one model), then the
+  protocol line (image sizes and text contexts of the rows)."""
   present = [(k, h) for k, h in CONSOLE_COLUMNS if any(k in r for r in results)]
   with_model = len({r.get("model") for r in results}) > 1
   head = ["model"] * with_model + ["step", "benchmark"] + [h for _, h in present]
@@ -128,7 +165,7 @@ def console_table(results: Sequence[Dict[str, Any]]) -> str:
     cells = ([_fmt(r.get("model"))] * with_model +
              [_fmt(r.get("step")), _label(r)] + [_fmt(r.get(k)) for k, _ in present])
     lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n" + protocol_line(results)
 
 
 def _png_bytes(fig) -> bytes:
@@ -148,7 +185,8 @@ def recall_bars_png(results: Sequence[Dict[str, Any]]) -> Optional[bytes]:
   for r in results:
     if not any(k.endswith("_R@1") for k in r):
       continue
-    k = (r.get("model"), r["dataset"], r["protocol"])
+    k = (r.get("model"), r["dataset"], r["protocol"], r.get("image_size"),
+         r.get("text_context"))
     if k not in latest or _step(r) >= _step(latest[k]):
       latest[k] = r
   if not latest:

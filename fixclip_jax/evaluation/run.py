@@ -170,6 +170,15 @@ def dataset_tokenizer(tokenizer, ds: datasets.RetrievalDataset,
                            context_length=min(ds.text_context, model_context))
 
 
+def protocol_fields(ds, cfg) -> Dict[str, int]:
+  """The numbers a result's protocol needs besides its name (report.py): the
+  image size the model saw and the tokens its texts were cut to."""
+  context = cfg.context_length
+  if isinstance(ds, datasets.RetrievalDataset) and ds.text_context is not None:
+    context = min(ds.text_context, context)
+  return {"image_size": int(cfg.image_size), "text_context": int(context)}
+
+
 def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
              workdir: str, step: Optional[int] = None) -> List[Dict[str, Any]]:
   """Scores every configured dataset; writes and returns the result rows.
@@ -204,6 +213,7 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
                                                          cfg.context_length),
                                        batch_size, cfg.image_size)
       r.update(ds.pair_counts)  # pairs scored of those found (a note if fewer)
+    r.update(protocol_fields(ds, cfg))
     logging.info("eval %s", r)
     results.append(r)
   if jax.process_index() == 0:
