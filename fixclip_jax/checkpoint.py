@@ -577,14 +577,20 @@ class WorkdirLockedError(OSError):
   """Another live run holds the workdir."""
 
 
+def _proc_stat(pid: int) -> List[str]:
+  """/proc/PID/stat's fields after the command name ([] where there is none)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()
+  except (OSError, IndexError):
+    return []
+
+
 def _process_start(pid: int) -> Optional[str]:
   """The kernel's start time of `pid` (/proc; None elsewhere): a pid reused
   by another process has another start time."""
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
+  fields = _proc_stat(pid)
+  return fields[19] if len(fields) > 19 else None
 
 
 def _pid_alive(pid: int, start: Optional[str]) -> bool:
@@ -594,6 +600,9 @@ def _pid_alive(pid: int, start: Optional[str]) -> bool:
     return False
   except PermissionError:  # another user's live process
     return True
+  fields = _proc_stat(pid)
+  if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped
+    return False
   now = _process_start(pid)
   return start is None or now is None or now == start
 

@@ -86,6 +86,12 @@ def fail(message: object, program: Optional[str] = None,
 # ----------------------------------------------------------------------------
 # Logging: a quiet console, everything in a file.
 
+# Libraries whose records stay off the console (the log file has them): what
+# orbax reports from its background save threads comes back whole as the
+# one-line error of the save that failed (checkpoint.CheckpointSaveError).
+_FILE_ONLY_LIBRARIES = (f"{os.sep}orbax{os.sep}",)
+
+
 class _ConsoleFilter(logging.Filter):
   """Lets warnings and errors through; INFO only in debug mode."""
 
@@ -94,7 +100,11 @@ class _ConsoleFilter(logging.Filter):
     self.verbose = verbose
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return self.verbose or record.levelno >= logging.WARNING
+    if self.verbose:
+      return True
+    if any(lib in (record.pathname or "") for lib in _FILE_ONLY_LIBRARIES):
+      return False
+    return record.levelno >= logging.WARNING
 
 
 _console_filter = _ConsoleFilter(verbose=False)

@@ -385,7 +385,7 @@ class StorageFaultsTest(absltest.TestCase):
     # does not; the free-space check is told there is room, so the save
     # itself runs out of space (a disk filled by another process mid-save).
     argv = faults_test._main(workdir, "--config.num_train_steps=3",
-                             "--config.checkpoint_every=1")[2:]
+                             "--config.checkpoint_every=1")[3:]
     program = textwrap.dedent(f"""
         import runpy, sys
         from fixclip_jax import checkpoint
@@ -406,7 +406,11 @@ class StorageFaultsTest(absltest.TestCase):
     self.assertLen(errors, 1, proc.stderr[-3000:])
     self.assertRegex(errors[0], r"Saving the checkpoint of step 2 in .* failed: "
                      r".*the newest good checkpoint, step 1, is kept")
-    self.assertLessEqual(len(err), 4, proc.stderr[-3000:])
+    # Besides it only our warnings (orbax's errors, which it repeats, and
+    # tracebacks are in log.txt): was 914 lines with 7 "Logging error" blocks.
+    others = [l for l in err if ": error: " not in l]
+    self.assertTrue(all(l.startswith("W") for l in others), others)
+    self.assertLessEqual(len(others), 2, proc.stderr[-3000:])
     report("disk full mid-save", f"{len(err)} stderr line(s): " +
            " | ".join(l[:300] for l in err))
 
@@ -429,9 +433,7 @@ class ProgramErrorsTest(absltest.TestCase):
     cases = [  # (case, flags, pattern of the error line, torch hidden)
         ("lr=nan", ["--config.optim.lr=nan"],
          r"^config\.optim\.lr=nan: must be a finite number", False),
-        ("max_logit_scale=inf", ["--config.loss.max_logit_scale=inf"],
-         r"^config\.loss\.max_logit_scale=inf: must be a finite number", False),
-        ("vision_heads=5", ["--config.model.vision_heads=5"],
+        ("vision_heads=5 (config file)", [f"--config={files['heads']}"],
          r"^config\.model\.vision_heads=5: must divide the vision width", False),
         ("safetensors header a JSON list",
          [f"--config.init_from={files['list_header']}"],
@@ -445,13 +447,16 @@ class ProgramErrorsTest(absltest.TestCase):
          r"weights\.pt: reading a PyTorch file needs PyTorch, which is not "
          r"installed: pip install 'fixclip_jax\[torch\]'", True),
         ("init_from with NaN weights", [f"--config.init_from={files['nan']}"],
-         r"nan\.safetensors: parameter text/token_embedding/embedding holds 1 "
+         r"nan\.safetensors: parameter text/token_embedding holds 1 "
          r"NaN/Inf value", False),
     ]
     running = []
     for case, flags, pattern, hide_torch in cases:
       workdir = os.path.join(root, f"workdir_{len(running)}")
-      argv = faults_test._main(workdir, *flags)
+      config = next((f.split("=", 1)[1] for f in flags
+                     if f.startswith("--config=")), "configs/demo.py")
+      flags = [f for f in flags if not f.startswith("--config=")]
+      argv = faults_test._main(workdir, *flags, config=config)
       if hide_torch:
         argv = [sys.executable, "-c", _HIDE_TORCH] + argv[3:]
       while sum(p.poll() is None for *_, p in running) >= 3:
@@ -477,7 +482,8 @@ def _bad_files(root):
   cfg = sizes.model_config(train_test.demo_config(**SMALL))
   params = jax.device_get(clip.init_params(cfg))
   sd = convert.params_to_openai_state_dict(params, cfg)
-  files = {}
+  files = {"heads": faults_test._config_file(root, "heads",
+                                             "c.model.vision_heads = 5")}
   files["list_header"] = os.path.join(root, "list_header.safetensors")
   header = json.dumps([{"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}])
   with open(files["list_header"], "wb") as f:
