@@ -17,8 +17,11 @@ the remaining crashes are one line.
   user errors          one line, exit 2, nothing written
 Each case prints `[fault] CASE: what the user saw` (`pytest -s` shows them).
 """
+import contextlib
 import fcntl
+import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -37,10 +40,10 @@ import safetensors.numpy
 
 from fixclip_jax import api
 from fixclip_jax import checkpoint
+from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import config_check
 from fixclip_jax import convert
-from fixclip_jax import step as step_lib
 from fixclip_jax import train
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
@@ -222,7 +225,7 @@ class OverflowingUpdateTest(absltest.TestCase):
            f"{real / 2**20:.1f} MiB checkpoint ({estimate / real:.2f}x; raw "
            f"arrays {checkpoint.state_nbytes(good) / real:.2f}x)")
     self.assertBetween(estimate / real, 1.0, 1.5)
-    good_params = jax.device_get(good["params"])
+    step1, _ = checkpoint.load_train_params(workdir, 1)
 
     # Resume at step 1 with an infinite lr: every update is skipped (the loss
     # and gradients are finite, the new parameters are not); after 3 in a row
@@ -249,19 +252,13 @@ class OverflowingUpdateTest(absltest.TestCase):
     self.assertEqual(checkpoint.saved_steps(workdir), [3, 4])
     # The kept checkpoints hold step 1's weights: skipped updates changed
     # nothing, and nothing non-finite was saved.
-    params, _ = checkpoint.load_train_params(workdir)
-    self.assertTrue(_finite_leaves(params))
-    step1 = _restore_params(workdir, 3)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(step1)):
-      np.testing.assert_array_equal(a, b)
+    for step in (3, 4):
+      params, _ = checkpoint.load_train_params(workdir, step)
+      self.assertTrue(_finite_leaves(params))
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(step1)):
+        np.testing.assert_array_equal(a, b)
     with open(os.path.join(workdir, checkpoint.LOCK_FILE)) as f:
       self.assertEqual(f.read(), "")  # released on the error too
-    del good_params
-
-
-def _restore_params(workdir, step):
-  params, _ = checkpoint.load_train_params(workdir, step)
-  return params
 
 
 # ----------------------------------------------------------------------------
@@ -413,6 +410,36 @@ class StorageFaultsTest(absltest.TestCase):
     self.assertLessEqual(len(others), 2, proc.stderr[-3000:])
     report("disk full mid-save", f"{len(err)} stderr line(s): " +
            " | ".join(l[:300] for l in err))
+
+
+class ConsoleTest(absltest.TestCase):
+
+  def test_a_log_file_that_cannot_be_written_is_given_up_with_one_line(self):
+    # /dev/full: every write fails with ENOSPC, as on a full disk.
+    handler = cli.log_to_file("/dev/full")
+    self.addCleanup(logging.getLogger().removeHandler, handler)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      for i in range(5):
+        logging.getLogger("fixclip_fault").warning("record %d", i)
+    lines = [l for l in err.getvalue().splitlines() if l.strip()]
+    self.assertNotIn("Logging error", err.getvalue())
+    self.assertLen(lines, 1, err.getvalue())
+    self.assertRegex(lines[0], r"warning: stopped writing /dev/full: .*No space "
+                     r"left on device")
+    self.assertNotIn(handler, logging.getLogger().handlers)
+    report("log file on a full disk", lines[0])
+
+  def test_a_diverged_run_exits_3_with_one_line(self):
+    def main(_):
+      raise train.DivergenceError("The run diverged: stopped at step 9")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as ended:
+      cli._guarded(main)(["fixclip-train"])
+    self.assertEqual(ended.exception.code, 3)
+    self.assertRegex(err.getvalue(), r"^[\w.-]+: error: The run diverged: "
+                     r"stopped at step 9 \(--debug")
+    self.assertLen(err.getvalue().splitlines(), 1)
 
 
 # ----------------------------------------------------------------------------
