@@ -1,0 +1,63 @@
+"""The soak tool (fixclip_jax/tools/soak.py), CI-sized: SLOW, marked.
+
+A 2-minute soak: a reference run alongside, then trainers hit by faults (a
+SIGKILL while a checkpoint is being written first; then, while the 2 minutes
+allow, a SIGTERM, a read-only spell mid-run, a SIGKILL at a random moment),
+then one to the end; bad records in the manifest. On a 2-core machine loaded
+by other jobs (load ~14) each Python + JAX start takes 30-40 s, so it is
+about 3 minutes with one fault; on an idle machine more faults fit. The
+final parameters must equal the uninterrupted reference's bit for bit;
+every step must be in metrics.jsonl, replayed steps' losses and the skip
+totals as the reference's. Disk-full spells are left to the longer soaks
+(BENCHMARKS.md, "Soak"): one leaves a broken line in metrics.jsonl
+(reported, metrics.py).
+"""
+import os
+import shutil
+import tempfile
+
+from absl.testing import absltest
+
+from fixclip_jax.tools import soak
+
+# The first always; the others while the 2 minutes allow.
+CI_FAULTS = ("kill_midsave", "term", "readonly", "kill")
+
+
+class SoakTest(absltest.TestCase):
+
+  def test_a_two_minute_soak_loses_nothing(self):
+    root = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+    report = soak.run_soak(os.path.join(root, "soak"), minutes=2.0, steps=12,
+                           checkpoint_every=2, seed=0, faults=CI_FAULTS)
+    table = soak.format_table(report)
+    print(table)
+    attempts = report["attempts"]
+    self.assertEqual(attempts[0]["fault"], "kill_midsave", table)
+    # The kill at a save hit one (orbax's tmp step folder was there).
+    self.assertTrue(any(a["mid_save"] for a in attempts
+                        if a["fault"] == "kill_midsave"), table)
+    # SIGTERM: a checkpoint saved, exit 0.
+    for a in attempts:
+      if a["fault"] in ("term", "term_midsave", "final"):
+        self.assertEqual(a["rc"], 0, a)
+      if a["fault"] in ("kill", "kill_midsave"):
+        self.assertEqual(a["rc"], -9, a)
+      if a["fault"] in ("readonly", "readonly_start", "diskfull"):
+        self.assertTrue(a["error_line"], a)  # one line, exit != 0
+        self.assertNotEqual(a["rc"], 0, a)
+    self.assertEqual(attempts[-1]["end_step"], 12, table)
+    self.assertTrue(report["params"]["equal"], table)
+    metrics = report["metrics"]
+    self.assertEmpty(metrics["missing"], table)
+    self.assertEqual(metrics["broken_lines"], 0, table)
+    self.assertEmpty(metrics["loss_differs"], table)
+    self.assertTrue(metrics["skips_equal"], table)
+    self.assertGreater(metrics["skipped_total"], 0, table)
+    self.assertTrue(report["ok"], table)
+    self.assertFalse(os.path.ismount(os.path.join(root, "soak", "soak")))
+
+
+if __name__ == "__main__":
+  absltest.main()
