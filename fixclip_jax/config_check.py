@@ -58,8 +58,8 @@ POSITIVE = (
     "data.synthetic_image_size", "optim.accum_steps",
     "optim.grad_cache_chunks", "optim.lr",
     "optim.eps", "eval.batch_size", "eval.synthetic_num", "model.vocab_size",
-    "model.context_length", "loss.pcm_components", "loss.pcm_group_size",
-    "pretrain77.lr")
+    "model.context_length", "model.gta_sigma", "loss.pcm_components",
+    "loss.pcm_group_size", "pretrain77.lr")
 NON_NEGATIVE = (
     "eval_every", "resume_step", "peak_tflops", "data.num_epochs",
     "num_train_epochs", "data.holdout_first",
@@ -67,7 +67,7 @@ NON_NEGATIVE = (
     "data.short_context", "data.read_timeout_s", "data.max_image_pixels",
     "optim.warmup_steps", "optim.grad_clip", "optim.weight_decay",
     "optim.new_params_lr", "optim.max_skipped_updates", "model.num_prompts",
-    "model.gta_groups", "model.gta_sigma", "loss.short_weight",
+    "model.gta_groups", "loss.short_weight",
     "pretrain77.steps")
 UNIT_INTERVAL = ("masking.ratio", "loss.label_smoothing", "optim.b1",
                  "optim.b2")  # [0, 1)
