@@ -9,6 +9,13 @@
       SDXL, text_encoder=encoder, tokenizer=tokenizer)   # or an SD 1.x pipeline
   image = pipe(**diffusion.prompt_embeds(pipe, long_prompt)).images[0]
 
+or from the command line (SD 1.x or SDXL, read from the pipeline's
+model_index.json):
+
+  python -m fixclip_jax.diffusion --text_encoder=/ckpt/te248 \
+      --pipeline=/weights/sdxl-base --prompt="a long description ..." \
+      [--out=sample.png --device=cuda --dtype=float16 --steps=30]
+
 What the UNet gets (`prompt_embeds` returns the pipeline's keyword arguments,
 negative ones included, for classifier-free guidance):
 
@@ -32,20 +39,53 @@ normalises them (data/tokenizers.normalize_text: ftfy, HTML unescape), which
 Hugging Face's tokenizers skip. A prompt longer than 248 tokens is cut, with
 one warning line.
 """
+import contextlib
+import json
+import os
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
+from absl import flags
 from absl import logging
 
+from fixclip_jax import cli
 from fixclip_jax.data import tokenizers
 
 SECOND_ENCODER_CONTEXT = 77  # OpenCLIP-bigG's positions in SDXL
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+  """transformers without its progress bars and warnings (a local read)."""
+  import transformers  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
+  verbosity = transformers.logging.get_verbosity()
+  bar = transformers.logging.is_progress_bar_enabled()
+  transformers.logging.set_verbosity_error()
+  transformers.logging.disable_progress_bar()
+  try:
+    yield
+  finally:
+    transformers.logging.set_verbosity(verbosity)
+    if bar:
+      transformers.logging.enable_progress_bar()
 
 
 def load_text_encoder(path: str, torch_dtype: Any = None) -> Tuple[Any, Any]:
   """(transformers CLIPTextModel, CLIPTokenizer) of a `convert --to=hf_text`
   directory: the 248-token encoder and its tokenizer."""
   import transformers  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
-  encoder = transformers.CLIPTextModel.from_pretrained(path, torch_dtype=torch_dtype)
+  # transformers reports the export's text_projection (CLIPTextModel has
+  # none: it pools without projecting) in a many-line table; a real mismatch
+  # is said below in one line.
+  with _quiet_transformers():
+    encoder, info = transformers.CLIPTextModel.from_pretrained(
+        path, torch_dtype=torch_dtype, output_loading_info=True)
+  unexpected = sorted(set(info.get("unexpected_keys") or ()) - {"text_projection.weight"})
+  missing = sorted(info.get("missing_keys") or ())
+  if unexpected or missing:
+    logging.warning("%s is not a text encoder CLIPTextModel reads whole (missing "
+                    "%s, unexpected %s): export it again with fixclip-convert "
+                    "--to=hf_text", path, missing[:5], unexpected[:5])
   return encoder, transformers.CLIPTokenizer.from_pretrained(path)
 
 
@@ -134,3 +174,121 @@ def prompt_embeds(pipe, prompt: str, negative_prompt: Optional[str] = None
   return {"prompt_embeds": embeds, "negative_prompt_embeds": neg,
           "pooled_prompt_embeds": pooled,
           "negative_pooled_prompt_embeds": neg_pooled}
+
+
+# ----------------------------------------------------------------------------
+# The command line.
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def pipeline_class(pipeline: str) -> str:
+  """The diffusers class a pipeline directory names (model_index.json)."""
+  path = os.path.join(pipeline, "model_index.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{pipeline} is not a diffusers pipeline directory "
+                            f"(no {path})")
+  with open(path) as f:
+    return json.load(f)["_class_name"]
+
+
+def _config(directory: str, what: str) -> Dict[str, Any]:
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{directory} is not {what} (no {path})")
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_widths(text_encoder: str, pipeline: str) -> None:
+  """ValueError unless the text features fit the UNet's cross-attention
+  (SDXL: the long encoder's width plus the second encoder's); read from the
+  config files, before any weights."""
+  width = _config(text_encoder, "a convert --to=hf_text directory")["hidden_size"]
+  second = os.path.join(pipeline, "text_encoder_2")
+  if os.path.isdir(second):
+    width += _config(second, "SDXL's second text encoder")["hidden_size"]
+  want = _config(os.path.join(pipeline, "unet"), "a UNet")["cross_attention_dim"]
+  want = want[0] if isinstance(want, (list, tuple)) else want
+  if width != want:
+    raise ValueError(
+        f"the text features are {width} wide but the UNet of {pipeline} "
+        f"cross-attends {want}-wide ones: export the text tower of a model as "
+        "wide as the pipeline's CLIP-L (768: an L/14; B/16's is 512)")
+
+
+def load_pipeline(text_encoder: str, pipeline: str, device: str, dtype: str):
+  """The pipeline (SD 1.x or SDXL) with our encoder and tokenizer in place of
+  its CLIP-L."""
+  import diffusers  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
+  import torch  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
+  name = pipeline_class(pipeline)
+  check_widths(text_encoder, pipeline)
+  torch_dtype = getattr(torch, dtype)
+  encoder, tokenizer = load_text_encoder(text_encoder, torch_dtype)
+  extra = {} if "XL" in name else {"safety_checker": None,
+                                   "requires_safety_checker": False}
+  # Loading a local pipeline: no progress bars, no many-line advice (e.g.
+  # to install accelerate, a matter of loading speed).
+  verbosity = diffusers.utils.logging.get_verbosity()
+  diffusers.utils.logging.set_verbosity_error()
+  diffusers.utils.logging.disable_progress_bar()
+  with _quiet_transformers(), warnings.catch_warnings():
+    # torch_dtype: the name every diffusers release since 0.30 reads (newer
+    # ones also read dtype, and warn about the old name).
+    warnings.simplefilter("ignore", FutureWarning)
+    try:
+      pipe = getattr(diffusers, name).from_pretrained(
+          pipeline, text_encoder=encoder, tokenizer=tokenizer,
+          torch_dtype=torch_dtype, **extra)
+    finally:
+      diffusers.utils.logging.set_verbosity(verbosity)
+      diffusers.utils.logging.enable_progress_bar()
+  pipe.set_progress_bar_config(disable=True)
+  return pipe.to(device)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program: no clash on import)."""
+  flags.DEFINE_string("text_encoder", None, "Directory of convert --to=hf_text.")
+  flags.DEFINE_string("pipeline", None, "A diffusers StableDiffusionPipeline or "
+                      "StableDiffusionXLPipeline directory.")
+  flags.DEFINE_string("prompt", None, "The prompt (up to 248 tokens).")
+  flags.DEFINE_string("negative_prompt", None, "The negative prompt.")
+  flags.DEFINE_string("out", "sample.png", "The image file to write.")
+  flags.DEFINE_string("device", None, "cuda, cpu, mps, ... (default: cuda if "
+                      "available)")
+  flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Weights' dtype.")
+  flags.DEFINE_integer("steps", 30, "Denoising steps.", lower_bound=1)
+  flags.DEFINE_integer("height", None, "Image height (default: the pipeline's).")
+  flags.DEFINE_integer("width", None, "Image width (default: the pipeline's).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.mark_flags_as_required(["text_encoder", "pipeline", "prompt"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  import torch  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
+  device = FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu")
+  pipe = load_pipeline(FLAGS.text_encoder, FLAGS.pipeline, device, FLAGS.dtype)
+  kwargs = prompt_embeds(pipe, FLAGS.prompt, FLAGS.negative_prompt)
+  count = len(pipe.tokenizer(tokenizers.normalize_text(FLAGS.prompt),
+                             verbose=False)["input_ids"])
+  print(f"{type(pipe).__name__}: the prompt's {count} tokens (of "
+        f"{pipe.tokenizer.model_max_length}) reach the UNet as prompt_embeds "
+        f"{tuple(kwargs['prompt_embeds'].shape)}", flush=True)
+  image = pipe(**kwargs, num_inference_steps=FLAGS.steps, height=FLAGS.height,
+               width=FLAGS.width,
+               generator=torch.Generator(device="cpu").manual_seed(FLAGS.seed)
+               ).images[0]
+  image.save(FLAGS.out)
+  print(f"Wrote {FLAGS.out}", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)

@@ -11,6 +11,8 @@ whole first chunk of the second half, and the pooled embedding.
 """
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -27,6 +29,7 @@ from fixclip_jax.data import tokenizers
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _WORDS = ("red blue green circle square star large small top bottom left right "
           "middle corner white background shape next to above below").split()
 _SECOND_WIDTH = 32  # the tiny "OpenCLIP-bigG"
@@ -180,6 +183,40 @@ class DiffusionTest(absltest.TestCase):
           f"past token 77 the long half changes by up to {long_change:.3f}, "
           f"the second by {second_change:.3f}, the image by {image_change:.4f}; "
           f"{time.time() - start:.1f} s")
+
+  def test_command_line_sdxl_and_a_width_mismatch(self):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
+    sdxl_dir = os.path.join(self.tmp, "sdxl_tiny")
+    self.sdxl.save_pretrained(sdxl_dir)
+    te248 = os.path.join(self.tmp, "te248")
+    out = os.path.join(self.tmp, "sdxl.png")
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "fixclip_jax.diffusion", *args], cwd=self.tmp,
+        env=env, capture_output=True, text=True, timeout=600)
+    proc = run(f"--text_encoder={te248}", f"--pipeline={sdxl_dir}",
+               f"--prompt={self.prompts[0]}", f"--out={out}", "--device=cpu",
+               "--steps=2", "--height=32", "--width=32")
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    self.assertIn(f"StableDiffusionXLPipeline: the prompt's {self.num_tokens} "
+                  f"tokens (of 248) reach the UNet as prompt_embeds (1, 248, "
+                  f"{self.width + _SECOND_WIDTH})", proc.stdout)
+    self.assertIn(f"Wrote {out}", proc.stdout)
+    self.assertGreater(os.path.getsize(out), 100)
+    self.assertEqual(proc.stderr.strip(), "")  # a quiet console
+    print(f"[diffusion CLI] {proc.stdout.strip()}")
+    # A text tower narrower than the pipeline's CLIP-L: one line, exit 2.
+    cfg = sizes.get_config("tiny", context_length=248, positional_keep=20,
+                           text_width=64)
+    narrow = os.path.join(self.tmp, "te248_narrow")
+    convert.save_hf_text_encoder(narrow, jax.device_get(
+        clip.init_params(cfg, jax.random.PRNGKey(6))), cfg)
+    proc = run(f"--text_encoder={narrow}", f"--pipeline={sdxl_dir}",
+               "--prompt=a cat", "--device=cpu")
+    self.assertEqual(proc.returncode, 2, proc.stderr[-3000:])
+    self.assertIn(f"the text features are 96 wide but the UNet of {sdxl_dir} "
+                  "cross-attends 160-wide ones", proc.stderr)
+    self.assertLen(proc.stderr.strip().splitlines(), 1, proc.stderr)
 
   def test_chunks_cover_the_rows(self):
     chunks = diffusion.chunk_ids(self.tokenizer77, self.prompts[0], 248)
