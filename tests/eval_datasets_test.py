@@ -257,6 +257,25 @@ class RetrievalLoadersTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "long77"):
       datasets.load_synthetic(root, which="long76")
 
+  def test_synthetic_late_keeps_whole_late_twin_pairs_only(self):
+    root = os.path.dirname(synthetic.make_synthetic_dataset(
+        os.path.join(self.root, "synth"), 16, image_size=32,
+        late_detail_share=0.5))
+    with open(os.path.join(root, "manifest.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    twins = [r for r in rows if r["scene"]["late_twin"]]
+    self.assertBetween(len(twins), 2, len(rows) - 2)   # a mixed set
+    late = datasets.load_dataset("synthetic_late", root)
+    self.assertEqual(late.protocol, "synthetic-late")
+    self.assertEqual(late.texts, [r["caption"] for r in twins])
+    self.assertEqual(len(late.texts) % 2, 0)            # both members of a pair
+    # Twins agree on the first 77 tokens and differ after them.
+    tok = tokenizers.get_tokenizer("clip", context_length=248)
+    ids = tok(late.texts)
+    np.testing.assert_array_equal(ids[0::2, :76], ids[1::2, :76])
+    self.assertTrue(np.all(np.any(ids[0::2] != ids[1::2], axis=1)))
+    _check_pairing(self, late)
+
   def test_unknown_name(self):
     with self.assertRaisesRegex(KeyError, "urban1k"):
       datasets.load_dataset("nope", self.root)

@@ -452,15 +452,19 @@ def load_flickr30k_full(root: str, image_dir: str = "flickr30k-images",
 
 
 # Captions of the synthetic protocols: which -> (caption field, token context).
+# "late": the long captions of the late-twin scenes only (data/synthetic.py),
+# so every pair differs only after token 77: a 77-token model tells at most
+# one scene of each pair apart (R@1 <= 50%); the late-detail benchmark.
 SYNTHETIC_CAPTIONS = {"long": ("long", None), "short": ("short", None),
-                      "long77": ("long", 77)}
+                      "long77": ("long", 77), "late": ("long", None)}
 
 
 def load_synthetic(root: str, which: str = "long",
                    manifest: str = "manifest.jsonl",
                    image_root: Optional[str] = None) -> RetrievalDataset:
   """The synthetic generator's JSONL manifest; `which` picks long or short
-  captions, or long captions cut to 77 tokens ("long77")."""
+  captions, long captions cut to 77 tokens ("long77"), or the late twins'
+  long captions ("late")."""
   if which not in SYNTHETIC_CAPTIONS:
     raise ValueError(f"synthetic: which must be one of "
                      f"{sorted(SYNTHETIC_CAPTIONS)}, got {which!r}")
@@ -471,13 +475,16 @@ def load_synthetic(root: str, which: str = "long",
   paths, caps = [], []
   for i, row in enumerate(_read_jsonl(path, "synthetic")):
     where = f"{path} line {i + 1}"
+    if which == "late" and not row.get("scene", {}).get("late_twin"):
+      continue
     long_caption = _field(row, "caption", "synthetic", where)
     text = (long_caption if kind == "long" else
             captions_lib.short_caption(long_caption, row.get("short_caption")))
     paths.append(os.path.join(image_root, _field(row, "image", "synthetic", where)))
     caps.append([text])
   if not paths:
-    raise ValueError(f"synthetic: {path} has no rows")
+    raise ValueError(f"synthetic: {path} has no rows"
+                     + (" with scene.late_twin" if which == "late" else ""))
   ds = from_existing("synthetic", f"synthetic-{which}", paths, caps)
   return dataclasses.replace(ds, text_context=text_context)
 
@@ -495,6 +502,7 @@ RETRIEVAL_LOADERS: Dict[str, Callable[..., RetrievalDataset]] = {
     "synthetic_long": functools.partial(load_synthetic, which="long"),
     "synthetic_short": functools.partial(load_synthetic, which="short"),
     "synthetic_long77": functools.partial(load_synthetic, which="long77"),
+    "synthetic_late": functools.partial(load_synthetic, which="late"),
 }
 
 

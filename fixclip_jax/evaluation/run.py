@@ -91,9 +91,12 @@ def load_eval_sets(config, workdir: str) -> List[Any]:
       root = config.eval.root or synthetic_eval_root(workdir, config)
       out.append(datasets.load_synthetic(root, which="long"))
       out.append(datasets.load_synthetic(root, which="short"))
-    elif datasets.canonical_name(name) == datasets.canonical_name("synthetic_long77"):
+    elif datasets.canonical_name(name) in (
+        datasets.canonical_name("synthetic_long77"),
+        datasets.canonical_name("synthetic_late")):
       root = config.eval.root or synthetic_eval_root(workdir, config)
-      out.append(datasets.load_synthetic(root, which="long77"))
+      which = "late" if "late" in datasets.canonical_name(name) else "long77"
+      out.append(datasets.load_synthetic(root, which=which))
     elif datasets.is_classification(name):
       out.append(datasets.load_classification(name, config.eval.root))
     else:
