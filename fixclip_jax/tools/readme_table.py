@@ -63,7 +63,7 @@ def parse_results_md(text: str, source: str = report.MARKDOWN_NAME
     where = f"{source}: table row {number}"
     if len(cells) != len(columns):
       raise ValueError(f"{where} has {len(cells)} cells for {len(columns)} columns")
-    row = {c: _cell(c, t, f"{where}") for c, t in zip(columns, cells)}
+    row = {c: _cell(c, t, where) for c, t in zip(columns, cells)}
     # model/step are key fields the report keeps even when absent (None).
     results.append({k: v for k, v in row.items()
                     if v is not None or k in ("model", "step")})
