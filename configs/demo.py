@@ -41,7 +41,7 @@ def get_config():
   c.log_every = 25
   c.checkpoint_every = 150
   c.eval_every = 0                        # at the end
-  c.eval.datasets = "synthetic,synthetic_long77"
+  c.eval.datasets = "synthetic,synthetic_long77,synthetic_late"
   c.eval.batch_size = 64
   c.eval.synthetic_num = 256
   return c
