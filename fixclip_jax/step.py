@@ -138,11 +138,15 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
   length buckets; one compiled variant per shape).
   The objective's spec (losses.OBJECTIVES) says which branches run: the short
   caption and the masked image are computed only for objectives that read them.
+  With config.optim.grad_cache_chunks = N > 1 the gradients come from
+  `grad_cache_value_and_grad` (the same loss on the whole batch, the towers
+  run N chunks at a time).
   """
   objective = losses.get_objective(config.objective)
   loss_of_outputs = objective.bind(config.loss)
   max_logit_scale = config.loss.max_logit_scale
   num_patches = model.cfg.num_patches
+  num_chunks = config.optim.get("grad_cache_chunks", 1)
 
   def step_fn(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -159,7 +163,15 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
       out["logit_scale"] = losses.clamp_logit_scale(out["logit_scale"], max_logit_scale)
       return loss_of_outputs(out)
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if num_chunks > 1:
+      inputs = dict(masks, images=images, text_long=batch["text_long"])
+      if text_short is not None:
+        inputs["text_short"] = text_short
+      (loss, terms), grads = grad_cache_value_and_grad(
+          model, loss_of_outputs, max_logit_scale, num_chunks)(
+              state["params"], inputs)
+    else:
+      (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # The optimizer zeroes frozen parameters' gradients before clipping; the
     # logged norm is the same trainable-only norm.
     grad_norm = optax.tree.norm(zero_frozen(grads, config))
@@ -189,6 +201,102 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
     return new_state, metrics
 
   return step_fn
+
+
+# ----------------------------------------------------------------------------
+# Gradient caching: full-batch negatives, a chunk's activations at a time.
+
+# The tower outputs the objectives read (losses.py): what the cached step
+# carries from the chunked towers to the full-batch loss. [B, d] features
+# carry the batch on axis 0, "gta" [G, B, d] on axis 1.
+LOSS_FEATURES = {"embedding": 0, "gta": 1}
+
+
+def split_chunks(x: Array, num_chunks: int, axis: int = 0) -> Array:
+  """[.., B, ..] -> [N, .., B/N, ..]; chunk i holds rows i, i+N, i+2N, ...
+
+  Strided, not contiguous: with the batch sharded contiguously over D
+  devices and B divisible by N*D, every chunk is spread over all devices,
+  each device's part of it already local (no data moves).
+  """
+  b = x.shape[axis]
+  if b % num_chunks:
+    raise ValueError(f"optim.grad_cache_chunks={num_chunks} does not divide "
+                     f"the batch of {b}")
+  x = x.reshape(x.shape[:axis] + (b // num_chunks, num_chunks) + x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis + 1, 0)
+
+
+def join_chunks(x: Array, axis: int = 0) -> Array:
+  """split_chunks' inverse: [N, .., B/N, ..] -> [.., B, ..] in the batch's order."""
+  x = jnp.moveaxis(x, 0, axis + 1)                                # [.., B/N, N, ..]
+  return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _map_features(fn, features: dict) -> dict:
+  """fn(array, batch_axis) over {branch: {feature: array}}."""
+  return {branch: {k: fn(v, LOSS_FEATURES[k]) for k, v in tower.items()}
+          for branch, tower in features.items()}
+
+
+def grad_cache_value_and_grad(model: clip.CLIP, loss_of_outputs: Callable,
+                              max_logit_scale, num_chunks: int) -> Callable:
+  """(params, inputs) -> ((loss, terms), grads) with the whole batch's negatives,
+  the towers' activations kept for one chunk at a time (gradient caching,
+  Gao et al. 2021; docs/method.md §1).
+
+  inputs: train_outputs' arguments by name (images [B, H, W, 3], text_long,
+  text_short, patch_mask | keep_index), all [B, ...]. Three passes:
+    1. the features the loss reads (LOSS_FEATURES of every branch) chunk by
+       chunk, without gradient: nothing kept but [B, d]-sized features;
+    2. the loss on the whole batch (PCM groups, label order, every negative
+       as in the plain step) and its gradient with respect to those features
+       and the logit scale;
+    3. per chunk, the towers again under jax.vjp, pulled back with that
+       chunk's slice of the feature gradient; parameter gradients summed.
+  The loss is a function of the features only, so the sum equals the plain
+  step's gradient (up to float rounding; tests/grad_cache_test.py). Both
+  chunk loops are lax.scan: XLA keeps one chunk's activations alive
+  (an unrolled loop lets the scheduler overlap chunks and keep several).
+  Cost: the towers' forward runs twice (~4/3 of the plain step's FLOPs).
+  """
+
+  def chunk_features(params, chunk: dict) -> dict:
+    out = model.apply({"params": params}, method=clip.CLIP.train_outputs, **chunk)
+    return {branch: {k: v for k, v in tower.items() if k in LOSS_FEATURES}
+            for branch, tower in out.items() if branch != "logit_scale"}
+
+  def full_batch_loss(features: dict, logit_scale: Array):
+    out = dict(features, logit_scale=losses.clamp_logit_scale(
+        logit_scale, max_logit_scale))
+    return loss_of_outputs(out)
+
+  def value_and_grad(params, inputs: dict):
+    chunks = jax.tree.map(lambda x: split_chunks(x, num_chunks), inputs)
+
+    def embed(carry, chunk):
+      return carry, chunk_features(params, chunk)
+
+    _, features = jax.lax.scan(embed, None, chunks)               # [N, .., B/N, ..]
+    features = _map_features(join_chunks, features)               # [.., B, ..]
+    (loss, terms), (d_features, d_logit_scale) = jax.value_and_grad(
+        full_batch_loss, argnums=(0, 1), has_aux=True)(
+            features, params["logit_scale"])
+    d_chunks = _map_features(lambda g, axis: split_chunks(g, num_chunks, axis),
+                             d_features)
+
+    def backward(grads, chunk_and_cotangent):
+      chunk, d_chunk = chunk_and_cotangent
+      _, pull_back = jax.vjp(lambda p: chunk_features(p, chunk), params)
+      (d_params,) = pull_back(d_chunk)
+      return jax.tree.map(jnp.add, grads, d_params), None
+
+    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params),
+                            (chunks, d_chunks))
+    grads = dict(grads, logit_scale=grads["logit_scale"] + d_logit_scale)
+    return (loss, terms), grads
+
+  return value_and_grad
 
 
 # ----------------------------------------------------------------------------
