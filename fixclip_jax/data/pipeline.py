@@ -620,11 +620,11 @@ class BackgroundBatches:
       self._truncation_reported = True
       logging.warning(
           "Captions longer than the text context are cut to it, end token "
-          "kept (as Long-CLIP does): %d of the first %d captions at %d tokens "
-          "(data.text_context), %d short captions at %d (data.short_context); "
-          "counted as data/truncated_long and data/truncated_short in the "
-          "metrics. Nothing to do unless many are cut: then shorten the "
-          "captions or train a longer context (model.context_length).",
+          "kept, as CLIP and Long-CLIP train: %d of the first %d captions at "
+          "%d tokens (data.text_context), %d short captions at %d "
+          "(data.short_context); the metrics count them (data/truncated_long, "
+          "data/truncated_short). To keep more of each caption, train a longer "
+          "context (model.context_length) or shorten the captions.",
           self.truncated["text_long"], self.truncated["examples"],
           batch["text_long"].shape[1], self.truncated["text_short"],
           batch["text_short"].shape[1])
