@@ -16,11 +16,13 @@ good data) is run twice as `python -m fixclip_jax.main` subprocesses:
               trainer hit by one fault (`FAULTS`), then resumed, until one
               finally runs to the last step untouched.
 
-Faults (one at least, then while the time left covers a last start and the
-remaining steps; in this order first, then at random):
-  kill          SIGKILL at a random moment after the trainer has stepped
-  kill_midsave  SIGKILL while orbax writes a checkpoint (its tmp folder is
-                there; `mid-save` counts the kills after which it still was)
+Faults (--min_faults at least, then while the time left covers a last start
+and the remaining steps; in --faults' order first, then at random):
+  kill          SIGKILL at a random moment (within two checkpoint intervals
+                after the trainer's first save: each kill leaves progress)
+  kill_midsave  SIGKILL while orbax writes a checkpoint (after a first save;
+                its tmp folder is there: `mid_save` records that it still
+                was right after the signal)
   term          SIGTERM at a random moment: the trainer saves and exits 0
   term_midsave  SIGTERM during a save
   readonly      the checkpoint folder turns read-only while the trainer runs,
@@ -41,13 +43,17 @@ the checkpoint folder has writers only during a save.) Without root (or
 mount) the read-only spells use chmod (effective for a non-root user) and
 diskfull is skipped, said so in the table.
 
-Checks: the soak's final parameters equal the reference's bit for bit;
-metrics.jsonl has every train step once (a step logged again after a kill
-replays its row: counted and compared with the reference's); the final skip
-totals per reason equal the reference's. A table (markdown) says what
-happened; WORKDIR/soak_report.json has it all. Exit status 1 if a check
-fails. The persistent XLA cache (WORKDIR/jax_cache) makes a restart's
-compilation a cache read.
+Checks (exit status 1 if one fails): the soak's final parameters equal the
+reference's bit for bit; metrics.jsonl has every train step and no broken
+line, and each of its loss values equals the reference's at that step; the
+final skip totals per reason equal the reference's. Steps logged twice are
+counted, not failed: the trainer appends to metrics.jsonl, so the steps
+after the last checkpoint of a killed trainer are logged again by the next
+(metrics.read_metrics keeps the last). A table (markdown) says what
+happened; WORKDIR/soak_report.json has it all, WORKDIR/logs each trainer's
+output, WORKDIR/soak_files the soak workdir without its checkpoints. The
+persistent XLA cache (WORKDIR/jax_cache) makes a restart's compilation a
+cache read.
 """
 import dataclasses
 import errno
@@ -269,6 +275,7 @@ class Attempt:
   last_line: str = ""  # the last line of its stderr/stdout
   note: str = ""
   error_line: str = ""  # its "error:" line (cli.fail), if any
+  took_over_lock: bool = False  # it took over a lock a killed trainer left
   output_lines: int = 0  # lines of stdout + stderr in all
   note_startup_s: float = 0.0  # (the reference: its start-up time...
   note_step_s: float = 0.0  # ... and step time)
@@ -531,6 +538,8 @@ def _attempt(storage: Storage, fault: str, command: List[str],
   attempt.end_step = _newest_step(workdir)
   attempt.last_line = _last_line(log_path)
   attempt.error_line, attempt.output_lines = _error_line(log_path)
+  with open(log_path, errors="replace") as f:
+    attempt.took_over_lock = "Taking over the lock" in f.read()
   say(f"  {fault:15s} rc={attempt.rc} {attempt.seconds:5.1f} s, saved step "
       f"{attempt.start_step} -> {attempt.end_step}"
       f"{' (mid-save)' if attempt.mid_save else ''}"
@@ -542,7 +551,7 @@ def _attempt(storage: Storage, fault: str, command: List[str],
 
 def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
              checkpoint_every: Optional[int] = None, seed: int = 0,
-             faults: Sequence[str] = FAULTS,
+             faults: Sequence[str] = FAULTS, min_faults: int = 1,
              say: Callable[[str], None] = print) -> Dict[str, Any]:
   """The soak (see the module docstring); its report (also written to
   WORKDIR/soak_report.json).
@@ -591,8 +600,8 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
       saved = _newest_step(storage.path)
       left = budget - (time.monotonic() - began)
       finish_s = 1.5 * (startup_s + (steps - saved) * step_s) + 10
-      if n >= 1 and left < finish_s + startup_s + 5:
-        break  # one fault at least, then while time allows
+      if n >= min_faults and left < finish_s + startup_s + 5:
+        break  # min_faults at least, then while time allows
       if saved >= steps - 2 * checkpoint_every:
         break  # too close to the end to hit it again
       fault = order[n] if n < len(order) else rng.choice(order)
@@ -696,7 +705,7 @@ def format_table(report: Dict[str, Any]) -> str:
   rows = [
       ("wall time", f"{report['minutes']:.1f} min (asked {report['minutes_asked']:g})"),
       ("steps x batch 8, checkpoint every", f"{report['steps']}, {report['checkpoint_every']}"),
-      ("trainer starts (soak)", len(attempts)),
+      ("trainer starts (soak) / stale locks taken over", f"{len(attempts)} / {sum(a['took_over_lock'] for a in attempts)}"),
       ("SIGKILL (random moment / at a save)", f"{count('kill')} / {count('kill_midsave')} (exit {rcs('kill')} / {rcs('kill_midsave')})"),
       ("mid-save SIGKILLs (a tmp step folder there)", mid),
       ("SIGTERM (random moment / at a save)", f"{count('term')} / {count('term_midsave')} (exit {rcs('term')} / {rcs('term_midsave')}; {mid_term} mid-save)"),
@@ -724,7 +733,11 @@ def define_flags():
                        "at least 16).")
   flags.DEFINE_integer("checkpoint_every", None, "Default: steps // 40, at "
                        "least 2.")
-  flags.DEFINE_list("faults", list(FAULTS), f"Any of {', '.join(FAULTS)}.")
+  flags.DEFINE_list("faults", list(FAULTS), f"Any of {', '.join(FAULTS)}; "
+                    "in this order first, then at random.")
+  flags.DEFINE_integer("min_faults", 1, "Faulted trainers before the time "
+                       "limit may end the soak (e.g. len(--faults): each "
+                       "once, whatever the time).")
   flags.mark_flag_as_required("workdir")
 
 
@@ -735,7 +748,8 @@ def main(argv):
     report = run_soak(flags.FLAGS.workdir, flags.FLAGS.minutes,
                       steps=flags.FLAGS.steps,
                       checkpoint_every=flags.FLAGS.checkpoint_every,
-                      seed=flags.FLAGS.seed, faults=flags.FLAGS.faults)
+                      seed=flags.FLAGS.seed, faults=flags.FLAGS.faults,
+                      min_faults=flags.FLAGS.min_faults)
   except SoakError as e:
     print(f"soak: {e}", file=sys.stderr)
     raise SystemExit(1) from None
