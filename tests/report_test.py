@@ -146,6 +146,12 @@ class ProtocolFieldsTest(absltest.TestCase):
     self.assertLen(merged, 2)  # 224 px and 336 px are two protocols
     self.assertIn("Protocol: images at 336 px (coco-karpathy-test-5000: 224)",
                   report.console_table(merged))
+    # Per model when the models' protocols differ (the demo: a 77-token start).
+    start = [dict(r, model="start", text_context=77) for r in rows[:1]]
+    self.assertIn("Protocol: images at 224 px; text cut at 77 tokens for start, "
+                  "248 tokens for m (coco-karpathy-test-5000: 77)",
+                  report.console_table(start + [dict(rows[0], model="m", text_context=248),
+                                                dict(rows[0], model="m")]))
     with self.assertRaisesRegex(ValueError, "'image_size' = '224' is not a positive int"):
       report.write_report(workdir, [dict(rows[0], image_size="224")])
 

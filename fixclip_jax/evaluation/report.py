@@ -133,23 +133,35 @@ CONSOLE_COLUMNS = (("i2t_R@1", "I2T R@1"), ("i2t_R@10", "I2T R@10"),
 
 
 def protocol_line(results: Sequence[Dict[str, Any]]) -> str:
-  """"Protocol: 224 px images, text cut at 248 tokens (synthetic-long77: 77)."
-  for rows that carry image_size / text_context ('' when none does)."""
+  """"Protocol: images at 224 px; text cut at 248 tokens (synthetic-long77:
+  77)" for rows that carry image_size / text_context ('' when none does);
+  per model when the models differ ("... at 77 tokens for A, 248 tokens for
+  B (...)")."""
   rows = [r for r in results if any(r.get(f) for f in PROTOCOL_NUMBERS)]
   if not rows:
     return ""
+  models = list(dict.fromkeys(r.get("model") for r in rows))
   parts = []
   for field, unit, what in (("image_size", "px", "images at"),
                             ("text_context", "tokens", "text cut at")):
-    values = [r.get(field) for r in rows if r.get(field)]
-    if not values:
-      continue
-    # The most frequent value (ties: the larger, the model's own context).
-    common = max(set(values), key=lambda v: (values.count(v), v))
-    others = sorted({f"{_label(r)}: {r[field]}" for r in rows
-                     if r.get(field) and r[field] != common})
-    parts.append(f"{what} {common} {unit}" +
-                 (f" ({', '.join(others)})" if others else ""))
+    per_model = []
+    for model in models:
+      values = [r[field] for r in rows if r.get("model") == model and r.get(field)]
+      if not values:
+        continue
+      # The most frequent value (ties: the larger, the model's own context).
+      common = max(set(values), key=lambda v: (values.count(v), v))
+      others = sorted({f"{_label(r)}: {r[field]}" for r in rows
+                       if r.get("model") == model and r.get(field)
+                       and r[field] != common})
+      per_model.append((model, f"{common} {unit}",
+                        f" ({', '.join(others)})" if others else ""))
+    if len({(value, rest) for _, value, rest in per_model}) == 1:
+      _, value, rest = per_model[0]
+      parts.append(f"{what} {value}{rest}")
+    elif per_model:
+      parts.append(f"{what} " + ", ".join(f"{value} for {model}{rest}"
+                                          for model, value, rest in per_model))
   return "Protocol: " + "; ".join(parts) + "\n"
 
 
