@@ -11,9 +11,14 @@ from unittest import mock
 from absl.testing import absltest
 
 from fixclip_jax import cli
+from fixclip_jax.tools import ablate
 from fixclip_jax.tools import device_check
+from fixclip_jax.tools import device_parts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Generous: the smoke compiles ~6 tiny train steps, a minute each on a CPU
+# loaded by other jobs (BENCHMARKS.md "Accelerator check").
+_SMOKE_BUDGET_S = 1200
 
 
 def _read(out_dir, name):
@@ -27,17 +32,20 @@ class CpuSmokeTest(absltest.TestCase):
   def test_every_part_runs_and_records(self):
     out = tempfile.mkdtemp()
     env = dict(os.environ, OUT=out)
+    # The check ends itself within its budget (parts past it are skipped).
     proc = subprocess.run(
-        [sys.executable, "-m", "fixclip_jax.tools.device_check", "--cpu-smoke"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "fixclip_jax.tools.device_check", "--cpu-smoke",
+         f"--budget_s={_SMOKE_BUDGET_S}", "--parts=env,gpu_tests,bench"],
+        cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=_SMOKE_BUDGET_S + 120)
     self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-2000:])
     # At most 8 files come back from the device tool's $OUT.
     self.assertCountEqual(os.listdir(out), [
         device_check.LOG_FILE, device_check.SUMMARY_FILE, "env.json",
-        "gpu_tests.json", "bench.json", "ablate.json"])
+        "gpu_tests.json", "bench.json"])
     summary = _read(out, device_check.SUMMARY_FILE)
     self.assertEqual({n: p["status"] for n, p in summary["parts"].items()},
-                     {"env": "ok", "gpu_tests": "ok", "bench": "ok", "ablate": "ok"})
+                     {"env": "ok", "gpu_tests": "ok", "bench": "ok"})
     self.assertTrue(summary["cpu_smoke"])
 
     env_part = _read(out, "env.json")
@@ -52,7 +60,8 @@ class CpuSmokeTest(absltest.TestCase):
     step = tests["fixclip_step_vs_cpu"]
     # The "device" is this CPU: float32 there is the reference step itself.
     self.assertEqual(step["float32"]["rel_err"], {"loss": 0.0, "grad_norm": 0.0})
-    self.assertTrue(step["bfloat16"]["finite"])
+    self.assertTrue(step["float32"]["finite"])
+    self.assertEqual(step["float32"]["skipped"], 0)
 
     bench = _read(out, "bench.json")["results"]
     clip_row = bench["clip_b16"]["row"]
@@ -64,15 +73,54 @@ class CpuSmokeTest(absltest.TestCase):
     self.assertIn("needs a GPU", attention["cudnn"]["skipped"])
     self.assertGreater(bench["longclip_b16"]["row"]["step_ms"], 0)
 
-    ablation = _read(out, "ablate.json")["results"]
-    self.assertEqual(ablation["budget"]["finetune_steps"], 1)
-    runs = ablation["variant_clip248"]["runs"]
-    self.assertEqual([r["variant"] for r in runs], ["clip77", "clip248"])
-
     with open(os.path.join(out, device_check.LOG_FILE)) as f:
       log = f.read()
-    for part in device_check.PART_NAMES:
+    for part in ("env", "gpu_tests", "bench"):
       self.assertIn(f"--- {part}: ok", log)
+
+
+class AblatePartTest(absltest.TestCase):
+  """The ablate part's own logic. Its smoke (`--cpu-smoke --parts=ablate`:
+  a 1-step CLIP-77 and CLIP-248 with their evaluations) took 577 s on this
+  2-core machine at load 14, too long for the suite; tools/ablate.run_ablation
+  itself is run by tests/ablate_test.py."""
+
+  def test_discriminative_budget_at_four_times_its_steps(self):
+    base = ablate.BUDGETS["discriminative"]
+    budget, note = device_parts.ablate_budget(smoke=False)
+    self.assertEqual((budget.pretrain_steps, budget.finetune_steps),
+                     (4 * base.pretrain_steps, 4 * base.finetune_steps))
+    self.assertEqual((budget.batch, budget.eval_num), (base.batch, base.eval_num))
+    self.assertIn("4x", note)
+
+  def test_a_missing_budget_is_skipped_with_a_line(self):
+    others = {k: v for k, v in ablate.BUDGETS.items() if k != "discriminative"}
+    results = device_check.Results(os.path.join(tempfile.mkdtemp(), "r.json"))
+    with mock.patch.dict(ablate.BUDGETS, others, clear=True), \
+        mock.patch.object(ablate, "run_ablation") as run_ablation:
+      self.assertTrue(device_parts.run_ablate(results, False, tempfile.mkdtemp()))
+    run_ablation.assert_not_called()
+    self.assertIn("no budget 'discriminative' (has: demo, medium, small)",
+                  results.data["skipped"])
+
+  def test_variants_run_one_at_a_time_headline_pair_first(self):
+    results = device_check.Results(os.path.join(tempfile.mkdtemp(), "r.json"))
+    calls = []
+
+    def fake_run(workdir, budget_name, seeds, variants):
+      calls.append(tuple(variants))
+      self.assertEqual(ablate.BUDGETS[budget_name].pretrain_steps,
+                       4 * ablate.BUDGETS["discriminative"].pretrain_steps)
+      return {"runs": [{"variant": variants[0]}], "wall_seconds": 1.0,
+              "rows": [], "paired_rows": [], "budget": {}, "seeds": list(seeds)}
+
+    with mock.patch.object(ablate, "run_ablation", side_effect=fake_run), \
+        mock.patch.object(ablate, "markdown", return_value="table"):
+      self.assertTrue(device_parts.run_ablate(results, False, tempfile.mkdtemp()))
+    self.assertEqual(calls[:2], [("clip248",), ("fixclip",)])
+    self.assertCountEqual([c[0] for c in calls], [v[0] for v in ablate.VARIANTS])
+    self.assertEqual(results.data["variant_fixclip"]["runs"],
+                     [{"variant": "fixclip"}])
 
 
 class OrchestrationTest(absltest.TestCase):
