@@ -88,6 +88,28 @@ def _release_fifos(paths):
       pass
 
 
+def _blocked_reads(source):
+  """The pool's reads of `source` still blocked."""
+  return [key for key in list(sources._read_pool.blocked)  # pylint: disable=protected-access
+          if key[0] == source._read_group]  # pylint: disable=protected-access
+
+
+def _release_all(source, fifos, timeout_s=20.0):
+  """Ends every read of `source`: waiters give up (abandon_reads), so no
+  queued read starts; the blocked ones get a writer, until none is left.
+  (A read blocked on a FIFO that is then deleted would hold a pool thread
+  for the rest of the process, and the tests after this one share the
+  pool.)"""
+  sources.abandon_reads()
+  time.sleep(0.2)  # waiters poll every 50 ms
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    _release_fifos(fifos)
+    if not _blocked_reads(source):
+      return
+    time.sleep(0.05)
+
+
 class BomManifestTest(absltest.TestCase):
 
   def test_a_byte_order_mark_loses_no_record(self):
@@ -202,11 +224,16 @@ class StalledReadsTest(absltest.TestCase):
     self.addCleanup(_release_fifos, fifos)
     return os.path.join(root, "manifest.jsonl"), fifos
 
+  def _source(self, manifest, fifos, read_timeout_s):
+    src = sources.make_source(_data_config(type="jsonl", path=manifest,
+                                           read_timeout_s=read_timeout_s))
+    self.addCleanup(_release_all, src, fifos)  # before the folder goes
+    return src
+
   def test_threads_stay_bounded_and_an_all_stalled_source_stops(self):
     n = sources.READ_POOL_SIZE + 24
     manifest, fifos = self._fifo_manifest(n)
-    src = sources.make_source(_data_config(type="jsonl", path=manifest,
-                                           read_timeout_s=0.1))
+    src = self._source(manifest, fifos, 0.1)
     threads_before = threading.active_count()
     errors = []
     start = time.monotonic()
@@ -240,9 +267,9 @@ class StalledReadsTest(absltest.TestCase):
     # timeouts in a row starts over at the next read that finishes.
     _release_fifos(fifos)
     deadline = time.monotonic() + 10
-    while sources._read_pool.blocked and time.monotonic() < deadline:  # pylint: disable=protected-access
+    while _blocked_reads(src) and time.monotonic() < deadline:
       time.sleep(0.05)
-    self.assertEmpty(sources._read_pool.blocked)  # pylint: disable=protected-access
+    self.assertEmpty(_blocked_reads(src))
     os.remove(fifos[0])
     with open(fifos[0], "wb") as f:
       f.write(_png((8, 8)))
@@ -253,13 +280,15 @@ class StalledReadsTest(absltest.TestCase):
       src.get(1)  # a timeout again, not yet a stalled storage
 
   def test_the_train_stream_stops_within_a_few_timeouts(self):
-    manifest, _ = self._fifo_manifest(64)
+    manifest, fifos = self._fifo_manifest(64)
     config = _data_config(type="jsonl", path=manifest, read_timeout_s=0.25,
                           image_size=32, global_batch=4, read_threads=4,
                           prefetch_buffer=8, text_context=77,
                           short_context=77)
-    it = pipeline.make_train_iterator(config, _tokenizer(), process_index=0,
-                                      process_count=1)
+    src = self._source(manifest, fifos, 0.25)
+    it = pipeline.make_train_iterator(config, _tokenizer(), source=src,
+                                      process_index=0, process_count=1)
+    self.addCleanup(it.close)  # (cleanups run last first: then the reads)
     outcome = []
     reader = threading.Thread(target=lambda: outcome.append(self._next(it)),
                               daemon=True)
@@ -275,7 +304,6 @@ class StalledReadsTest(absltest.TestCase):
     self.assertLess(took, 10)
     self.assertIn("The storage looks stalled", str(outcome[0]))
     self.assertLessEqual(sources.read_pool_threads(), sources.READ_POOL_SIZE)
-    it.close()
 
   @staticmethod
   def _next(it):
