@@ -335,6 +335,79 @@ def memory_comparison(config, mesh, caption_lengths: Lengths = None,
   return {"memory_variants": out}
 
 
+def with_grad_cache(config: ml_collections.ConfigDict, chunks: int
+                    ) -> ml_collections.ConfigDict:
+  """The config with optim.grad_cache_chunks = chunks."""
+  variant = config.copy_and_resolve_references()
+  variant.optim.grad_cache_chunks = int(chunks)
+  return variant
+
+
+def compile_step_plan(config, mesh, caption_lengths: Lengths = None) -> dict:
+  """XLA's memory plan of the config's step, compiled from the abstract
+  state and batch (nothing allocated: sizes that would not fit in host memory
+  can be planned), on the same synthetic captions as JaxTrainStep."""
+  cfg = sizes.model_config(config)
+  model = step_lib.make_model(config, cfg)
+  abstract, shardings, tx = step_lib.abstract_state(config, model, mesh)
+  host = buckets.TextBuckets.from_config(config, cfg.eot_token_id)(synthetic_batch(
+      config, cfg, int(config.data.global_batch), caption_lengths=caption_lengths))
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)), host)
+  jitted = step_lib.jit_train_step(step_lib.make_train_step(config, model, tx),
+                                   mesh, shardings, batch)
+  t0 = time.perf_counter()
+  compiled = jitted.lower(abstract, batch).compile()
+  return {"plan": memory_plan(compiled), "compile_s": time.perf_counter() - t0,
+          "text_lengths": list(flops_lib.batch_text_lengths(host))}
+
+
+def grad_cache_comparison(config, mesh, chunks: Sequence[int], warmup: int,
+                          steps: int, caption_lengths: Lengths = None) -> dict:
+  """Gradient caching (optim.grad_cache_chunks): for each N in `chunks`,
+  XLA's memory plan of the step (compiled, not run) and, with steps > 0, its
+  step time, the N steps timed interleaved on the same batch; ratios to the
+  first N."""
+  out = {}
+  for n in chunks:
+    out[str(n)] = compile_step_plan(with_grad_cache(config, n), mesh,
+                                    caption_lengths)
+  if steps:
+    runs = {str(n): JaxTrainStep(with_grad_cache(config, n), mesh,
+                                 caption_lengths=caption_lengths) for n in chunks}
+    times = time_interleaved(runs, warmup, steps)
+    first = str(chunks[0])
+    for n, t in times.items():
+      out[n]["step_time_s"] = summarize(t)
+      out[n]["step_time_over_first"] = float(np.median(t) / np.median(times[first]))
+  return {"grad_cache": out}
+
+
+def format_grad_cache_table(r: dict, config) -> str:
+  """grad_cache_comparison's result as a markdown table."""
+  lines = [f"{config.model_name} objective={config.objective} "
+           f"batch={config.data.global_batch} dtype={config.dtype} "
+           f"remat={config.remat} on {jax.devices()[0].device_kind} "
+           f"x{jax.device_count()} ({jax.default_backend()})", "",
+           "| grad_cache_chunks | rows per chunk | text tokens | arguments | "
+           "outputs | temps | temps / N=first | step time | step time / N=first |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  first = next(iter(r["grad_cache"].values()))
+  gib = lambda v: _fmt(v, " GiB", 2.0 ** -30)
+  for n, v in r["grad_cache"].items():
+    plan = v["plan"]
+    ratio = (plan["temps"] / first["plan"]["temps"]
+             if isinstance(plan, dict) and isinstance(first["plan"], dict) else NA)
+    lines.append(
+        f"| {n} | {int(config.data.global_batch) // int(n)} | "
+        f"{v['text_lengths'][0]}+{v['text_lengths'][1]} | "
+        + (" | ".join(gib(plan[k]) for k in ("arguments", "outputs", "temps"))
+           if isinstance(plan, dict) else "n/a | n/a | n/a")
+        + f" | {_fmt(ratio)} | {_fmt(v.get('step_time_s'), ' s')} | "
+        f"{_fmt(v.get('step_time_over_first'))} |")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------
 # Eval embedding throughput.
 
@@ -811,6 +884,10 @@ def define_flags():
   flags.DEFINE_bool("memory", False, "Also compile (not run) the step with "
                     "buckets off, remat=full, masking=drop and as the plain-CLIP "
                     "and CLIP-77 twins, and report XLA's memory plan of each.")
+  flags.DEFINE_list("grad_cache", [], "Only compare optim.grad_cache_chunks "
+                    "values, e.g. 1,4,16: XLA's memory plan of each (compiled "
+                    "from the abstract state, not run) and, with --steps > 0, "
+                    "their step times, interleaved.")
   flags.DEFINE_list("model", [], "config.model overrides KEY=VALUE (fields "
                     "the config does not list, too), e.g. "
                     "vision_layers=4,text_layers=4,image_size=64.")
@@ -841,6 +918,18 @@ def main(argv):
     # JAX's GPU client grabs 75% of the memory at start-up by default, which
     # would leave open_clip too little; read when the backend starts (below).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if FLAGS.grad_cache:
+    config = with_model_overrides(FLAGS.config, FLAGS.model)
+    if FLAGS.batch:
+      config.data.global_batch = FLAGS.batch
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    result = grad_cache_comparison(
+        config, mesh, [int(n) for n in FLAGS.grad_cache], FLAGS.warmup,
+        FLAGS.steps, parse_caption_lengths(FLAGS.caption_lengths))
+    if FLAGS.json:
+      write_json(result, FLAGS.json)
+    print(format_grad_cache_table(result, config))
+    return
   result = run_benchmark(with_model_overrides(FLAGS.config, FLAGS.model),
                          batch=FLAGS.batch, steps=FLAGS.steps,
                          warmup=FLAGS.warmup, peak_tflops=FLAGS.peak_tflops,
