@@ -3,14 +3,15 @@
 A 2-minute soak: a reference run alongside, then trainers hit by faults (a
 SIGKILL while a checkpoint is being written first; then, while the 2 minutes
 allow, a SIGTERM, a read-only spell mid-run, a SIGKILL at a random moment),
-then one to the end; bad records in the manifest. On a 2-core machine loaded
-by other jobs (load ~14) each Python + JAX start takes 30-40 s, so it is
-about 3 minutes with one fault; on an idle machine more faults fit. The
+then one to the end; bad records in the manifest. Its wall time is
+the machine's: on the shared 2-core VM it took 2.6 min at load 12 (one fault
+fit) and 12.6 min at load 22 (a trainer's start: 4-7 min); on an idle
+machine more faults fit in the 2 minutes. FIXCLIP_SKIP_SLOW=1 skips it. The
 final parameters must equal the uninterrupted reference's bit for bit;
 every step must be in metrics.jsonl, replayed steps' losses and the skip
-totals as the reference's. Disk-full spells are left to the longer soaks
-(BENCHMARKS.md, "Soak"): one leaves a broken line in metrics.jsonl
-(reported, metrics.py).
+totals as the reference's. Disk-full and read-only-at-start spells are
+left to the longer soaks (BENCHMARKS.md, "Soak"; one disk-full spell left a
+broken line in metrics.jsonl, reported there).
 """
 import os
 import shutil
@@ -26,6 +27,8 @@ CI_FAULTS = ("kill_midsave", "term", "readonly", "kill")
 
 class SoakTest(absltest.TestCase):
 
+  @absltest.skipIf(os.environ.get("FIXCLIP_SKIP_SLOW") == "1",
+                   "FIXCLIP_SKIP_SLOW=1")
   def test_a_two_minute_soak_loses_nothing(self):
     root = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, root, ignore_errors=True)
