@@ -19,6 +19,8 @@ from absl.testing import absltest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # absl's one-line warnings and errors: "W1204 15:02:11.123 file.py:12] ...".
 _ABSL_LINE = re.compile(r"^[WE]\d{4} \d\d:\d\d:\d\d")
+_XLA_SLOW_COMPILE = re.compile(r"^\*+$|Very slow compile\?|slow_operation_alarm|"
+                               r"^The operation took ")
 
 # The train loop's data path alone: BackgroundBatches over a pipeline with one
 # worker process, a few batches taken, closed, the process ends.
@@ -57,8 +59,11 @@ class QuietExitTest(absltest.TestCase):
     self.assertNotIn("resource_tracker", stderr)
     self.assertNotIn("leaked", stderr)
     for line in stderr.splitlines():
-      if line.strip():
-        self.assertRegex(line, _ABSL_LINE, f"not a one-line warning:\n{stderr}")
+      # XLA's own alarm when a compile is slow (a loaded machine): its C++
+      # log, not ours, and not about this run's data.
+      if not line.strip() or _XLA_SLOW_COMPILE.search(line):
+        continue
+      self.assertRegex(line, _ABSL_LINE, f"not a one-line warning:\n{stderr}")
 
   def test_pipeline_with_a_worker_process_leaves_no_shared_memory(self):
     script = os.path.join(tempfile.mkdtemp(), "pipeline_run.py")
@@ -75,14 +80,22 @@ class QuietExitTest(absltest.TestCase):
 
   def test_training_with_num_workers_1_ends_quietly(self):
     workdir = os.path.join(tempfile.mkdtemp(), "run")
+    # Plain CLIP at 77 tokens, one text length: the data path is what is
+    # tested, so the step compiles fast (tests/faults_test.py's flags).
+    plain = ["--config.objective=clip", "--config.model.num_prompts=0",
+             "--config.model.mask_token=False", "--config.model.gta_groups=0",
+             "--config.model.context_length=77", "--config.data.text_context=77",
+             "--config.data.short_context=77", "--config.data.long_buckets=()",
+             "--config.data.short_buckets=()", "--config.optim.frozen_regex=",
+             "--config.optim.new_params_regex="]
     proc = subprocess.run(
         [sys.executable, "-m", "fixclip_jax.main", "--config=configs/demo.py",
          f"--workdir={workdir}", "--mode=train", "--config.data.num_workers=1",
          "--config.data.global_batch=8", "--config.data.synthetic_num=64",
          "--config.num_train_steps=2", "--config.log_every=1",
          "--config.checkpoint_every=100", "--config.eval_every=0",
-         "--config.eval_at_start=False", "--config.pretrain77.steps=0"],
-        cwd=_ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+         "--config.eval_at_start=False", "--config.pretrain77.steps=0", *plain],
+        cwd=_ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("[2/2] loss=", proc.stdout)
     self._assert_quiet(proc.stderr)
