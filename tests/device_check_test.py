@@ -16,9 +16,9 @@ from fixclip_jax.tools import device_check
 from fixclip_jax.tools import device_parts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Generous: the smoke compiles ~6 tiny train steps, a minute each on a CPU
-# loaded by other jobs (BENCHMARKS.md "Accelerator check").
-_SMOKE_BUDGET_S = 1200
+# Generous: the smoke compiles two tiny train steps and a few towers; at load
+# 20 on 2 cores a train step took 5 minutes (BENCHMARKS.md "Accelerator check").
+_SMOKE_BUDGET_S = 1800
 
 
 def _read(out_dir, name):
@@ -33,9 +33,13 @@ class CpuSmokeTest(absltest.TestCase):
     out = tempfile.mkdtemp()
     env = dict(os.environ, OUT=out)
     # The check ends itself within its budget (parts past it are skipped).
+    # Compilations are kept between runs of the suite (a changed program
+    # is simply compiled again).
+    cache = os.path.join(tempfile.gettempdir(), "fixclip_device_check_smoke_cache")
     proc = subprocess.run(
         [sys.executable, "-m", "fixclip_jax.tools.device_check", "--cpu-smoke",
-         f"--budget_s={_SMOKE_BUDGET_S}", "--parts=env,gpu_tests,bench"],
+         f"--budget_s={_SMOKE_BUDGET_S}", "--parts=env,gpu_tests,bench",
+         f"--cache_dir={cache}"],
         cwd=REPO, env=env, capture_output=True, text=True,
         timeout=_SMOKE_BUDGET_S + 120)
     self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-2000:])
@@ -71,7 +75,7 @@ class CpuSmokeTest(absltest.TestCase):
     attention = bench["attention_clip_b16"]
     self.assertGreater(attention["xla"]["images_per_s"], 0)
     self.assertIn("needs a GPU", attention["cudnn"]["skipped"])
-    self.assertGreater(bench["longclip_b16"]["row"]["step_ms"], 0)
+    self.assertNotIn("fixclip_b16", bench)  # the smoke runs one of each kind
 
     with open(os.path.join(out, device_check.LOG_FILE)) as f:
       log = f.read()

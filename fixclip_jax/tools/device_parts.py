@@ -322,6 +322,9 @@ def smoke_sized(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.loss.gta_first_group = demo.loss.gta_first_group
   config.loss.pcm_group_size = SMOKE_BENCH["batch"]
   config.loss.pcm_components = 2
+  # The attention run's xla step is then this run's program: compiled once
+  # (jax's persistent cache), as a loaded CPU takes minutes per train step.
+  config.attn_implementation = "xla"
   return config
 
 
