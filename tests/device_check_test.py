@@ -27,8 +27,14 @@ def _read(out_dir, name):
 
 
 class CpuSmokeTest(absltest.TestCase):
-  """The whole check as a user runs it (one command, $OUT as the folder)."""
+  """The whole check as a user runs it (one command, $OUT as the folder).
 
+  Measured on the shared 2-core VM: 19.6 min at load 17-25 (a tiny train
+  step's compilation alone took 5 minutes); 6-8 min at load ~12.
+  FIXCLIP_SKIP_SLOW=1 skips it (as tests/soak_test.py)."""
+
+  @absltest.skipIf(os.environ.get("FIXCLIP_SKIP_SLOW") == "1",
+                   "FIXCLIP_SKIP_SLOW=1")
   def test_every_part_runs_and_records(self):
     out = tempfile.mkdtemp()
     env = dict(os.environ, OUT=out)
