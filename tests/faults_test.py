@@ -532,7 +532,9 @@ class ProgramFaultsTest(absltest.TestCase):
     out = proc.communicate(timeout=120)[0]
     took = time.monotonic() - sent
     self.assertEqual(proc.returncode, 0, out[-3000:])
-    self.assertLess(took, 10, out[-3000:])
+    # Well before the 60 s read timeout it would otherwise wait for; the save and
+    # teardown take 3-5 s on a quiet 2-core machine, 10-15 s on a loaded one.
+    self.assertLess(took, 30, out[-3000:])
     self.assertEqual(checkpoint.saved_steps(workdir), [1], out[-3000:])
     self.assertIn("Stopped by a signal at step 1; its checkpoint is saved", out)
     report("SIGTERM during a stalled read",
