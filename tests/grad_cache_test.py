@@ -182,15 +182,18 @@ class GradCacheTest(parameterized.TestCase):
     cls.results = {}
 
   def gradients(self, mesh: str) -> dict:
+    # The full-batch reference once, on one device (sharding it changes
+    # nothing but rounding: train_test's sharded-step test).
     if mesh not in self.results:
-      ways = ("full", "cached") + (("per_chunk",) if mesh == "1 device" else ())
+      ways = (("full", "cached", "per_chunk") if mesh == "1 device" else
+              ("cached",))
       self.results[mesh] = all_gradients(MESHES[mesh](), ways)
     return self.results[mesh]
 
   @parameterized.product(case=tuple(CASES), mesh=tuple(MESHES))
   def test_gradients_equal_the_full_batch_step(self, case, mesh):
-    result = self.gradients(mesh)[case]
-    (loss_full, full), (loss_cached, cached) = result["full"], result["cached"]
+    loss_full, full = self.gradients("1 device")[case]["full"]
+    loss_cached, cached = self.gradients(mesh)[case]["cached"]
     np.testing.assert_allclose(loss_cached, loss_full, rtol=1e-6)
     self.assertLess(max_relative_error(cached, full), 2e-5, f"{case} on {mesh}")
     # The logit scale's gradient is part of it (it is not a tower output).
