@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import socket
-import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -87,17 +86,6 @@ def tree_stats(tree) -> Dict[str, Tuple[int, int, int, int]]:
     for i, (k, x) in enumerate(floats):
       stats[k] = (int(bad[i]), int(nonzero[i]), stats[k][2], stats[k][3])
   return stats
-
-
-def prepare_tree_stats(tree) -> threading.Thread:
-  """Compiles tree_stats' reduction for `tree`'s arrays in a background
-  thread (a run's start), so the first save, often a preemption's, does not
-  wait for the compile (~20 s on a busy CPU for the demo's 200 arrays)."""
-  floats = [x for x in jax.tree.leaves(tree) if _is_float(x)]
-  thread = threading.Thread(target=lambda: floats and _leaf_stats.lower(
-      floats).compile(), name="fixclip_tree_stats_compile", daemon=True)
-  thread.start()
-  return thread
 
 
 def first_nonfinite(tree, stats=None) -> Optional[str]:

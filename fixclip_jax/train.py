@@ -357,7 +357,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   else:
     state, shardings, tx = step_lib.init_state(config, model, mesh, params)
   start = int(jax.device_get(state["step"]))
-  checkpoint.prepare_tree_stats(state)  # what each save checks, compiled now
 
   writer = metrics_lib.MetricWriter(workdir, config=config)
   eval_metrics = {}
