@@ -161,7 +161,8 @@ class MainTest(absltest.TestCase):
     self.assertEqual(ev.returncode, 0, ev.stderr[-3000:])
     results = json.load(open(os.path.join(straight, "eval_results.json")))["results"]
     self.assertEqual({r["protocol"] for r in results},
-                     {"synthetic-long", "synthetic-long77", "synthetic-short"})
+                     {"synthetic-late", "synthetic-long", "synthetic-long77",
+                      "synthetic-short"})
     self.assertIn("synthetic-long", open(os.path.join(straight, "eval_results.md")).read())
     self.assertGreater(os.path.getsize(os.path.join(straight, "eval_recall.png")), 1000)
     self.assertIn("| 8 | synthetic-long |", ev.stdout)
@@ -198,11 +199,14 @@ class ConsoleTest(absltest.TestCase):
     table = [l for l in lines if l.startswith("|")]
     self.assertEqual(table[0], "| model | step | benchmark | I2T R@1 | I2T R@10 | "
                      "T2I R@1 | T2I R@10 |")
-    # The start and the result, each on long, long cut to 77 and short.
+    # The start and the result, each on the late twins, long, long cut to 77
+    # and short.
     self.assertEqual([row.split(" | ")[:3] for row in table[2:]], [
+        ["| CLIP-77 (start)", "4", "synthetic-late"],
         ["| CLIP-77 (start)", "4", "synthetic-long"],
         ["| CLIP-77 (start)", "4", "synthetic-long77"],
         ["| CLIP-77 (start)", "4", "synthetic-short"],
+        ["| tiny", "4", "synthetic-late"],
         ["| tiny", "4", "synthetic-long"], ["| tiny", "4", "synthetic-long77"],
         ["| tiny", "4", "synthetic-short"]])
     with open(os.path.join(workdir, "config.json")) as f:

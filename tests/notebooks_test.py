@@ -183,8 +183,8 @@ class RunTest(absltest.TestCase):
       self.assertEqual(max(r["step"] for r in rows if "loss" in r), small["NUM_STEPS"])
       with open(os.path.join(tmp, "fixclip_demo_run", "eval_results.json")) as f:
         protocols = {r["protocol"] for r in json.load(f)["results"]}
-      self.assertEqual(protocols, {"synthetic-long", "synthetic-long77",
-                                   "synthetic-short"})
+      self.assertEqual(protocols, {"synthetic-late", "synthetic-long",
+                                   "synthetic-long77", "synthetic-short"})
       with open(os.path.join(tmp, "fixclip_demo_run", "eval_results.json")) as f:
         models = {r["model"] for r in json.load(f)["results"]}
       self.assertEqual(models, {"tiny", "CLIP-77 (start)"})

@@ -102,7 +102,8 @@ class SentencePieceTrainTest(absltest.TestCase):
     with open(os.path.join(workdir, "eval_results.json")) as f:
       results = json.load(f)["results"]
     self.assertEqual({r["protocol"] for r in results},
-                     {"synthetic-long", "synthetic-long77", "synthetic-short"})
+                     {"synthetic-late", "synthetic-long", "synthetic-long77",
+                      "synthetic-short"})
 
 
 if __name__ == "__main__":
