@@ -15,11 +15,9 @@ The 16-bit PNGs are written here byte by byte from the PNG specification
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -28,11 +26,11 @@ from absl.testing import absltest
 import numpy as np
 from PIL import Image
 
-from fixclip_jax import config_base
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources
 from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
+from tests import sources_test
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TOKENIZER = []
@@ -44,16 +42,9 @@ def _tokenizer():
   return _TOKENIZER[0]
 
 
-def _tempdir(test):
-  path = tempfile.mkdtemp()
-  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-  return path
-
-
-def _data_config(**overrides):
-  c = config_base.base_config().data
-  c.update(overrides)
-  return c
+# Temp folders and data configs as the source tests make them.
+_tempdir = sources_test._tempdir
+_data_config = sources_test._data_config
 
 
 def _png16(pixels: np.ndarray) -> bytes:
