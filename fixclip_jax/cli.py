@@ -16,7 +16,9 @@
   stdout by the programs themselves. Console records are one line each
   (tracebacks and a message's further lines stay in the log file), and a
   log file that cannot be written (a full disk) is given up with one warning
-  instead of a "--- Logging error ---" block per record.
+  instead of a "--- Logging error ---" block per record. A failed save's
+  late write callbacks (tensorstore's, after orbax's event loop closed) are
+  logged there too, not printed as tracebacks (`sys.unraisablehook`).
 
 The installed commands (pyproject.toml [project.scripts]) run the package's
 modules as `python -m MODULE` does, so `fixclip-train --help` and
@@ -137,11 +139,33 @@ class _OneLineFormatter(absl_logging.PythonFormatter):
 _console_formatter = _OneLineFormatter()
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  """tensorstore's completion callback of a write that finished after
+  orbax's event loop closed (the rest of a save that failed: a full disk)."""
+  error = unraisable.exc_value
+  return (unraisable.object is None and isinstance(error, RuntimeError) and
+          str(error) == "Event loop is closed")
+
+
+def _unraisable_to_log(unraisable) -> None:
+  """sys.unraisablehook: a failed save's late write callbacks go to the log
+  file, not to stderr (was a traceback per array, ~130, around the one
+  error line, depending on thread timing); anything else prints as usual."""
+  if _console_filter.verbose or not _is_closed_loop_callback(unraisable):
+    sys.__unraisablehook__(unraisable)
+    return
+  logging.getLogger(__name__).info(
+      "A write callback ran after its event loop closed (a failed save)",
+      exc_info=(unraisable.exc_type, unraisable.exc_value,
+                unraisable.exc_traceback))
+
+
 def quiet_console(verbose: bool = False) -> None:
   """Keeps INFO logs off stderr (absl's handler), and each record to one
   line, unless `verbose`."""
   _console_filter.verbose = verbose
   _console_formatter.verbose = verbose
+  sys.unraisablehook = _unraisable_to_log
   handler = absl_logging.get_absl_handler()
   if _console_filter not in handler.filters:
     handler.addFilter(_console_filter)
