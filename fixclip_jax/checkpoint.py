@@ -29,10 +29,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fixclip_jax import fileio
+from fixclip_jax.models.params import check_params
 from fixclip_jax.models.sizes import CLIPConfig
 from fixclip_jax.models.sizes import config_from_dict
 from fixclip_jax.models.sizes import config_to_dict
-from fixclip_jax.params import check_params
 
 try:
   import fcntl  # POSIX: the workdir lock (WorkdirLock)

@@ -55,15 +55,15 @@ from safetensors import numpy as safetensors_numpy
 from fixclip_jax import checkpoint
 from fixclip_jax import cli
 from fixclip_jax import fileio
-from fixclip_jax import positional
 from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 from fixclip_jax.models import fixclip
+from fixclip_jax.models import positional
+from fixclip_jax.models.params import check_params
+from fixclip_jax.models.params import flatten_params
+from fixclip_jax.models.params import param_shapes
+from fixclip_jax.models.params import unflatten_params
 from fixclip_jax.models.sizes import CLIPConfig
-from fixclip_jax.params import check_params
-from fixclip_jax.params import flatten_params
-from fixclip_jax.params import param_shapes
-from fixclip_jax.params import unflatten_params
 
 LONGCLIP_KEEP = positional.LONGCLIP_KEEP
 

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 
 from fixclip_jax import convert
-from fixclip_jax import positional
+from fixclip_jax.models import positional
+from fixclip_jax.models.params import flatten_params
+from fixclip_jax.models.params import unflatten_params
 from fixclip_jax.models.sizes import CLIPConfig
-from fixclip_jax.params import flatten_params
-from fixclip_jax.params import unflatten_params
 
 
 def adapt_pretrained(pretrained: dict, src_cfg: CLIPConfig, fresh: dict,

@@ -15,9 +15,9 @@ import torch
 
 from fixclip_jax import checkpoint
 from fixclip_jax import convert
-from fixclip_jax import positional
 from fixclip_jax import pretrained as pretrained_lib
 from fixclip_jax.models import clip
+from fixclip_jax.models import positional
 from fixclip_jax.models import sizes
 
 _TINY_248 = {

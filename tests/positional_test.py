@@ -4,7 +4,7 @@ from absl.testing import parameterized
 import jax.numpy as jnp
 import numpy as np
 
-from fixclip_jax import positional
+from fixclip_jax.models import positional
 
 
 def _stretch_by_rule(old, keep, factor):

@@ -25,8 +25,8 @@ import numpy as np
 from fixclip_jax.models import fixclip
 from fixclip_jax.models import layers
 from fixclip_jax.models.layers import normalize  # re-exported for callers
+from fixclip_jax.models.positional import combined_positional_embedding
 from fixclip_jax.models.sizes import CLIPConfig
-from fixclip_jax.positional import combined_positional_embedding
 
 Array = jax.Array
 Dtype = Any
