@@ -47,6 +47,7 @@ from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
 from fixclip_jax.models import clip
 from fixclip_jax.models import encoders
+from fixclip_jax.models import layers
 from fixclip_jax.models.sizes import CLIPConfig
 
 # A single image or a batch: paths, PIL images, uint8 [H, W, 3] arrays (raw
@@ -216,7 +217,7 @@ class Model:
         raise ValueError(f"template {t!r} has no '{{}}' for the class name")
     texts = [t.format(name) for name in class_names for t in templates]
     emb = self.encode_text(texts).reshape(len(class_names), len(templates), -1)
-    return retrieval.l2_normalize(emb.mean(axis=1))
+    return layers.normalize(emb.mean(axis=1), xp=np)
 
   def zero_shot(self, images: Union[ImageLike, Sequence[ImageLike]],
                 class_names: Sequence[str],
@@ -244,9 +245,9 @@ def mean_of_windows(features: np.ndarray, owner: np.ndarray,
   """[N, d]: per text, the normalised mean of its windows' normalised
   features [W, d] (owner [W]: the text of each window)."""
   sums = np.zeros((num_texts, features.shape[-1]), np.float32)
-  np.add.at(sums, owner, retrieval.l2_normalize(features))
+  np.add.at(sums, owner, layers.normalize(features, xp=np))
   counts = np.bincount(owner, minlength=num_texts)[:, None]
-  return retrieval.l2_normalize(sums / counts)
+  return layers.normalize(sums / counts, xp=np)
 
 
 def _workdir_tokenizer(path: str) -> Optional[str]:

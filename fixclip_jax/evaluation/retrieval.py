@@ -23,16 +23,11 @@ import numpy as np
 from PIL import Image
 
 from fixclip_jax.data import transforms
+from fixclip_jax.models import layers
 
 EmbedFn = Callable[[np.ndarray], Any]
 Tokenizer = Callable[[Sequence[str]], np.ndarray]
 DEFAULT_KS = (1, 5, 10)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-  """Row-wise L2 normalisation in float32."""
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def rank_of_target(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -134,7 +129,7 @@ def embed_batches(num: int, make_batch: Callable[[int, int], np.ndarray],
       raise ValueError(f"embed fn returned {emb.shape[0]} rows for a batch of "
                        f"{batch_size}")
     out.append(emb[:count])
-  return l2_normalize(np.concatenate(out))
+  return layers.normalize(np.concatenate(out), xp=np)
 
 
 def load_pixels(image: Any, image_size: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 
 from fixclip_jax.evaluation import imagenet_classes
 from fixclip_jax.evaluation import retrieval
+from fixclip_jax.models import layers
 
 DEFAULT_KS = (1, 5)
 
@@ -36,7 +37,7 @@ def classifier_weights(class_names: Sequence[str], templates: Sequence[str],
     texts = [t.format(name) for name in names for t in templates]
     emb = retrieval.embed_texts(texts, embed_texts_fn, tokenizer, batch_size)
     emb = emb.reshape(len(names), len(templates), -1)               # [c, K, d]
-    weights.append(retrieval.l2_normalize(emb.mean(axis=1)))        # [c, d]
+    weights.append(layers.normalize(emb.mean(axis=1), xp=np))        # [c, d]
   return np.concatenate(weights)
 
 

@@ -30,10 +30,15 @@ ACTIVATIONS = {
 }
 
 
-def normalize(x: Array, eps: float = 1e-12) -> Array:
-  """L2-normalises the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), eps * eps))
+def normalize(x: Any, eps: float = 1e-12, xp: Any = jnp) -> Any:
+  """L2-normalises the last axis, in float32: the package's one L2 normaliser.
+
+  xp: the array module: jax.numpy (the towers, the losses) or numpy (features
+  on the host: evaluation, the Python API), as pixels.normalize_uint8.
+  """
+  x = xp.asarray(x, xp.float32)
+  squares = xp.maximum(xp.sum(x * x, -1, keepdims=True), eps * eps)
+  return x * (jax.lax.rsqrt(squares) if xp is jnp else 1 / np.sqrt(squares))
 
 
 # Causal attention on CPU runs in blocks of this many queries (cpu_attention).
