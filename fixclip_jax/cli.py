@@ -85,6 +85,15 @@ def fail(message: object, program: Optional[str] = None,
   sys.exit(code)
 
 
+def reject_positional_arguments(argv: Sequence[str]) -> None:
+  """A program's `main(argv)` first: its options are all --flags, so anything
+  left in argv after the program name is a mistake (UserError: one line,
+  exit 2 under `run`)."""
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {' '.join(argv[1:])!r}: every "
+                    "option is a --flag (--help lists them)")
+
+
 # ----------------------------------------------------------------------------
 # Logging: a quiet console, everything in a file.
 

@@ -1120,8 +1120,7 @@ def compose(*transforms: Optional[ParamsTransform]) -> Optional[ParamsTransform]
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   if not fileio.exists(FLAGS.src):
     raise cli.UserError(f"--src={FLAGS.src}: no such file or directory")
   transform = compose(

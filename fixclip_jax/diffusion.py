@@ -270,8 +270,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   import torch  # pylint: disable=g-import-not-at-top  # optional: the diffusion extra
   device = FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu")
   pipe = load_pipeline(FLAGS.text_encoder, FLAGS.pipeline, device, FLAGS.dtype)

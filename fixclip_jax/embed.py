@@ -236,8 +236,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   if not FLAGS.texts and not FLAGS.images:
     raise cli.UserError("Give --texts and/or --images")
   if FLAGS.texts and not os.path.isfile(FLAGS.texts):

@@ -129,8 +129,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   data = parse_data(FLAGS.data)
   label = FLAGS.name or default_label(FLAGS.checkpoint, FLAGS.step)
   print(f"Evaluating {FLAGS.checkpoint} as {label!r} on "

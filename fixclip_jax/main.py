@@ -224,8 +224,7 @@ def log_file_opener(workdir: str, process: int):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir
   mode = flags.FLAGS.mode

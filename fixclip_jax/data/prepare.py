@@ -326,7 +326,7 @@ def define_flags():
 
 
 def main(argv: List[str]) -> None:
-  del argv
+  cli.reject_positional_arguments(argv)
   if not FLAGS.src or not FLAGS.dst:
     raise app.UsageError("--src and --dst are required")
   filter_config = None

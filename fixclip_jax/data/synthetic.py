@@ -339,7 +339,7 @@ def define_flags():
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
+  cli.reject_positional_arguments(argv)
   if not FLAGS.dst:
     raise app.UsageError("--dst is required")
   if not 2 <= FLAGS.num_objects <= 9:

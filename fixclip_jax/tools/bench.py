@@ -910,8 +910,7 @@ def with_model_overrides(config, overrides: Sequence[str]):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.reject_positional_arguments(argv)
   if FLAGS.config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
   if FLAGS.torch:

@@ -902,8 +902,7 @@ def define_flags():
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.reject_positional_arguments(argv)
   for name in ("images", "out", "endpoint", "model"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")

@@ -348,8 +348,7 @@ def _bool(text: str) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.reject_positional_arguments(argv)
   try:
     workers = [int(w) for w in FLAGS.num_workers]
   except ValueError:

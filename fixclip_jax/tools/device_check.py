@@ -397,8 +397,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   smoke = FLAGS["cpu-smoke"].value
   if FLAGS.part:  # the env part's child
     if FLAGS.part != "env" or not FLAGS.result:

@@ -482,8 +482,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   device_check.exit_with_parent()
   results = device_check.Results(FLAGS.result)
   scratch = FLAGS.scratch or tempfile.mkdtemp(prefix="device_parts_")

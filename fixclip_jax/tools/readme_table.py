@@ -144,8 +144,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise cli.UserError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  cli.reject_positional_arguments(argv)
   same = update(FLAGS.readme, FLAGS.results, FLAGS.workdir, FLAGS.check)
   if FLAGS.check:
     print(f"{FLAGS.readme}: demo table " + ("up to date" if same else

@@ -68,7 +68,6 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -742,8 +741,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.reject_positional_arguments(argv)
   try:
     report = run_soak(flags.FLAGS.workdir, flags.FLAGS.minutes,
                       steps=flags.FLAGS.steps,

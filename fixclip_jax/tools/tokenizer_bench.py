@@ -15,7 +15,6 @@ import random
 import time
 from typing import Callable, Dict, List, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -138,8 +137,7 @@ def define_flags():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.reject_positional_arguments(argv)
   results = run(FLAGS.num_captions, FLAGS.words_per_caption,
                 FLAGS.context_length, FLAGS.seed, FLAGS.open_clip,
                 FLAGS.repeats, FLAGS.unicode)
