@@ -63,7 +63,7 @@ def import_graph(files):
   """{module: set of package modules it imports (anywhere in the file)}.
 
   A package's __init__ is imported with any of its modules; that edge is left
-  out (test_package_inits_import_nothing checks the inits import nothing)."""
+  out (test_package_inits_import_nothing_of_the_package checks they import nothing)."""
   inits = packages(files)
   graph = {}
   for name, path in files.items():
@@ -142,6 +142,7 @@ def read_layer_map(text):
 
 
 def workspace_layer_map():
+  """The layer map WORKSPACE.md states (read_layer_map's rows)."""
   with open(WORKSPACE) as f:
     return read_layer_map(f.read())
 
