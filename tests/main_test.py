@@ -36,6 +36,19 @@ def _run(cmd, timeout=600, cwd=_ROOT):
                         timeout=timeout)
 
 
+def _run_together(cmds, timeout=600):
+  """Each command's CompletedProcess, the processes started side by side
+  (independent runs that mostly import; 2 cores do two at once)."""
+  procs = [subprocess.Popen(cmd, cwd=_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for cmd in cmds]
+  done = []
+  for cmd, proc in zip(cmds, procs):
+    out, err = proc.communicate(timeout=timeout)
+    done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+  return done
+
+
 # absl's INFO lines start with "I" and the date: "I1125 18:48:35.297 ...".
 _INFO_LINE = r"(?m)^I\d{4} "
 
@@ -87,8 +100,8 @@ class MainTest(absltest.TestCase):
         "--mode=evaluate": "flag --mode=evaluate: value should be one of",
         "--config=no_such.py": "--config=no_such.py: No config file at no_such.py",
     }
-    for arg, message in cases.items():
-      proc = _run(_main(tmp, arg))
+    procs = _run_together([_main(tmp, arg) for arg in cases])
+    for (arg, message), proc in zip(cases.items(), procs):
       self.assertEqual(proc.returncode, 2, (arg, proc.stderr[-2000:]))
       self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
       self.assertTrue(proc.stderr.startswith("fixclip_jax.main: error: "), proc.stderr)
@@ -98,12 +111,13 @@ class MainTest(absltest.TestCase):
     # A missing file met while running: one line too, and --debug (or
     # FIXCLIP_DEBUG=1) brings the traceback back.
     missing = os.path.join(tmp, "missing.pt")
-    proc = _run(_main(tmp, f"--config.init_from={missing}"))
+    proc, debug = _run_together([_main(tmp, f"--config.init_from={missing}"),
+                                 _main(tmp, f"--config.init_from={missing}", "--debug")])
     self.assertEqual(proc.returncode, 2, proc.stderr[-2000:])
     self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
     self.assertTrue(proc.stderr.startswith("fixclip_jax.main: error: "), proc.stderr)
     self.assertIn(missing, proc.stderr)
-    proc = _run(_main(tmp, f"--config.init_from={missing}", "--debug"))
+    proc = debug
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("Traceback", proc.stderr)
     self.assertIn("FileNotFoundError", proc.stderr)
