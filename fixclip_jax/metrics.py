@@ -120,3 +120,28 @@ def read_metrics(workdir: str) -> List[Dict[str, float]]:
     # Training and evaluation rows of one step are merged.
     rows.setdefault(int(row["step"]), {}).update(row)
   return [rows[s] for s in sorted(rows)]
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+  """Cuts WORKDIR/metrics.jsonl back to the rows of steps <= `step`, the step
+  a run resumes from: the rows a run killed after its last checkpoint wrote
+  for later steps would stand next to the resumed run's rows of those steps.
+  The rows kept stay byte for byte; a last line cut short (no newline: killed
+  mid-write) goes too, or the next row would be appended to it. The file is
+  replaced atomically. Returns the number of lines cut."""
+  path = fileio.path(workdir) / METRICS_FILE
+  if not fileio.exists(path):
+    return 0
+  lines = path.read_bytes().splitlines(keepends=True)
+  kept = [line for line in lines
+          if line.endswith(b"\n") and not _row_after(line, step)]
+  if len(kept) < len(lines):
+    fileio.atomic_write(path, b"".join(kept))
+  return len(lines) - len(kept)
+
+
+def _row_after(line: bytes, step: int) -> bool:
+  try:
+    return int(json.loads(line)["step"]) > step
+  except (ValueError, KeyError, TypeError):  # not a row: left as it is
+    return False

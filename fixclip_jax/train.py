@@ -184,6 +184,11 @@ def _restore(config, workdir, manager, model, mesh, train_iter):
     manager.delete(s)
   if later:
     _say(f"Deleted the checkpoints after step {step}: {later}")
+  if jax.process_index() == 0:  # the steps after `step` are logged again
+    cut = metrics_lib.drop_rows_after(workdir, step)
+    if cut:
+      logging.info("Cut %d line(s) after step %d from %s", cut, step,
+                   metrics_lib.METRICS_FILE)
   _say(f"Resumed from {workdir} at step {step}")
   return state, shardings, tx
 

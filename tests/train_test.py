@@ -299,6 +299,27 @@ class LoopTest(absltest.TestCase):
                  jax.device_get(resumed["params"]))
 
 
+  def test_a_resume_cuts_the_rows_logged_after_its_step(self):
+    # Rows of steps 1-5 and checkpoints at 3 and 5, then a resume at 3 (as
+    # after a kill between step 5's row and its save): steps 4 and 5 are
+    # logged again and stand once each; rows 1-3 stay byte for byte.
+    config = demo_config(**{"num_train_steps": 5, "checkpoint_every": 3})
+    workdir = tempfile.mkdtemp()
+    train.train_and_evaluate(config, workdir, evaluate=False)
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "rb") as f:
+      before = f.read().splitlines(keepends=True)
+    self.assertEqual([json.loads(l)["step"] for l in before], [1, 2, 3, 4, 5])
+    with open(path, "ab") as f:
+      f.write(b'{"step": 5, "lo')  # a row cut short by the kill
+    config.resume_step = 3
+    train.train_and_evaluate(config, workdir, evaluate=False)
+    with open(path, "rb") as f:
+      after = f.read().splitlines(keepends=True)
+    self.assertEqual([json.loads(l)["step"] for l in after], [1, 2, 3, 4, 5])
+    self.assertEqual(after[:3], before[:3])
+
+
 class Pretrain77Test(absltest.TestCase):
   """config.pretrain77 (the demo): a 77-token CLIP first, the run from it."""
 
