@@ -1,4 +1,5 @@
 """Tests for fixclip_jax.tools.ablate: fair configs, the table, a small run."""
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ from fixclip_jax import train
 from fixclip_jax.tools import ablate
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DATA = {"train": "/data/train/manifest.jsonl", "eval": "/data/eval"}
+_DATA = {"train": "/data/train/manifest.jsonl",
+         "finetune": "/data/finetune/manifest.jsonl", "eval": "/data/eval"}
 
 
 def _tempdir(test: absltest.TestCase) -> str:
@@ -39,6 +41,7 @@ class ConfigTest(absltest.TestCase):
                       c.model.gta_groups), (0, False, 0))
     self.assertEqual(c.init_from, "")
     self.assertEqual((c.seed, c.data.shuffle_seed), (1, 1))
+    self.assertEqual(c.data.path, _DATA["train"])
 
   def test_finetunes_share_the_budget_and_differ_in_one_knob(self):
     configs = _finetunes()
@@ -49,6 +52,7 @@ class ConfigTest(absltest.TestCase):
     for name, c in configs.items():
       with self.subTest(name):
         self.assertEqual(c.init_from, "/runs/clip77")
+        self.assertEqual(c.data.path, _DATA["finetune"])
         self.assertEqual((c.model.context_length, c.data.text_context),
                          (248, 248))
         self.assertEqual(c.model.positional_keep, 20)
@@ -80,6 +84,28 @@ class ConfigTest(absltest.TestCase):
       ablated = configs[name].to_dict()
       ablated[section][key] = full[section][key]
       self.assertEqual(ablated, full.to_dict(), name)
+
+  def test_fine_tune_scenes_come_in_the_budgets_families(self):
+    workdir = _tempdir(self)
+    budget = ablate.Budget(pretrain_steps=1, finetune_steps=1, batch=4,
+                           train_num=8, eval_num=4, eval_batch=4,
+                           finetune_family_size=4)
+    data = ablate.make_data(workdir, budget, late_detail_share=1.0)
+    self.assertNotEqual(data["finetune"], data["train"])
+
+    def scenes(manifest):
+      with open(manifest) as f:
+        return [json.loads(line)["scene"] for line in f]
+    summaries = [json.dumps(s["objects"][:2]) for s in scenes(data["finetune"])]
+    self.assertEqual(len(set(summaries[:4])), 1)   # one family of four
+    self.assertEqual(len(set(summaries)), 2)
+    pairs = [json.dumps(s["objects"][:2]) for s in scenes(data["train"])]
+    self.assertEqual(len(set(pairs)), 4)           # pretraining keeps pairs
+    self.assertTrue(os.path.isdir(data["eval"]))
+    # Pairs everywhere: the fine-tune set is the train set.
+    paired = ablate.make_data(workdir, dataclasses.replace(
+        budget, finetune_family_size=2), late_detail_share=1.0)
+    self.assertEqual(paired["finetune"], paired["train"])
 
   def test_a_changed_config_does_not_reuse_an_old_run(self):
     run_dir = _tempdir(self)

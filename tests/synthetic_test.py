@@ -107,6 +107,33 @@ class SyntheticTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "late_detail_share"):
       synthetic.scene_for_index(0, late_detail_share=1.5)
 
+  def test_a_twin_family_is_one_scene_and_distinct_late_twins(self):
+    size = 16
+    family = [synthetic.scene_for_index(i, 3, 4, 1.0, late_family_size=size)
+              for i in range(size, 2 * size)]  # the second family
+    early = synthetic.EARLY_OBJECTS
+    self.assertTrue(all(s["late_twin"] for s in family))
+    self.assertLen({synthetic.summary_sentence(s) for s in family}, 1)
+    self.assertTrue(all(s["objects"][:early] == family[0]["objects"][:early]
+                        for s in family))
+    late = {tuple((o["cell"], o["size"]) for o in s["objects"][early:])
+            for s in family}
+    self.assertLen(late, size)                  # no two members alike
+    # The next family is another scene.
+    self.assertNotEqual(
+        synthetic.scene_for_index(2 * size, 3, 4, 1.0, size)["objects"][:early],
+        family[0]["objects"][:early])
+    # Without twins a family is `size` fresh scenes.
+    fresh = [synthetic.scene_for_index(i, 3, 4, 0.0, size) for i in range(size)]
+    self.assertLen({synthetic.summary_sentence(s) for s in fresh}, size)
+
+  def test_a_family_larger_than_the_late_layouts_is_an_error(self):
+    # Three shapes: one late shape, 7 cells x 3 sizes = 21 layouts at most.
+    with self.assertRaisesRegex(ValueError, "late_family_size=30"):
+      synthetic.scene_for_index(29, 0, 3, 1.0, late_family_size=30)
+    with self.assertRaisesRegex(ValueError, "late_family_size=1 "):
+      synthetic.scene_for_index(0, late_family_size=1)
+
   def test_image_shows_the_described_objects(self):
     for index in (6, 7):  # a late twin pair (late_detail_share=1)
       ex = synthetic.synthetic_example(index, image_size=90, seed=0,

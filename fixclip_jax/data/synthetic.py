@@ -23,6 +23,14 @@ reads past token 77 can tell the twins apart. Other pairs are independent
 scenes, which differ early. `scene["late_twin"]` marks both members of a twin
 pair; their short captions are equal (the summary names no places).
 
+Pairs generalise to *families* of `late_family_size` examples (F*j ...
+F*j + F - 1; F = 2 is the pairs above, example for example): a twin family is
+one scene and F - 1 distinct late twins of it. A random batch of B out of N
+examples holds on average (F - 1)(B - 1)/(N - 1) family members of each
+example, so only large families put late twins side by side in a shuffled
+batch often enough for a contrastive loss to need the late tokens
+(tools/ablate.py fine-tunes on them; evaluation keeps pairs).
+
   python -m fixclip_jax.data.synthetic --num=1000 --dst=/tmp/shapes
 
 writes DST/images/000000.png ... and DST/manifest.jsonl (a jsonl source).
@@ -133,26 +141,47 @@ def late_twin(scene: Dict[str, Any], rng: np.random.Generator
 
 
 def scene_for_index(index: int, seed: int = 0, num_objects: int = 4,
-                    late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
-                    ) -> Dict[str, Any]:
-  """The scene of example `index`: pair index // 2 draws its first scene and
-  whether it is a late twin; the odd member is the twin or a fresh scene.
+                    late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE,
+                    late_family_size: int = 2) -> Dict[str, Any]:
+  """The scene of example `index`: its family (index // late_family_size)
+  draws a first scene and whether it is a twin family; member k > 0 is the
+  k-th distinct late twin of the first scene, or the k-th fresh scene.
 
-  The twin decision is one uniform draw per pair compared with
-  late_detail_share, so a larger share keeps every twin pair of a smaller one.
+  The twin decision is one uniform draw per family compared with
+  late_detail_share, so a larger share keeps every twin family of a smaller
+  one. With late_family_size 2 a family is a pair (the module docstring).
   """
   if not 0.0 <= late_detail_share <= 1.0:
     raise ValueError(f"late_detail_share={late_detail_share} not in [0, 1]")
-  rng = np.random.default_rng([seed, index // 2])
+  if late_family_size < 2:
+    raise ValueError(f"late_family_size={late_family_size} must be at least 2")
+  rng = np.random.default_rng([seed, index // late_family_size])
   first = sample_scene(rng, num_objects)
   twins = bool(rng.random() < late_detail_share) and num_objects > EARLY_OBJECTS
-  if index % 2 == 0:
-    scene = first
-  elif twins:
-    scene = late_twin(first, rng)
+  member = index % late_family_size
+  scene = first
+  if twins:
+    seen = [_late_layout(first)]
+    while len(seen) <= member:
+      for _ in range(1000):  # a few draws unless the family nearly fills all
+        scene = late_twin(first, rng)
+        if _late_layout(scene) not in seen:
+          break
+      else:
+        raise ValueError(
+            f"late_family_size={late_family_size}: {num_objects} shapes do not "
+            f"have {member + 1} distinct late layouts")
+      seen.append(_late_layout(scene))
   else:
-    scene = sample_scene(rng, num_objects)
+    for _ in range(member):
+      scene = sample_scene(rng, num_objects)
   return {**scene, "late_twin": twins}
+
+
+def _late_layout(scene: Dict[str, Any]) -> Tuple[Tuple[int, str], ...]:
+  """What late twins of one scene may differ in: the late shapes' cells and
+  sizes."""
+  return tuple((o["cell"], o["size"]) for o in scene["objects"][EARLY_OBJECTS:])
 
 
 def _star_points(cx, cy, r):
@@ -265,12 +294,13 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 def synthetic_example(index: int, image_size: int = 64, seed: int = 0,
                       num_objects: int = 4,
-                      late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
-                      ) -> Dict[str, Any]:
+                      late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE,
+                      late_family_size: int = 2) -> Dict[str, Any]:
   """Example `index`: {"image": PNG bytes, "caption", "short_caption", "key",
   "scene"}; a function of (seed, index) only. The short caption is the
   caption's first sentence (the summary)."""
-  scene = scene_for_index(index, seed, num_objects, late_detail_share)
+  scene = scene_for_index(index, seed, num_objects, late_detail_share,
+                          late_family_size)
   return {
       "image": _png_bytes(render_scene(scene, image_size)),
       "caption": describe_scene(scene),
@@ -311,15 +341,16 @@ def write_manifest_dataset(dst: str, records: Iterable[Tuple[str, bytes, Dict[st
 
 def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
                            seed: int = 0, num_objects: int = 4,
-                           late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE
-                           ) -> str:
+                           late_detail_share: float = DEFAULT_LATE_DETAIL_SHARE,
+                           late_family_size: int = 2) -> str:
   """Writes DST/images/*.png and DST/manifest.jsonl; returns the manifest path.
 
   DST must not exist yet (see write_manifest_dataset).
   """
   def records():
     for i in range(num):
-      ex = synthetic_example(i, image_size, seed, num_objects, late_detail_share)
+      ex = synthetic_example(i, image_size, seed, num_objects,
+                             late_detail_share, late_family_size)
       yield (os.path.join("images", f"{ex['key']}.png"), ex["image"],
              {"caption": ex["caption"], "short_caption": ex["short_caption"],
               "key": ex["key"], "scene": ex["scene"]})
@@ -335,7 +366,10 @@ def define_flags():
   flags.DEFINE_integer("num_objects", 4, "Shapes per scene (2..9; late twins "
                        f"need more than {EARLY_OBJECTS}).")
   flags.DEFINE_float("late_detail_share", DEFAULT_LATE_DETAIL_SHARE,
-                     "Share of example pairs that differ only after token 77.")
+                     "Share of example pairs (families) that differ only "
+                     "after token 77.")
+  flags.DEFINE_integer("late_family_size", 2, "Examples per family: a twin "
+                       "family is a scene and its distinct late twins.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -346,9 +380,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--num_objects must be in 2..9")
   if not 0.0 <= FLAGS.late_detail_share <= 1.0:
     raise app.UsageError("--late_detail_share must be in [0, 1]")
+  if FLAGS.late_family_size < 2:
+    raise app.UsageError("--late_family_size must be at least 2")
   path = make_synthetic_dataset(FLAGS.dst, FLAGS.num, FLAGS.image_size,
                                 FLAGS.seed, FLAGS.num_objects,
-                                FLAGS.late_detail_share)
+                                FLAGS.late_detail_share, FLAGS.late_family_size)
   print(f"Wrote {FLAGS.num} examples: {path}")
 
 
