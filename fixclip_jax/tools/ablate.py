@@ -86,14 +86,14 @@ BUDGETS = {
     "medium": Budget(pretrain_steps=500, finetune_steps=100, batch=32,
                      train_num=8192, eval_num=512, eval_batch=128),
     # RESULTS.md's main table, issue 21's size: 4+4 layers at 64 px (an 8x8
-    # patch grid), batch 128, ~9 epochs of pretraining; 150 fine-tune steps
-    # (the issue's 300 did not fit two seeds in a session). The fine-tune
-    # scenes come in late-twin families of 64: with pairs, a shuffled batch of
-    # 128 held a twin pair about once in two batches, too rarely for any
-    # variant to need the late tokens (+8.0 / +0.7 CLIP-248 - CLIP-77 late
-    # T2I, docs/ablation_discriminative_pairs/); with families of 64, about
-    # half the examples of a batch have a late twin beside them.
-    "discriminative": Budget(pretrain_steps=600, finetune_steps=150, batch=128,
+    # patch grid), batch 128, ~9 epochs of pretraining, 300 fine-tune steps.
+    # The fine-tune scenes come in late-twin families of 64: with pairs, a
+    # shuffled batch of 128 held a twin pair about once in two batches, too
+    # rarely for any variant to need the late tokens (CLIP-248 - CLIP-77 late
+    # T2I +8.0 / +0.7); with families of 64, about half the examples of a
+    # batch have a late twin beside them. 150 steps on families were not
+    # enough for every seed (+23.3 / +0.0; RESULTS.md).
+    "discriminative": Budget(pretrain_steps=600, finetune_steps=300, batch=128,
                              train_num=8192, eval_num=300, eval_batch=100,
                              model_name="tiny4", gta_groups=4,
                              finetune_family_size=64),
