@@ -54,6 +54,7 @@ class SoakTest(absltest.TestCase):
     self.assertTrue(report["params"]["equal"], table)
     metrics = report["metrics"]
     self.assertEmpty(metrics["missing"], table)
+    self.assertEqual(metrics["logged_twice"], 0, table)
     self.assertEqual(metrics["broken_lines"], 0, table)
     self.assertEmpty(metrics["loss_differs"], table)
     self.assertTrue(metrics["skips_equal"], table)

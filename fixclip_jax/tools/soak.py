@@ -46,10 +46,9 @@ diskfull is skipped, said so in the table.
 Checks (exit status 1 if one fails): the soak's final parameters equal the
 reference's bit for bit; metrics.jsonl has every train step and no broken
 line, and each of its loss values equals the reference's at that step; the
-final skip totals per reason equal the reference's. Steps logged twice are
-counted, not failed: the trainer appends to metrics.jsonl, so the steps
-after the last checkpoint of a killed trainer are logged again by the next
-(metrics.read_metrics keeps the last). A table (markdown) says what
+final skip totals per reason equal the reference's; no step is logged twice
+(a resumed trainer cuts the rows a killed one wrote after its last
+checkpoint: metrics.drop_rows_after). A table (markdown) says what
 happened; WORKDIR/soak_report.json has it all, WORKDIR/logs each trainer's
 output, WORKDIR/soak_files the soak workdir without its checkpoints. The
 persistent XLA cache (WORKDIR/jax_cache) makes a restart's compilation a
@@ -653,6 +652,7 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
       "faults_not_possible": [f for f in faults if not storage.can(f)],
   }
   report["ok"] = bool(params["equal"] and not metrics["missing"]
+                      and not metrics["logged_twice"]
                       and not metrics["broken_lines"]
                       and not metrics["loss_differs"]
                       and metrics["skips_equal"])
@@ -716,7 +716,7 @@ def format_table(report: Dict[str, Any]) -> str:
       ("skipped examples, soak = reference", f"{m['skipped_total']} ({'yes' if m['skips_equal'] else 'NO'})"),
       ("final params equal the reference bit for bit", f"{'yes' if p['equal'] else 'NO ' + str(p.get('differ'))} ({p.get('leaves', 0)} arrays, {p.get('values', 0)} values)"),
       ("metrics.jsonl: steps logged / missing / broken lines", f"{m['steps_logged']} of {m['steps']} / {len(m['missing'])} / {m['broken_lines']}"),
-      ("metrics.jsonl: steps logged twice (replayed after a kill)", f"{m['logged_twice']}; losses equal the reference: {'yes' if not m['loss_differs'] else 'NO ' + str(m['loss_differs'])}"),
+      ("metrics.jsonl: steps logged twice (a kill's rows not cut on resume)", f"{m['logged_twice']}; losses equal the reference: {'yes' if not m['loss_differs'] else 'NO ' + str(m['loss_differs'])}"),
       ("storage", report["storage"]),
   ]
   lines = ["| soak | |", "|---|---|"]
