@@ -1,0 +1,115 @@
+r"""Which tower tells late twins apart: a probe of trained models.
+
+  python -m fixclip_jax.tools.twin_probe \
+      --data=WORKDIR/data/eval_300_share0.5 --runs=RUN_DIR[,RUN_DIR...] \
+      [--pairs=40]
+
+On the first `--pairs` late-twin pairs of a synthetic dataset (its manifest's
+examples 2j and 2j + 1 with `scene.late_twin`: the same first 77 tokens,
+different later details; data/synthetic.py), prints per model (anything
+api.load reads):
+
+  text cos    mean (min) cosine between the twins' long-caption embeddings:
+              1.0 means the text tower ignores everything after token 77
+  image cos   the same for the twins' images
+  margin > 0  share of pairs whose matched similarities beat the crossed ones,
+              s(a, A) + s(b, B) > s(a, B) + s(b, A) (by more than float
+              rounding, MARGIN_TOLERANCE): what R@1 on the pair needs
+
+RESULTS.md uses it to say why a fine-tune did not learn the late details.
+"""
+import json
+import os
+from typing import Dict, List, Sequence
+
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from fixclip_jax import api
+from fixclip_jax import cli
+from fixclip_jax import fileio
+
+FLAGS = flags.FLAGS
+# A 77-token reader's twins tie; their margin is 0 up to float rounding.
+MARGIN_TOLERANCE = 1e-6
+
+
+def twin_pairs(data: str, num_pairs: int) -> List[tuple]:
+  """The first `num_pairs` late-twin pairs of DATA/manifest.jsonl, as
+  ((image path, caption), (image path, caption))."""
+  manifest = os.path.join(data, "manifest.jsonl")
+  if not fileio.isfile(manifest):
+    raise cli.UserError(f"--data={data}: no manifest.jsonl (a folder written by "
+                        "data/synthetic.make_synthetic_dataset)")
+  rows = [json.loads(line) for line in fileio.read_text(manifest).splitlines()
+          if line.strip()]
+  pairs = []
+  for a, b in zip(rows[0::2], rows[1::2]):
+    if "scene" not in a or "late_twin" not in a["scene"]:
+      raise cli.UserError(f"{manifest}: example {a.get('key')!r} has no "
+                          "scene.late_twin field (not a synthetic manifest)")
+    if a["scene"]["late_twin"]:
+      pairs.append(tuple((os.path.join(data, r["image"]), r["caption"])
+                         for r in (a, b)))
+  if not pairs:
+    raise cli.UserError(f"{manifest}: no late-twin pairs")
+  return pairs[:num_pairs]
+
+
+def probe(model: api.Model, pairs: Sequence[tuple]) -> Dict[str, float]:
+  """Twin cosines of each tower and the pair margins (module docstring)."""
+  def features(side: int):
+    images = [Image.open(p[side][0]) for p in pairs]
+    return (model.encode_image(images),
+            model.encode_text([p[side][1] for p in pairs]))
+  image_a, text_a = features(0)
+  image_b, text_b = features(1)
+  dot = lambda x, y: np.sum(x * y, axis=-1)
+  text_cos, image_cos = dot(text_a, text_b), dot(image_a, image_b)
+  margin = (dot(image_a, text_a) + dot(image_b, text_b)
+            - dot(image_a, text_b) - dot(image_b, text_a))
+  return {"pairs": len(pairs),
+          "text_cos_mean": float(text_cos.mean()),
+          "text_cos_min": float(text_cos.min()),
+          "image_cos_mean": float(image_cos.mean()),
+          "image_cos_min": float(image_cos.min()),
+          "margin_positive": float(np.mean(margin > MARGIN_TOLERANCE))}
+
+
+def markdown(results: Dict[str, Dict[str, float]]) -> str:
+  lines = ["| model | pairs | text cos mean (min) | image cos mean (min) | "
+           "margin > 0 |", "|---|---|---|---|---|"]
+  for run, r in results.items():
+    lines.append(
+        f"| {run} | {r['pairs']} | {r['text_cos_mean']:.4f} "
+        f"({r['text_cos_min']:.4f}) | {r['image_cos_mean']:.4f} "
+        f"({r['image_cos_min']:.4f}) | {100 * r['margin_positive']:.0f}% |")
+  return "\n".join(lines) + "\n"
+
+
+def define_flags():
+  flags.DEFINE_string("data", None, "A synthetic dataset folder "
+                      "(manifest.jsonl with scene.late_twin).")
+  flags.DEFINE_list("runs", None, "Models to probe: training workdirs, model "
+                    "dirs, checkpoint files (anything api.load reads).")
+  flags.DEFINE_integer("pairs", 40, "Late-twin pairs to probe.")
+  flags.mark_flags_as_required(["data", "runs"])
+
+
+def main(argv):
+  cli.reject_positional_arguments(argv)
+  if FLAGS.pairs < 1:
+    raise cli.UserError(f"--pairs={FLAGS.pairs} must be at least 1")
+  pairs = twin_pairs(FLAGS.data, FLAGS.pairs)
+  results = {}
+  for run in FLAGS.runs:
+    if not fileio.exists(run):
+      raise cli.UserError(f"--runs: {run}: no such file or directory")
+    results[run] = probe(api.load(run), pairs)
+  print(markdown(results), end="", flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main)
