@@ -140,6 +140,11 @@ class TableTest(absltest.TestCase):
     md = ablate.markdown(summary)
     self.assertIn("| FIXCLIP | 45.0 ± 7.1 |", md)
     self.assertNotIn("Paired", md)
+    # Runs reused from earlier invocations: their own times are summed.
+    summary["runs"] = [{"seconds": 90.0}, {"seconds": 30.0}]
+    self.assertIn("Wall time 1.0 min on ['cpu:0']; the runs' own times "
+                  "(when they ran, `ablate_seconds.txt`) add up to 2.0 min.",
+                  ablate.markdown(summary))
     self.assertTrue(ablate.plot_png(summary).startswith(b"\x89PNG"))
 
   def test_paired_differences_to_clip248(self):

@@ -433,8 +433,11 @@ def markdown(summary: Dict[str, Any]) -> str:
               "|---|" + "---|" * len(COLUMNS)]
     for row in summary["paired_rows"]:
       lines.append(f"| {row['label']} | {_cells(row, signed=True)} |")
+  # Reused runs cost this invocation nothing: their own times are summed too.
+  run_minutes = sum(r.get("seconds", 0.0) for r in summary.get("runs", [])) / 60
   lines += ["", f"Wall time {summary['wall_seconds'] / 60:.1f} min on "
-                f"{summary['devices']}."]
+                f"{summary['devices']}; the runs' own times (when they ran, "
+                f"`{SECONDS_FILE}`) add up to {run_minutes:.1f} min."]
   return "\n".join(lines) + "\n"
 
 
