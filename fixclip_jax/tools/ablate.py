@@ -91,8 +91,9 @@ BUDGETS = {
     # shuffled batch of 128 held a twin pair about once in two batches, too
     # rarely for any variant to need the late tokens (CLIP-248 - CLIP-77 late
     # T2I +8.0 / +0.7); with families of 64, about half the examples of a
-    # batch have a late twin beside them. 150 steps on families were not
-    # enough for every seed (+23.3 / +0.0; RESULTS.md).
+    # batch have a late twin beside them. At 300 steps CLIP-248 learns the
+    # late tokens on seeds 0 and 2 (+30.0, +26.7 late T2I over CLIP-77) and
+    # not on seed 1 (-2.0; RESULTS.md, tools/twin_probe says why).
     "discriminative": Budget(pretrain_steps=600, finetune_steps=300, batch=128,
                              train_num=8192, eval_num=300, eval_batch=100,
                              model_name="tiny4", gta_groups=4,
