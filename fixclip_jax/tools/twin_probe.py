@@ -18,7 +18,6 @@ api.load reads):
 
 RESULTS.md uses it to say why a fine-tune did not learn the late details.
 """
-import json
 import os
 from typing import Dict, List, Sequence
 
@@ -29,6 +28,7 @@ from PIL import Image
 from fixclip_jax import api
 from fixclip_jax import cli
 from fixclip_jax import fileio
+from fixclip_jax.evaluation import datasets
 
 FLAGS = flags.FLAGS
 # A 77-token reader's twins tie; their margin is 0 up to float rounding.
@@ -37,24 +37,18 @@ MARGIN_TOLERANCE = 1e-6
 
 def twin_pairs(data: str, num_pairs: int) -> List[tuple]:
   """The first `num_pairs` late-twin pairs of DATA/manifest.jsonl, as
-  ((image path, caption), (image path, caption))."""
+  ((image path, caption), (image path, caption)): consecutive entries of the
+  late-detail benchmark (evaluation/datasets.load_synthetic, "late")."""
   manifest = os.path.join(data, "manifest.jsonl")
   if not fileio.isfile(manifest):
     raise cli.UserError(f"--data={data}: no manifest.jsonl (a folder written by "
                         "data/synthetic.make_synthetic_dataset)")
-  rows = [json.loads(line) for line in fileio.read_text(manifest).splitlines()
-          if line.strip()]
-  pairs = []
-  for a, b in zip(rows[0::2], rows[1::2]):
-    if "scene" not in a or "late_twin" not in a["scene"]:
-      raise cli.UserError(f"{manifest}: example {a.get('key')!r} has no "
-                          "scene.late_twin field (not a synthetic manifest)")
-    if a["scene"]["late_twin"]:
-      pairs.append(tuple((os.path.join(data, r["image"]), r["caption"])
-                         for r in (a, b)))
-  if not pairs:
-    raise cli.UserError(f"{manifest}: no late-twin pairs")
-  return pairs[:num_pairs]
+  try:
+    late = datasets.load_synthetic(data, "late")
+  except ValueError as e:
+    raise cli.UserError(f"{manifest}: no late-twin pairs ({e})") from e
+  entries = list(zip(late.image_paths, late.texts))
+  return list(zip(entries[0::2], entries[1::2]))[:num_pairs]
 
 
 def probe(model: api.Model, pairs: Sequence[tuple]) -> Dict[str, float]:
