@@ -48,7 +48,8 @@ class ConfigTest(absltest.TestCase):
     self.assertEqual(
         [n for n, _, _ in ablate.VARIANTS],
         ["clip248", "longclip", "fixclip", "fixclip_fresh", "fixclip_no_prompts",
-         "fixclip_no_masking", "fixclip_no_gta", "fixclip_mask50"])
+         "fixclip_no_masking", "fixclip_no_gta", "fixclip_no_short",
+         "fixclip_mask50"])
     for name, c in configs.items():
       with self.subTest(name):
         self.assertEqual(c.init_from, "/runs/clip77")
@@ -80,6 +81,7 @@ class ConfigTest(absltest.TestCase):
         "fixclip_no_prompts": ("model", "num_prompts", 0),
         "fixclip_no_masking": ("masking", "ratio", 0.0),
         "fixclip_no_gta": ("model", "gta_groups", 0),
+        "fixclip_no_short": ("loss", "short_weight", 0.0),
         "fixclip_mask50": ("masking", "ratio", 0.5)}.items():
       ablated = configs[name].to_dict()
       ablated[section][key] = full[section][key]

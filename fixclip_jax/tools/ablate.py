@@ -133,6 +133,10 @@ VARIANTS: Tuple[Tuple[str, str, Dict[str, Any]], ...] = (
      {"objective": "fixclip", "masking.ratio": 0.0}),
     ("fixclip_no_gta", "FIX-CLIP w/o GTA",
      {"objective": "fixclip", "model.gta_groups": 0}),
+    # Not a module of the paper: what the short-caption terms cost the long
+    # ones (RESULTS.md, why FIX-CLIP trails CLIP-248 on late details).
+    ("fixclip_no_short", "FIX-CLIP w/o short-caption terms",
+     {"objective": "fixclip", "loss.short_weight": 0.0}),
     # A method hyper-parameter, not a module: the paper's 0.75 is for a 14x14
     # grid; tiny's is 4x4 (RESULTS.md, cause 4).
     ("fixclip_mask50", "FIX-CLIP, masking 0.5",
