@@ -1,13 +1,13 @@
 """The Python API: a model from any checkpoint, its features, similarities.
 
   import fixclip_jax
-  model = fixclip_jax.load("/ckpt/fixclip_b16")    # any source convert reads
+  model = fixclip_jax.load("/ckpt/fixclip_b16")    # any source loader.py reads
   images = model.encode_image(["cat.jpg", pil_image, uint8_array])  # [N, d]
   texts = model.encode_text(["a long description of a cat ...", "a dog"])
   scores = fixclip_jax.similarity(images, texts)  # [N, M] cosine similarities
   probs = model.zero_shot(["cat.jpg"], ["cat", "dog"])  # [1, 2] class probabilities
 
-`load` reads what `convert.load_any` reads: our model directories, a training
+`load` reads what `loader.load_any` reads: our model directories, a training
 WORKDIR (its latest step, or `step=`), OpenAI / open_clip / Long-CLIP /
 FIX-CLIP `.pt` / `.safetensors` files, Hugging Face `CLIPModel` directories.
 The model carries its tokenizer (CLIP's BPE at the checkpoint's context, 77 or
@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 
 from fixclip_jax import checkpoint
-from fixclip_jax import convert
 from fixclip_jax import fileio
+from fixclip_jax import loader
 from fixclip_jax.data import tokenizers
 from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import retrieval
@@ -284,12 +284,12 @@ def load_params(path: str, step: Optional[int] = None):
     return params, cfg, "train_workdir"
   if not fileio.exists(path):
     raise FileNotFoundError(f"No such checkpoint: {path}")
-  return convert.load_any(path)
+  return loader.load_any(path)
 
 
 def load(path: str, *, step: Optional[int] = None,
          tokenizer: Optional[str] = None, batch_size: int = 32) -> Model:
-  """A Model from any checkpoint `convert.load_any` reads.
+  """A Model from any checkpoint `loader.load_any` reads.
 
   Args:
     path: model directory, training WORKDIR, .pt/.safetensors file or HF

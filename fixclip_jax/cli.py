@@ -47,7 +47,7 @@ class UserError(Exception):
 
 # Exceptions of `main` that are the user's input rather than a bug: files and
 # folders that are missing or in the way (OSError), values and checkpoints
-# that do not fit (ValueError, convert.CheckpointError), usage mistakes.
+# that do not fit (ValueError, torch_files.CheckpointError), usage mistakes.
 USER_ERRORS = (UserError, app.UsageError, OSError, ValueError)
 
 
@@ -279,7 +279,7 @@ COMMANDS = {
     "convert": "fixclip_jax.convert",
     "embed": "fixclip_jax.embed",
     "prepare": "fixclip_jax.data.prepare",
-    "synthetic": "fixclip_jax.data.synthetic",
+    "synthetic": "fixclip_jax.data.make_synthetic",
     "caption": "fixclip_jax.tools.caption",
     "bench": "fixclip_jax.tools.bench",
     "data_bench": "fixclip_jax.tools.data_bench",

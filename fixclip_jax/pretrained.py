@@ -1,6 +1,6 @@
 """Starting a model from pretrained weights (config.init_from).
 
-Any checkpoint convert.py reads (OpenAI / open_clip / Long-CLIP / FIX-CLIP
+Any checkpoint loader.py reads (OpenAI / open_clip / Long-CLIP / FIX-CLIP
 PyTorch files, Hugging Face directories, our model dirs, training workdirs) is
 fitted to the run's model: text positions by `positional.fit_text_positions`
 (KPS 77 -> 248, the two-table scheme), parameters the checkpoint lacks keep a
@@ -10,7 +10,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from fixclip_jax import convert
+from fixclip_jax import loader
 from fixclip_jax.models import positional
 from fixclip_jax.models.params import flatten_params
 from fixclip_jax.models.params import unflatten_params
@@ -61,8 +61,8 @@ def adapt_pretrained(pretrained: dict, src_cfg: CLIPConfig, fresh: dict,
 
 def load_pretrained(path: str, cfg: CLIPConfig, fresh: dict, *,
                     logit_scale: float = 0.0) -> dict:
-  """init_from: any checkpoint convert.py reads, adapted to `cfg`."""
-  params, src_cfg, fmt = convert.load_any(path)
+  """init_from: any checkpoint loader.py reads, adapted to `cfg`."""
+  params, src_cfg, fmt = loader.load_any(path)
   logging.info("init_from %s (%s): %s", path, fmt, src_cfg)
   return adapt_pretrained(jax.device_get(params), src_cfg, jax.device_get(fresh),
                           cfg, logit_scale=logit_scale, source=path)

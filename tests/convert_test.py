@@ -26,6 +26,9 @@ import transformers
 
 from fixclip_jax import checkpoint
 from fixclip_jax import convert
+from fixclip_jax import layouts
+from fixclip_jax import loader
+from fixclip_jax import torch_files
 from fixclip_jax.models import clip
 from fixclip_jax.models.sizes import get_config
 
@@ -151,7 +154,7 @@ class RoundTripTest(ConvertTestBase):
     self.assertEqual((cfg.vision_width, cfg.vision_heads, cfg.text_layers,
                       cfg.embed_dim, cfg.context_length), (128, 2, 2, 32, 77))
     convert.convert(self.path("orbax"), self.path("back" + dst_ext), to="openai")
-    back = convert.read_state_dict(self.path("back" + dst_ext))
+    back = torch_files.read_state_dict(self.path("back" + dst_ext))
     _assert_same_tensors(self, back, _numpy(sd))
     if dst_ext == ".pt":  # a plain dict of tensors, loadable by open_clip
       raw = torch.load(self.path("back.pt"), map_location="cpu", weights_only=True)
@@ -190,7 +193,7 @@ class RoundTripTest(ConvertTestBase):
     for got, want in zip(_hf_features(reloaded, images, ids),
                          _hf_features(model, images, ids)):
       np.testing.assert_array_equal(got, want)
-    self.assertEqual(cfg, convert.config_from_hf(
+    self.assertEqual(cfg, layouts.config_from_hf(
         json.load(open(self.path("hf_back", "config.json")))))
 
   def test_open_clip_to_hf_matches_open_clip(self):
@@ -217,12 +220,12 @@ class RoundTripTest(ConvertTestBase):
     sd["positional_embedding"] = torch.randn(248, 128, generator=gen)
     sd["positional_embedding_res"] = torch.randn(248, 128, generator=gen)
     torch.save(sd, self.path("longclip-tiny.pt"))
-    self.assertEqual(convert.detect_format(self.path("longclip-tiny.pt")), "longclip")
-    params, cfg, fmt = convert.load_torch_checkpoint(self.path("longclip-tiny.pt"))
+    self.assertEqual(loader.detect_format(self.path("longclip-tiny.pt")), "longclip")
+    params, cfg, fmt = loader.load_torch_checkpoint(self.path("longclip-tiny.pt"))
     self.assertEqual((fmt, cfg.context_length, cfg.positional_keep), ("longclip", 248, 20))
     convert.convert(self.path("longclip-tiny.pt"), self.path("orbax"))
     convert.convert(self.path("orbax"), self.path("back.pt"), to="openai")
-    _assert_same_tensors(self, convert.read_state_dict(self.path("back.pt")), _numpy(sd))
+    _assert_same_tensors(self, torch_files.read_state_dict(self.path("back.pt")), _numpy(sd))
 
     # HF has one table: rows < 20 from the first, the rest from _res.
     convert.convert(self.path("orbax"), self.path("hf"), to="hf")
@@ -250,10 +253,10 @@ class FormatTest(ConvertTestBase):
     safetensors.torch.save_file(half, self.path("bf16.safetensors"))
     want = {k: v.float().numpy() for k, v in half.items()}
     _hf_model().save_pretrained(self.path("hf"))
-    with_torch, hf_cfg, _ = convert.load_any(self.path("hf"))
+    with_torch, hf_cfg, _ = loader.load_any(self.path("hf"))
     with mock.patch.dict(sys.modules, {"torch": None, "safetensors.torch": None}):
-      got = convert.read_state_dict(self.path("bf16.safetensors"))
-      without_torch, cfg, fmt = convert.load_any(self.path("hf"))
+      got = torch_files.read_state_dict(self.path("bf16.safetensors"))
+      without_torch, cfg, fmt = loader.load_any(self.path("hf"))
     _assert_same_tensors(self, got, want)
     self.assertEqual(got["ln_final.weight"].dtype, np.float32)
     self.assertEqual((fmt, cfg), ("hf", hf_cfg))
@@ -265,34 +268,34 @@ class FormatTest(ConvertTestBase):
     safetensors.numpy.save_file(_numpy(sd), self.path("a.safetensors"))
     _hf_model().save_pretrained(self.path("hf"))
     convert.convert(self.path("a.pt"), self.path("orbax"))
-    self.assertEqual(convert.detect_format(self.path("a.pt")), "openai")
-    self.assertEqual(convert.detect_format(self.path("a.safetensors")), "openai")
-    self.assertEqual(convert.detect_format(self.path("hf")), "hf")
-    self.assertEqual(convert.detect_format(self.path("orbax")), "orbax")
-    _, _, fmt = convert.load_any(self.path("orbax"))
+    self.assertEqual(loader.detect_format(self.path("a.pt")), "openai")
+    self.assertEqual(loader.detect_format(self.path("a.safetensors")), "openai")
+    self.assertEqual(loader.detect_format(self.path("hf")), "hf")
+    self.assertEqual(loader.detect_format(self.path("orbax")), "orbax")
+    _, _, fmt = loader.load_any(self.path("orbax"))
     self.assertEqual(fmt, "orbax")
 
   def test_unwraps_nested_state_dict_and_module_prefix(self):
     _, sd = _open_clip_state_dict()
     torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}},
                self.path("train.pt"))
-    got = convert.read_state_dict(self.path("train.pt"))
+    got = torch_files.read_state_dict(self.path("train.pt"))
     _assert_same_tensors(self, got, _numpy(sd))
-    _, _, fmt = convert.load_torch_checkpoint(self.path("train.pt"))
+    _, _, fmt = loader.load_torch_checkpoint(self.path("train.pt"))
     self.assertEqual(fmt, "openai")
 
   def test_hf_config_fields(self):
-    cfg = convert.config_from_hf(_hf_config(context_length=248).to_dict())
+    cfg = layouts.config_from_hf(_hf_config(context_length=248).to_dict())
     self.assertEqual((cfg.context_length, cfg.text_width, cfg.vision_heads,
                       cfg.patch_size, cfg.embed_dim), (248, 64, 2, 16, 32))
-    hf = convert.hf_config_dict(cfg)
+    hf = layouts.hf_config_dict(cfg)
     self.assertEqual(hf["text_config"]["max_position_embeddings"], 248)
     self.assertEqual(hf["text_config"]["eos_token_id"], _EOT)
     self.assertEqual(hf["vision_config"]["layer_norm_eps"], 1e-5)
     bad = _hf_config().to_dict()
     bad["vision_config"]["hidden_act"] = "gelu_new"
-    with self.assertRaisesRegex(convert.CheckpointError, "vision_config.hidden_act"):
-      convert.config_from_hf(bad)
+    with self.assertRaisesRegex(torch_files.CheckpointError, "vision_config.hidden_act"):
+      layouts.config_from_hf(bad)
 
 
 class BadInputTest(ConvertTestBase):
@@ -403,9 +406,9 @@ class BadInputTest(ConvertTestBase):
         directory = tempfile.mkdtemp(dir=self.tmp)
         with open(os.path.join(directory, "config.json"), "w") as f:
           json.dump(config, f)
-        with self.assertRaisesRegex(convert.CheckpointError,
+        with self.assertRaisesRegex(torch_files.CheckpointError,
                                     "config.json: " + pattern):
-          convert.load_any(directory)
+          loader.load_any(directory)
 
   def test_params_not_matching_config_are_refused(self):
     cfg = get_config("tiny")
@@ -421,13 +424,13 @@ class BadInputTest(ConvertTestBase):
     # longclip_convert_test.py): save_hf drops them and says so.
     cfg = get_config("tiny", num_prompts=2)
     params = jax.device_get(clip.init_params(cfg))
-    with self.assertRaisesRegex(convert.CheckpointError, "prompts_0.*no place"):
-      convert.params_to_hf_state_dict(params, cfg)
+    with self.assertRaisesRegex(torch_files.CheckpointError, "prompts_0.*no place"):
+      layouts.params_to_hf_state_dict(params, cfg)
     with self.assertLogs(level="WARNING") as logs:
       convert.save_hf(self.path("x"), params, cfg)
     self.assertRegex("\n".join(logs.output), "without FIX-CLIP's regional "
                      "prompts.*image features are plain CLIP's")
-    self.assertEqual(convert.load_any(self.path("x"))[1].num_prompts, 0)
+    self.assertEqual(loader.load_any(self.path("x"))[1].num_prompts, 0)
 
 
 if __name__ == "__main__":

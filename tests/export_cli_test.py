@@ -21,6 +21,7 @@ import safetensors.numpy
 
 from fixclip_jax import checkpoint
 from fixclip_jax import convert
+from fixclip_jax import layouts
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
 
@@ -63,7 +64,7 @@ class ExportCliTest(absltest.TestCase):
     super().tearDownClass()
 
   def test_hf_and_hf_text_drop_the_extras_alike_with_one_warning(self):
-    extras = [r.torch_keys[0] for r in convert.fixclip_rules(self.cfg)]
+    extras = [r.torch_keys[0] for r in layouts.fixclip_rules(self.cfg)]
     self.assertNotEmpty(extras)
     for to, effect in (("hf", "image features are plain CLIP's"),
                        ("hf_text", "no feature changes")):

@@ -37,7 +37,7 @@ import safetensors.numpy
 from fixclip_jax import checkpoint
 from fixclip_jax import config_base
 from fixclip_jax import config_check
-from fixclip_jax import convert
+from fixclip_jax import layouts
 from fixclip_jax import train
 from fixclip_jax.data import pipeline
 from fixclip_jax.models import clip
@@ -651,7 +651,7 @@ def _user_error_files(root):
   files["orbax"] = os.path.join(root, "other_model")
   checkpoint.save_model(files["orbax"], jax.device_get(
       clip.init_params(other)), other)
-  hf = convert.hf_config_dict(cfg.replace(positional_keep=None))
+  hf = layouts.hf_config_dict(cfg.replace(positional_keep=None))
   files["hf_list"] = _hf_dir(root, "hf_list", [hf])
   heads = json.loads(json.dumps(hf))
   heads["vision_config"]["num_attention_heads"] = 3
@@ -662,14 +662,14 @@ def _user_error_files(root):
   files["hf_no_vision"] = _hf_dir(root, "hf_no_vision", {
       k: v for k, v in hf.items() if k != "vision_config"})
   # OpenAI-layout safetensors with one tensor of the wrong shape.
-  sd = convert.params_to_openai_state_dict(params, cfg)
+  sd = layouts.params_to_openai_state_dict(params, cfg)
   sd["ln_final.weight"] = np.ones((100,), np.float32)
   files["safetensors"] = os.path.join(root, "bad_shape.safetensors")
   safetensors.numpy.save_file(sd, files["safetensors"])
   # A plain pickle (not torch.save of tensors): numpy objects inside.
   files["pickle"] = os.path.join(root, "raw.pt")
   with open(files["pickle"], "wb") as f:
-    pickle.dump(convert.params_to_openai_state_dict(params, cfg), f)
+    pickle.dump(layouts.params_to_openai_state_dict(params, cfg), f)
   return files
 
 

@@ -43,7 +43,8 @@ from fixclip_jax import checkpoint
 from fixclip_jax import cli
 from fixclip_jax import config_base
 from fixclip_jax import config_check
-from fixclip_jax import convert
+from fixclip_jax import layouts
+from fixclip_jax import loader
 from fixclip_jax import train
 from fixclip_jax.models import clip
 from fixclip_jax.models import sizes
@@ -158,7 +159,7 @@ class NonFiniteStateTest(absltest.TestCase):
   def test_non_finite_weights_are_refused_at_load(self):
     cfg = sizes.model_config(train_test.demo_config(**SMALL))
     params = jax.device_get(clip.init_params(cfg))
-    sd = convert.params_to_openai_state_dict(params, cfg)
+    sd = layouts.params_to_openai_state_dict(params, cfg)
     sd["visual.proj"] = np.array(sd["visual.proj"])
     sd["visual.proj"][0, 0] = np.nan
     path = os.path.join(self.root, "nan.safetensors")
@@ -166,7 +167,7 @@ class NonFiniteStateTest(absltest.TestCase):
     pattern = (r"nan\.safetensors: parameter visual/proj holds 1 NaN/Inf "
                r"value\(s\) of \d+; these weights are broken")
     with self.assertRaisesRegex(checkpoint.NonFiniteError, pattern):
-      convert.load_any(path)
+      loader.load_any(path)
     with self.assertRaisesRegex(checkpoint.NonFiniteError, pattern) as refused:
       api.load(path)
     report("NaN weights (api.load of a .safetensors)", refused.exception)
@@ -186,7 +187,7 @@ class NonFiniteStateTest(absltest.TestCase):
     with self.assertRaisesRegex(checkpoint.NonFiniteError,
                                 r"model: parameter text/ln_final/scale holds "
                                 r"\d+ NaN/Inf"):
-      convert.load_any(model_dir)
+      loader.load_any(model_dir)
 
 
 class OverflowingUpdateTest(absltest.TestCase):
@@ -537,7 +538,7 @@ def _bad_files(root):
   """Checkpoints that are broken in one way each (the demo model's shapes)."""
   cfg = sizes.model_config(train_test.demo_config(**SMALL))
   params = jax.device_get(clip.init_params(cfg))
-  sd = convert.params_to_openai_state_dict(params, cfg)
+  sd = layouts.params_to_openai_state_dict(params, cfg)
   files = {"heads": faults_test._config_file(root, "heads",
                                              "c.model.vision_heads = 5")}
   files["list_header"] = os.path.join(root, "list_header.safetensors")
@@ -547,7 +548,7 @@ def _bad_files(root):
   files["hf_index"] = os.path.join(root, "hf_index")
   os.makedirs(files["hf_index"])
   with open(os.path.join(files["hf_index"], "config.json"), "w") as f:
-    json.dump(convert.hf_config_dict(cfg.replace(positional_keep=None)), f)
+    json.dump(layouts.hf_config_dict(cfg.replace(positional_keep=None)), f)
   with open(os.path.join(files["hf_index"], "model.safetensors.index.json"),
             "w") as f:
     f.write('{"weight_map": {"a": "model-00001.safetensors",')  # cut short

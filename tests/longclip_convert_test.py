@@ -15,7 +15,10 @@ import torch
 
 from fixclip_jax import checkpoint
 from fixclip_jax import convert
+from fixclip_jax import layouts
+from fixclip_jax import loader
 from fixclip_jax import pretrained as pretrained_lib
+from fixclip_jax import torch_files
 from fixclip_jax.models import clip
 from fixclip_jax.models import positional
 from fixclip_jax.models import sizes
@@ -71,7 +74,7 @@ class LongCLIPCheckpointTest(absltest.TestCase):
       ids = _ids(np.random.default_rng(2), [30, 120, 248], 248)
       ref = model.encode_text(torch.from_numpy(ids)).numpy()
 
-    params, cfg, fmt = convert.load_torch_checkpoint(path)
+    params, cfg, fmt = loader.load_torch_checkpoint(path)
     self.assertEqual(fmt, "longclip")
     self.assertEqual((cfg.context_length, cfg.positional_keep), (248, 20))
     ours = clip.CLIP(cfg).apply({"params": params}, ids.astype(np.int32),
@@ -80,7 +83,7 @@ class LongCLIPCheckpointTest(absltest.TestCase):
     print(f"Long-CLIP 248-token text features vs PyTorch: rel err {err:.2e}")
     self.assertLess(err, 1e-4)
 
-    back = convert.params_to_openai_state_dict(params, cfg)
+    back = layouts.params_to_openai_state_dict(params, cfg)
     self.assertEqual(set(back), set(sd) - {"logit_scale"} | {"logit_scale"})
     for k, v in sd.items():
       np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -99,7 +102,7 @@ class LongCLIPCheckpointTest(absltest.TestCase):
     want = positional.stretch_positional_embedding(params["text"]["positional_embedding"])
     np.testing.assert_array_equal(loaded["text"]["positional_embedding"], want)
     np.testing.assert_array_equal(loaded["text"]["positional_embedding_res"], want)
-    with self.assertRaisesRegex(convert.CheckpointError, "already has 248"):
+    with self.assertRaisesRegex(torch_files.CheckpointError, "already has 248"):
       convert.convert(dst, os.path.join(self.tmp, "again"), "orbax",
                       params_transform=convert.stretch_transform(248))
     self.assertFalse(os.path.exists(os.path.join(self.tmp, "again")))
@@ -145,18 +148,18 @@ class FixCLIPCheckpointTest(absltest.TestCase):
     self.assertNotIn("fixclip.visual.prompts.0", extra)
     self.assertIn("fixclip.visual.mask_token", extra)
     self.assertIn("fixclip.text.gta.1.linear.weight", extra)
-    params, cfg, _ = convert.load_torch_checkpoint(path)
+    params, cfg, _ = loader.load_torch_checkpoint(path)
     self.assertEqual(cfg, self.cfg)
     jax.tree.map(np.testing.assert_array_equal, params, self.params)
 
   def test_drop_extra_writes_plain_longclip_layout(self):
     path = os.path.join(self.tmp, "plain.pt")
-    stripped, cfg = convert.strip_fixclip(self.params, self.cfg)
+    stripped, cfg = layouts.strip_fixclip(self.params, self.cfg)
     convert.save_openai(path, stripped, cfg)
     sd = torch.load(path, weights_only=True)
     self.assertFalse([k for k in sd if k.startswith("fixclip.")])
     self.assertIn("positional_embedding_res", sd)
-    params, plain_cfg, fmt = convert.load_torch_checkpoint(path)
+    params, plain_cfg, fmt = loader.load_torch_checkpoint(path)
     self.assertEqual(fmt, "longclip")
     self.assertEqual((plain_cfg.num_prompts, plain_cfg.gta_groups), (0, 0))
     np.testing.assert_array_equal(params["text"]["token_embedding"],

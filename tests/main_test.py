@@ -15,7 +15,7 @@ from absl.testing import absltest
 import jax
 import numpy as np
 
-from fixclip_jax import convert
+from fixclip_jax import loader
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A few seconds per run on CPU: 8 steps of the demo model at batch 8.
@@ -148,8 +148,8 @@ class MainTest(absltest.TestCase):
     rerun = _run(_main(workdir))
     self.assertEqual(rerun.returncode, 0, rerun.stderr[-3000:])
     self.assertIn(f"Resumed from {workdir} at step {saved[-1]}", rerun.stdout)
-    p_straight, _, _ = convert.load_any(straight)
-    p_resumed, _, _ = convert.load_any(workdir)
+    p_straight, _, _ = loader.load_any(straight)
+    p_resumed, _, _ = loader.load_any(workdir)
     jax.tree.map(np.testing.assert_array_equal, p_straight, p_resumed)
 
     # Back to the step SIGTERM saved: the later checkpoint (8) goes, training
@@ -158,7 +158,7 @@ class MainTest(absltest.TestCase):
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
     self.assertIn(f"Deleted the checkpoints after step {saved[-1]}: [8]", again.stdout)
     self.assertIn(f"Resumed from {workdir} at step {saved[-1]}", again.stdout)
-    p_again, _, _ = convert.load_any(workdir)
+    p_again, _, _ = loader.load_any(workdir)
     jax.tree.map(np.testing.assert_array_equal, p_straight, p_again)
     bad = _run(_main(workdir, "--config.resume_step=5000"))
     self.assertEqual(bad.returncode, 2)

@@ -21,7 +21,8 @@ import open_clip
 import torch
 import transformers
 
-from fixclip_jax import convert
+from fixclip_jax import layouts
+from fixclip_jax import loader
 from fixclip_jax.models import clip
 
 _SOT, _EOT = 49406, 49407
@@ -120,7 +121,7 @@ class OpenClipParityTest(parameterized.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "open_clip.pt")
       torch.save(model.state_dict(), path)
-      params, cfg, fmt = convert.load_torch_checkpoint(path, act=act)
+      params, cfg, fmt = loader.load_torch_checkpoint(path, act=act)
     self.assertEqual(fmt, "openai")
     self.assertEqual((cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
                       cfg.patch_size, cfg.image_size, cfg.embed_dim, cfg.act),
@@ -132,11 +133,11 @@ class OpenClipParityTest(parameterized.TestCase):
     model.eval()
     _perturb(model, seed=3, scale=0.01)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    cfg = convert.config_from_shapes({k: v.shape for k, v in sd.items()})
+    cfg = layouts.config_from_shapes({k: v.shape for k, v in sd.items()})
     self.assertEqual((cfg.vision_width, cfg.vision_layers, cfg.vision_heads,
                       cfg.text_width, cfg.text_heads, cfg.embed_dim),
                      (768, 12, 12, 512, 8, 512))
-    params = convert.state_dict_to_params(sd, cfg, "openai", "ViT-B-16-quickgelu")
+    params = layouts.state_dict_to_params(sd, cfg, "openai", "ViT-B-16-quickgelu")
     del sd
     self._compare("ViT-B-16-quickgelu", model, params, cfg, batch=2, seed=4)
 
@@ -164,7 +165,7 @@ class HuggingFaceParityTest(parameterized.TestCase):
     _perturb(model, seed=6)
     with tempfile.TemporaryDirectory() as tmp:
       model.save_pretrained(tmp)
-      params, cfg, fmt = convert.load_torch_checkpoint(tmp)
+      params, cfg, fmt = loader.load_torch_checkpoint(tmp)
     self.assertEqual(fmt, "hf")
     self.assertEqual((cfg.text_heads, cfg.vision_heads, cfg.context_length, cfg.act),
                      (3, 4, 40, act))

@@ -163,7 +163,7 @@ class SyntheticTest(absltest.TestCase):
 
   def test_cli(self):
     dst = os.path.join(_tempdir(self), "cli")
-    subprocess.run([sys.executable, "-m", "fixclip_jax.data.synthetic",
+    subprocess.run([sys.executable, "-m", "fixclip_jax.data.make_synthetic",
                     "--num=4", f"--dst={dst}", "--image_size=16",
                     "--late_detail_share=1"],
                    check=True, cwd=_REPO, capture_output=True)

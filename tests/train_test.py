@@ -14,6 +14,7 @@ import numpy as np
 from fixclip_jax import checkpoint
 from fixclip_jax import config_base
 from fixclip_jax import config_check
+from fixclip_jax import loader
 from fixclip_jax import pretrained
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
@@ -290,9 +291,8 @@ class LoopTest(absltest.TestCase):
     self.assertEqual(int(resumed["step"]), 4)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight["params"]),
                  jax.device_get(resumed["params"]))
-    # The workdir itself is a model source for convert.py (export after a run).
-    from fixclip_jax import convert  # pylint: disable=g-import-not-at-top
-    params, cfg, fmt = convert.load_any(workdir)
+    # The workdir itself is a model source for loader.py (export after a run).
+    params, cfg, fmt = loader.load_any(workdir)
     self.assertEqual(fmt, "train_workdir")
     self.assertEqual(cfg, sizes.model_config(config))
     jax.tree.map(np.testing.assert_array_equal, params,

@@ -31,8 +31,8 @@ example, so only large families put late twins side by side in a shuffled
 batch often enough for a contrastive loss to need the late tokens
 (tools/ablate.py fine-tunes on them; evaluation keeps pairs).
 
-  python -m fixclip_jax.data.synthetic --num=1000 --dst=/tmp/shapes
-
+`make_synthetic_dataset` (and its CLI, data/make_synthetic.py:
+`python -m fixclip_jax.data.make_synthetic --num=1000 --dst=/tmp/shapes`)
 writes DST/images/000000.png ... and DST/manifest.jsonl (a jsonl source).
 Everything is a function of (seed, example index): example i is the same
 whatever `num` is. Held-out evaluation sets use another seed
@@ -43,13 +43,10 @@ import json
 import os
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
-from absl import app
-from absl import flags
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from fixclip_jax import cli
 from fixclip_jax import fileio
 
 COLOURS = {
@@ -92,8 +89,6 @@ EARLY_OBJECTS = 2
 PARAGRAPH_BREAK = "\n\n"
 # Share of example pairs that are late twins (see the module docstring).
 DEFAULT_LATE_DETAIL_SHARE = 0.5
-
-FLAGS = flags.FLAGS
 
 
 def sample_scene(rng: np.random.Generator, num_objects: int = 4
@@ -356,38 +351,3 @@ def make_synthetic_dataset(dst: str, num: int, image_size: int = 64,
               "key": ex["key"], "scene": ex["scene"]})
 
   return write_manifest_dataset(dst, records())
-
-
-def define_flags():
-  flags.DEFINE_integer("num", 1000, "Number of examples.")
-  flags.DEFINE_string("dst", None, "Output folder (must not exist).")
-  flags.DEFINE_integer("image_size", 64, "Side of the square images.")
-  flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.DEFINE_integer("num_objects", 4, "Shapes per scene (2..9; late twins "
-                       f"need more than {EARLY_OBJECTS}).")
-  flags.DEFINE_float("late_detail_share", DEFAULT_LATE_DETAIL_SHARE,
-                     "Share of example pairs (families) that differ only "
-                     "after token 77.")
-  flags.DEFINE_integer("late_family_size", 2, "Examples per family: a twin "
-                       "family is a scene and its distinct late twins.")
-
-
-def main(argv: Sequence[str]) -> None:
-  cli.reject_positional_arguments(argv)
-  if not FLAGS.dst:
-    raise app.UsageError("--dst is required")
-  if not 2 <= FLAGS.num_objects <= 9:
-    raise app.UsageError("--num_objects must be in 2..9")
-  if not 0.0 <= FLAGS.late_detail_share <= 1.0:
-    raise app.UsageError("--late_detail_share must be in [0, 1]")
-  if FLAGS.late_family_size < 2:
-    raise app.UsageError("--late_family_size must be at least 2")
-  path = make_synthetic_dataset(FLAGS.dst, FLAGS.num, FLAGS.image_size,
-                                FLAGS.seed, FLAGS.num_objects,
-                                FLAGS.late_detail_share, FLAGS.late_family_size)
-  print(f"Wrote {FLAGS.num} examples: {path}")
-
-
-if __name__ == "__main__":
-  define_flags()
-  cli.run(main)

@@ -3,7 +3,7 @@ device_check.py runs each as `python -m fixclip_jax.tools.device_parts
 --part=NAME --result=FILE`, under its own timeout).
 
   gpu_tests  towers vs open_clip on the device (random perturbed open_clip
-             models converted as convert.py converts them, as
+             models converted as loader.py reads them, as
              tests/parity_test.py does on the CPU), bf16 vs float32 features,
              one FIX-CLIP train step on the device vs the same step on the CPU
   bench      tools/bench's run_benchmark per config (with open_clip and the
@@ -36,8 +36,8 @@ import numpy as np
 from fixclip_jax import buckets
 from fixclip_jax import cli
 from fixclip_jax import config_base
-from fixclip_jax import convert
 from fixclip_jax import flops as flops_lib
+from fixclip_jax import layouts
 from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax.models import clip
@@ -133,8 +133,8 @@ def towers_vs_open_clip(name: str, config: Optional[dict], batch: int,
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   model = open_clip_model(name, config, seed=1)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  cfg = convert.config_from_shapes({k: v.shape for k, v in sd.items()})
-  params = convert.state_dict_to_params(sd, cfg, "openai", name)
+  cfg = layouts.config_from_shapes({k: v.shape for k, v in sd.items()})
+  params = layouts.state_dict_to_params(sd, cfg, "openai", name)
   del sd
   rng = np.random.default_rng(2)
   images = rng.normal(size=(batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
