@@ -1,7 +1,7 @@
 """Architecture sizes: `CLIPConfig`, the named sizes, and a run config's model.
 
 The named sizes are OpenAI CLIP's (docs/method.md §1). Checkpoints of other
-sizes get their CLIPConfig from their shapes (convert.config_from_shapes) or
+sizes get their CLIPConfig from their shapes (layouts.config_from_shapes) or
 from the model_config.json stored next to them (`config_from_dict`).
 """
 import dataclasses
@@ -73,7 +73,7 @@ SIZES = {
     "L/14": _vit(224, 14, 1024, 24, 768, 768, 12),
     "L/14@336": _vit(336, 14, 1024, 24, 768, 768, 12),
     # A few-MFLOP model for unit tests and the CPU demo; follows the same
-    # head_dim=64 rule so that convert.config_from_shapes recovers it exactly.
+    # head_dim=64 rule so that layouts.config_from_shapes recovers it exactly.
     "tiny": _vit(32, 8, 128, 2, 64, 128, 2),
     # The ablation's discriminating size (tools/ablate.py --budget=
     # discriminative): 4+4 layers, an 8x8 patch grid at 64 px.
