@@ -4,6 +4,7 @@ host batches (data/pipeline.py) -> global batch on the mesh -> jitted step ->
 metrics, periodic evaluation (evaluation/run.py) and checkpoints
 (checkpoint.py); init_from through pretrained.py. Resume is automatic.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
+import optax
 
 from fixclip_jax import buckets
 from fixclip_jax import checkpoint
@@ -282,30 +284,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train_and_evaluate_locked(config, workdir: str, evaluate: bool,
                                on_start: Callable[[], None],
                                lock: checkpoint.WorkdirLock) -> TrainState:
-  """train_and_evaluate's stages; `on_start` locks the workdir."""
+  """The run, after stage 1 (_pretrain77) when config.pretrain77 asks for it
+  and the run has not begun; `on_start` locks the workdir."""
   if config.get("pretrain77") and config.pretrain77.steps:
     start_dir = os.fspath(fileio.path(workdir) / PRETRAIN77_SUBDIR)
     if not checkpoint.has_train_checkpoint(workdir):  # the run has not begun
       lock.acquire()  # stage 1 writes its start model before its checks
-      state, preempted = _pretrain77(config, start_dir, evaluate, on_start)
+      state, preempted = _pretrain77(config, workdir, start_dir, evaluate,
+                                     on_start)
       if preempted:
         return state
-      if evaluate and jax.process_index() == 0:
-        steps = config.pretrain77.steps
-        start_rows = [{k: v for k, v in r.items() if k not in ("model", "step")}
-                      for r in report.read_results(start_dir) if r.get("step") == steps]
-        report.write_report(workdir, start_rows, model=START_MODEL_LABEL, step=steps)
       on_start = None
       _say(f"Stage 2 of 2: {config.objective} at {config.model.context_length} "
            f"tokens from the 77-token start, {config.num_train_steps} steps")
     config = config.copy_and_resolve_references()
     config.init_from = start_dir
-  return _train_and_evaluate(config, workdir, evaluate, on_start)[0]
+  state, preempted = _train_and_evaluate(config, workdir, evaluate, on_start)
+  if not preempted and jax.process_index() == 0:
+    _print_outcome(workdir, evaluated=evaluate)
+  return state
 
 
-def _pretrain77(config, start_dir: str, evaluate: bool, on_start):
+def _pretrain77(config, workdir: str, start_dir: str, evaluate: bool, on_start):
   """Stage 1: config.pretrain77.steps of plain CLIP at 77 tokens in start_dir,
-  from a start model with a smooth position table; (state, preempted)."""
+  from a start model with a smooth position table; its final evaluation joins
+  WORKDIR's results as START_MODEL_LABEL. (state, preempted)."""
   stage = pretrain77.clip77_config(config, config.pretrain77.steps,
                                    config.pretrain77.lr)
   stage.eval_at_start = False
@@ -314,15 +317,51 @@ def _pretrain77(config, start_dir: str, evaluate: bool, on_start):
        f"(the start a pretrained CLIP would give; {start_dir})")
   stage.init_from = pretrain77.write_start_model(
       os.fspath(fileio.path(start_dir) / START_MODEL_SUBDIR), stage)
-  return _train_and_evaluate(stage, start_dir, evaluate, on_start,
-                             print_outcome=False)
+  state, preempted = _train_and_evaluate(stage, start_dir, evaluate, on_start)
+  if not preempted and evaluate and jax.process_index() == 0:
+    steps = stage.num_train_steps
+    start_rows = [{k: v for k, v in r.items() if k not in ("model", "step")}
+                  for r in report.read_results(start_dir) if r.get("step") == steps]
+    report.write_report(workdir, start_rows, model=START_MODEL_LABEL, step=steps)
+  return state, preempted
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         evaluate: bool = True,
-                        on_start: Optional[Callable[[], None]] = None,
-                        print_outcome: bool = True):
-  """train_and_evaluate of one stage; (final state, stopped by a signal)."""
+                        on_start: Optional[Callable[[], None]] = None):
+  """One stage: set up (every check; nothing written before `on_start`),
+  restore or start, loop, finish. (final state, stopped by a signal)."""
+  parts, train_iter, resuming, params = _set_up(config, workdir)
+  if on_start is not None:
+    on_start()
+  run = _restore_or_start(config, workdir, evaluate, parts, train_iter,
+                          resuming, params)
+  with PreemptionGuard() as guard, train_iter:
+    end = _loop(run, guard)
+  _finish(run, end)
+  return run.state, end.preempted
+
+
+# ----------------------------------------------------------------------------
+# A run's pieces: the model (shared with --mode=eval), then its training.
+
+@dataclasses.dataclass
+class _ModelParts:
+  """The mesh, the run's model and its tokenizer: what a training run and
+  --mode=eval build from the config before reading any checkpoint."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  cfg: sizes.CLIPConfig
+  model: clip.CLIP
+  tokenizer: tokenizers.Tokenizer
+
+  def evaluate(self, params, workdir: str, step: Optional[int]) -> list:
+    """config.eval's benchmarks on `params`: WORKDIR's result rows at `step`."""
+    return eval_run.evaluate(self.config, self.model, params, self.mesh,
+                             self.tokenizer, workdir=workdir, step=step)
+
+
+def _model_parts(config) -> _ModelParts:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   logging.info("Devices: %s", sharding.describe(mesh))
   cfg = sizes.model_config(config)
@@ -331,154 +370,257 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                        context_length=cfg.context_length)
   tokenizers.check_model_compatible(tokenizer, cfg.vocab_size, cfg.eot_token_id,
                                     "config.data.tokenizer / config.model")
+  return _ModelParts(config, mesh, cfg, model, tokenizer)
+
+
+def _init_from_params(config, cfg: sizes.CLIPConfig, logit_scale):
+  """config.init_from's weights fitted to the run's model (pretrained.py)."""
+  fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
+  return pretrained.load_pretrained(config.init_from, cfg, fresh,
+                                    logit_scale=logit_scale)
+
+
+@dataclasses.dataclass
+class _Run:
+  """One training stage once its state is restored or started: what the
+  loop and the finish read, and the state the loop advances."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  evaluate: bool
+  parts: _ModelParts
+  train_iter: pipeline.BackgroundBatches
+  manager: checkpoint.TrainCheckpointManager
+  state: TrainState
+  shardings: TrainState
+  tx: optax.GradientTransformation
+  writer: metrics_lib.MetricWriter
+  start_step: int
+  eval_metrics: dict = dataclasses.field(default_factory=dict)  # the latest
+
+  def run_eval(self, step: int) -> None:
+    results = self.parts.evaluate(self.state["params"], self.workdir, step)
+    self.eval_metrics = eval_run.flat_metrics(results)
+    self.writer.write(step, self.eval_metrics)
+
+  def save(self, step: int, wait: bool) -> None:
+    """A checkpoint of the state and the data position; the latest
+    evaluation's metrics go with it (config.checkpoint_best_metric)."""
+    checkpoint.save_train_state(self.manager, step, self.state, self.train_iter,
+                                metrics=self.eval_metrics or None, force=True,
+                                wait=wait)
+
+
+def _set_up(config, workdir: str):
+  """Everything a run checks before its first write: (model parts, train
+  batches, resuming, init_from params or None)."""
+  parts = _model_parts(config)
   data_config = config.data.copy_and_resolve_references()
-  if data_config.image_size != cfg.image_size:
+  if data_config.image_size != parts.cfg.image_size:
     raise ValueError(f"config.data.image_size={data_config.image_size} but model "
-                     f"{config.model_name} takes {cfg.image_size}px images")
+                     f"{config.model_name} takes {parts.cfg.image_size}px images")
   # Batches come from a thread: a stuck read never holds up a stop; the
   # checkpointed data state includes the skip totals (they carry on).
   train_iter = pipeline.BackgroundBatches(
-      pipeline.make_train_iterator(data_config, tokenizer))
-  resuming = checkpoint.check_resume(workdir, cfg)
+      pipeline.make_train_iterator(data_config, parts.tokenizer))
+  resuming = checkpoint.check_resume(workdir, parts.cfg)
   _check_resume_step(config, workdir, resuming)
   params = None
   if config.init_from and not resuming:
-    fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
-    params = pretrained.load_pretrained(config.init_from, cfg, fresh,
-                                        logit_scale=config.init_logit_scale)
+    params = _init_from_params(config, parts.cfg, config.init_logit_scale)
+  return parts, train_iter, resuming, params
 
-  if on_start is not None:
-    on_start()
+
+def _restore_or_start(config, workdir: str, evaluate: bool, parts: _ModelParts,
+                      train_iter, resuming: bool, params) -> _Run:
+  """The state restored from WORKDIR, or started (from `params`, else
+  fresh) with the workdir's records; evaluated first when
+  config.eval_at_start."""
   if not resuming:  # the workdir's record of its checkpoints, written once
     _write_config_copy(config, workdir)
-    checkpoint.write_workdir_model_config(workdir, cfg)  # convert --src=WORKDIR
+    checkpoint.write_workdir_model_config(workdir, parts.cfg)  # convert --src=WORKDIR
     checkpoint.write_run_record(workdir)
   manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints,
                                           best_metric=config.checkpoint_best_metric)
   if resuming:  # restore into the abstract state
     _say_changed_knobs(config, workdir)
-    state, shardings, tx = _restore(config, workdir, manager, model, mesh,
-                                    train_iter)
+    state, shardings, tx = _restore(config, workdir, manager, parts.model,
+                                    parts.mesh, train_iter)
   else:
-    state, shardings, tx = step_lib.init_state(config, model, mesh, params)
-  start = int(jax.device_get(state["step"]))
+    state, shardings, tx = step_lib.init_state(config, parts.model, parts.mesh,
+                                               params)
+  run = _Run(config, workdir, evaluate, parts, train_iter, manager, state,
+             shardings, tx, metrics_lib.MetricWriter(workdir, config=config),
+             start_step=int(jax.device_get(state["step"])))
+  if evaluate and config.eval_at_start and run.start_step == 0:
+    run.run_eval(0)
+  return run
 
-  writer = metrics_lib.MetricWriter(workdir, config=config)
-  eval_metrics = {}
 
-  def run_eval(step):
-    results = eval_run.evaluate(config, model, state["params"], mesh, tokenizer,
-                                workdir=workdir, step=step)
-    flat = eval_run.flat_metrics(results)
-    writer.write(step, flat)
-    return flat
+# ----------------------------------------------------------------------------
+# The loop: one step queued at most, its metrics read one step late.
 
-  if evaluate and config.eval_at_start and start == 0:
-    eval_metrics = run_eval(0)
+class _TrainStep:
+  """Host batch -> the jitted step on the mesh, advancing run.state. Text is
+  cut to length buckets (buckets.py): exact, one compiled step per bucket
+  pair."""
 
-  step_fn = step_lib.make_train_step(config, model, tx)
-  train_step = None  # jitted on the first batch, whose structure it needs
-  # Text cut to length buckets (buckets.py): exact, one compiled step per
-  # bucket pair; FLOPs (for MFU) are those of the cut lengths.
-  text_buckets = buckets.TextBuckets.from_config(config, cfg.eot_token_id)
-  step_flops = functools.lru_cache(lambda lengths: flops.train_step_flops(
-      config, lengths=lengths)["total"])
-  window_flops = 0
-  peak = 1e12 * (config.peak_tflops or
-                 flops.peak_tflops_for(jax.devices()[0].device_kind) or 0.0)
-  skipped = train_iter.skip_totals  # this host, since the run's first step
-  images_per_step = config.data.global_batch
-  eval_every = config.eval_every or config.num_train_steps
-  timer_start, timer_steps = time.perf_counter(), 0
-  step = start
-  skipped_logged, last_logged = int(jax.device_get(state["num_skipped"])), start
+  def __init__(self, run: _Run):
+    self._run = run
+    self._step_fn = step_lib.make_train_step(run.config, run.parts.model, run.tx)
+    self._jitted = None  # jitted on the first batch, whose structure it needs
+    self._buckets = buckets.TextBuckets.from_config(run.config,
+                                                    run.parts.cfg.eot_token_id)
+
+  def __call__(self, host: dict):
+    """Queues a step; (its metrics, the cut text lengths: what FLOPs count)."""
+    host_batch = self._buckets(_host_batch(host))
+    lengths = flops.batch_text_lengths(host_batch)
+    batch = sharding.global_batch(host_batch, self._run.parts.mesh)
+    if self._jitted is None:
+      self._jitted = step_lib.jit_train_step(self._step_fn, self._run.parts.mesh,
+                                             self._run.shardings, batch)
+    self._run.state, metrics = self._jitted(self._run.state, batch)
+    return metrics, lengths
+
+
+class _ProgressLog:
+  """A metrics.jsonl row and a progress line every config.log_every steps,
+  at the last, and after a run's first step (at once; its time includes
+  compilation). Speed, MFU: over the steps since the previous row."""
+
+  def __init__(self, run: _Run):
+    config = run.config
+    self._run = run
+    self._step_flops = functools.lru_cache(lambda lengths: flops.train_step_flops(
+        config, lengths=lengths)["total"])
+    self._peak = 1e12 * (config.peak_tflops or
+                         flops.peak_tflops_for(jax.devices()[0].device_kind) or 0.0)
+    self._skipped_logged = int(jax.device_get(run.state["num_skipped"]))
+    self._last_logged = run.start_step
+    self._open_window()
+
+  def _open_window(self) -> None:
+    self._window_start, self._window_steps = time.perf_counter(), 0
+    self._window_flops = 0
+
+  def count(self, lengths) -> None:
+    """One more step in the window, with its batch's cut text lengths."""
+    self._window_steps += 1
+    self._window_flops += self._step_flops(lengths)
+
+  def due(self, step: int) -> bool:
+    config = self._run.config
+    return (step % config.log_every == 0 or step == config.num_train_steps or
+            step == self._run.start_step + 1)
+
+  def write(self, step: int, metrics: dict) -> None:
+    metrics = self._row(step, jax.device_get(metrics))
+    if metrics["skipped_total"] > self._skipped_logged:
+      logging.warning(
+          "%d update(s) skipped for NaN/Inf between steps %d and %d (this "
+          "step: %d non-finite feature values); %d skipped in total",
+          metrics["skipped_total"] - self._skipped_logged, self._last_logged + 1,
+          step, int(metrics.get("nonfinite_features", 0)),
+          metrics["skipped_total"])
+      self._skipped_logged = int(metrics["skipped_total"])
+    self._last_logged = step
+    self._run.writer.write(step, metrics)
+    if jax.process_index() == 0:
+      print(_progress(step, self._run.config.num_train_steps,
+                      metrics["step_time_s"], metrics,
+                      first=step == self._run.start_step + 1), flush=True)
+    self._open_window()
+
+  def _row(self, step: int, metrics: dict) -> dict:
+    """The step's metrics with the window's speed, the lr, and the data
+    counters summed over hosts (skipped records, captions cut to context)."""
+    config, train_iter = self._run.config, self._run.train_iter
+    elapsed = time.perf_counter() - self._window_start
+    metrics["step_time_s"] = elapsed / self._window_steps
+    metrics["images_per_s"] = (config.data.global_batch * self._window_steps
+                               / elapsed)
+    metrics["lr"] = float(step_lib.learning_rate_schedule(config.optim.lr, config)(
+        step // config.optim.accum_steps))
+    metrics["logit_scale"] = float(np.log(metrics["temperature"]))
+    if self._peak:
+      metrics["mfu"] = self._window_flops / elapsed / (self._peak * jax.device_count())
+    skipped = _sum_over_hosts(train_iter.skip_totals)
+    for reason, count in zip(pipeline.SKIP_REASONS, skipped):
+      metrics[f"data/skipped_{reason}"] = int(count)
+    cut = _sum_over_hosts(np.asarray([train_iter.truncated[k] for k in
+                                      pipeline.TRUNCATION_COUNTS]))
+    for name, count in zip(("truncated_long", "truncated_short", "examples"), cut):
+      metrics[f"data/{name}"] = int(count)
+    return metrics
+
+
+@dataclasses.dataclass
+class _LoopEnd:
+  """Where the loop stopped, and why when before config.num_train_steps."""
+  step: int
+  preempted: bool = False  # a signal or the preemption notice; saved
+  divergence: Optional[DivergenceWatch] = None  # set when the run diverged
+
+
+def _loop(run: _Run, guard: PreemptionGuard) -> _LoopEnd:
+  """Steps up to config.num_train_steps, each followed by its row, eval and
+  checkpoint when due; ends early on a signal or divergence."""
+  train_step, progress = _TrainStep(run), _ProgressLog(run)
+  divergence = DivergenceWatch(run.config.optim.get("max_skipped_updates", 0))
+  step = run.start_step
   in_flight = None  # the previous step's (step, loss, skipped): one queued
-  divergence = DivergenceWatch(config.optim.get("max_skipped_updates", 0))
-  diverged = False
-  preempted = False
-  with PreemptionGuard() as guard, train_iter:
-    while step < config.num_train_steps:
-      host = train_iter.next(stop=lambda: guard.requested)
-      if host is None:  # a signal while waiting for data (a read may be stuck)
-        preempted = True
-        if step not in manager.all_steps():
-          checkpoint.save_train_state(manager, step, state, train_iter,
-                                      metrics=eval_metrics or None, force=True,
-                                      wait=True)
-        logging.warning("Preempted at step %d while waiting for data: "
-                        "checkpoint saved, exiting.", step)
-        break
-      skipped = train_iter.skip_totals
-      host_batch = text_buckets(_host_batch(host))
-      window_flops += step_flops(flops.batch_text_lengths(host_batch))
-      batch = sharding.global_batch(host_batch, mesh)
-      if train_step is None:
-        train_step = step_lib.jit_train_step(step_fn, mesh, shardings, batch)
-      state, metrics = train_step(state, batch)
-      if in_flight is not None:  # waits for it: a signal stops within one step
-        diverged = divergence.observe(*in_flight)
-        if diverged:  # (the step just queued is not counted or saved)
-          break
-      in_flight = (step + 1, metrics["loss"], metrics["skipped"])
-      step += 1
-      timer_steps += 1
-      # The first step of a run is logged too: a progress line right away
-      # (its time includes compilation).
-      if (step % config.log_every == 0 or step == config.num_train_steps or
-          step == start + 1):
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - timer_start
-        metrics["step_time_s"] = elapsed / timer_steps
-        metrics["images_per_s"] = images_per_step * timer_steps / elapsed
-        metrics["lr"] = float(step_lib.learning_rate_schedule(config.optim.lr, config)(
-            step // config.optim.accum_steps))
-        metrics["logit_scale"] = float(np.log(metrics["temperature"]))
-        if peak:
-          metrics["mfu"] = window_flops / elapsed / (peak * jax.device_count())
-        for reason, count in zip(pipeline.SKIP_REASONS, _sum_over_hosts(skipped)):
-          metrics[f"data/skipped_{reason}"] = int(count)
-        cut = _sum_over_hosts(np.asarray([train_iter.truncated[k] for k in
-                                          pipeline.TRUNCATION_COUNTS]))
-        for name, count in zip(("truncated_long", "truncated_short", "examples"), cut):
-          metrics[f"data/{name}"] = int(count)  # captions cut to their context
-        if metrics["skipped_total"] > skipped_logged:
-          logging.warning(
-              "%d update(s) skipped for NaN/Inf between steps %d and %d (this "
-              "step: %d non-finite feature values); %d skipped in total",
-              metrics["skipped_total"] - skipped_logged, last_logged + 1, step,
-              int(metrics.get("nonfinite_features", 0)), metrics["skipped_total"])
-          skipped_logged = int(metrics["skipped_total"])
-        last_logged = step
-        writer.write(step, metrics)
-        if jax.process_index() == 0:
-          print(_progress(step, config.num_train_steps, metrics["step_time_s"],
-                          metrics, first=step == start + 1), flush=True)
-        timer_start, timer_steps, window_flops = time.perf_counter(), 0, 0
-      preempted = guard.requested or manager.reached_preemption(step)
-      if evaluate and not preempted and (step % eval_every == 0 or
+  while step < run.config.num_train_steps:
+    host = run.train_iter.next(stop=lambda: guard.requested)
+    if host is None:  # a signal while waiting for data (a read may be stuck)
+      if step not in run.manager.all_steps():
+        run.save(step, wait=True)
+      logging.warning("Preempted at step %d while waiting for data: "
+                      "checkpoint saved, exiting.", step)
+      return _LoopEnd(step, preempted=True)
+    metrics, lengths = train_step(host)
+    # Reading the previous step waits for it: a signal stops within one step.
+    # Diverged: the step just queued is neither counted nor saved.
+    if in_flight is not None and divergence.observe(*in_flight):
+      return _LoopEnd(step, divergence=divergence)
+    in_flight = (step + 1, metrics["loss"], metrics["skipped"])
+    step += 1
+    progress.count(lengths)
+    if progress.due(step):
+      progress.write(step, metrics)
+    if _eval_and_save(run, guard, step):
+      logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
+      return _LoopEnd(step, preempted=True)
+  if in_flight is not None and divergence.observe(*in_flight):  # the last step
+    return _LoopEnd(step, divergence=divergence)
+  return _LoopEnd(step)
+
+
+def _eval_and_save(run: _Run, guard: PreemptionGuard, step: int) -> bool:
+  """Evaluation and checkpoint due after `step`; True when the run stops
+  here (a signal, or the preemption notice: saved synchronously)."""
+  config = run.config
+  preempted = guard.requested or run.manager.reached_preemption(step)
+  eval_every = config.eval_every or config.num_train_steps
+  if run.evaluate and not preempted and (step % eval_every == 0 or
                                          step == config.num_train_steps):
-        eval_metrics = run_eval(step)
-      last = preempted or step == config.num_train_steps
-      if step % config.checkpoint_every == 0 or last:
-        checkpoint.save_train_state(manager, step, state, train_iter,
-                                    metrics=eval_metrics or None, force=True,
-                                    wait=last)
-      checkpoint.check_saves(manager)  # a failed save stops the run at once
-      if preempted:
-        logging.warning("Preempted at step %d: checkpoint saved, exiting.", step)
-        break
-    if in_flight is not None and not diverged and not preempted:
-      diverged = divergence.observe(*in_flight)  # the last step
-  checkpoint.check_saves(manager, wait=True)
-  writer.close()
-  if diverged:
-    raise divergence.error(config, step, workdir)
-  if preempted:
-    _say(f"Stopped by a signal at step {step}; its checkpoint is saved: rerun "
-         "the same command to resume.")
-  elif jax.process_index() == 0 and print_outcome:
-    _print_outcome(workdir, evaluated=evaluate)
-  return state, preempted
+    run.run_eval(step)
+  last = preempted or step == config.num_train_steps
+  if step % config.checkpoint_every == 0 or last:
+    run.save(step, wait=last)
+  checkpoint.check_saves(run.manager)  # a failed save stops the run at once
+  return preempted
+
+
+def _finish(run: _Run, end: _LoopEnd) -> None:
+  """Waits for the saves (a failed one raises); DivergenceError when the run
+  diverged, else a stopped run says how to resume."""
+  checkpoint.check_saves(run.manager, wait=True)
+  run.writer.close()
+  if end.divergence is not None:
+    raise end.divergence.error(run.config, end.step, run.workdir)
+  if end.preempted:
+    _say(f"Stopped by a signal at step {end.step}; its checkpoint is saved: "
+         "rerun the same command to resume.")
 
 
 def _print_outcome(workdir: str, evaluated: bool) -> None:
@@ -497,14 +639,29 @@ def _print_outcome(workdir: str, evaluated: bool) -> None:
     print(f"Report: {os.fspath(root / report.MARKDOWN_NAME)}", flush=True)
 
 
+# ----------------------------------------------------------------------------
+# --mode=eval: the same model parts, a checkpoint's params.
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         on_start: Optional[Callable[[], None]] = None) -> list:
   """--mode=eval: scores config.init_from, or WORKDIR's latest train state
   (config.resume_step: that step's). `on_start()` runs once the model is
   loaded, before the first write."""
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  cfg = sizes.model_config(config)
-  model = step_lib.make_model(config, cfg)
+  parts = _model_parts(config)
+  params, step = _checkpoint_params(config, workdir, parts)
+  if on_start is not None:
+    on_start()
+  results = parts.evaluate(params, workdir, step)
+  if jax.process_index() == 0:
+    print(report.console_table(report.read_results(workdir)), end="")
+    print(f"Report: {os.fspath(fileio.path(workdir) / report.MARKDOWN_NAME)}",
+          flush=True)
+  return results
+
+
+def _checkpoint_params(config, workdir: str, parts: _ModelParts):
+  """(params, step) --mode=eval scores: config.init_from's (results at
+  WORKDIR's step, if any), else the train state's (read only)."""
   steps = checkpoint.saved_steps(workdir)  # read only: nothing created
   step = config.resume_step or (steps[-1] if steps else None)
   if not config.init_from and config.resume_step and step not in steps:
@@ -512,27 +669,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                      f"{workdir}/{checkpoint.TRAIN_CHECKPOINT_SUBDIR} (saved "
                      f"steps: {steps or 'none'})")
   if config.init_from:
-    fresh = clip.init_params(cfg, jax.random.PRNGKey(config.seed))
-    params = pretrained.load_pretrained(config.init_from, cfg, fresh, logit_scale=0.0)
-    params = jax.device_put(params, sharding.replicated(mesh))
-  elif step is not None:
-    checkpoint.check_resume(workdir, cfg, with_data=False)
-    manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
-    abstract, _, _ = step_lib.abstract_state(config, model, mesh)
-    state, step = checkpoint.restore_newest(manager, abstract, newest=step,
-                                            fallback=not config.resume_step)
-    params = state["params"]
-  else:
+    params = _init_from_params(config, parts.cfg, logit_scale=0.0)
+    return jax.device_put(params, sharding.replicated(parts.mesh)), step
+  if step is None:
     raise ValueError(f"--mode=eval needs --config.init_from or a training "
                      f"checkpoint in {workdir}/{checkpoint.TRAIN_CHECKPOINT_SUBDIR}")
-  tokenizer = tokenizers.get_tokenizer(config.data.tokenizer,
-                                       context_length=cfg.context_length)
-  if on_start is not None:
-    on_start()
-  results = eval_run.evaluate(config, model, params, mesh, tokenizer,
-                              workdir=workdir, step=step)
-  if jax.process_index() == 0:
-    print(report.console_table(report.read_results(workdir)), end="")
-    print(f"Report: {os.fspath(fileio.path(workdir) / report.MARKDOWN_NAME)}",
-          flush=True)
-  return results
+  checkpoint.check_resume(workdir, parts.cfg, with_data=False)
+  manager = checkpoint.make_train_manager(workdir, config.keep_checkpoints)
+  abstract, _, _ = step_lib.abstract_state(config, parts.model, parts.mesh)
+  state, step = checkpoint.restore_newest(manager, abstract, newest=step,
+                                          fallback=not config.resume_step)
+  return state["params"], step
