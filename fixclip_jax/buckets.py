@@ -106,10 +106,12 @@ class TextBuckets:
     self.variants: Set[Tuple[Tuple[str, int], ...]] = set()
 
   @classmethod
-  def from_config(cls, config, eot_token_id: Optional[int] = None) -> "TextBuckets":
-    """From config.data.long_buckets / short_buckets (empty = off)."""
-    return cls(config.data.get("long_buckets") or (),
-               config.data.get("short_buckets") or (), eot_token_id)
+  def from_data_config(cls, data, eot_token_id: Optional[int] = None
+                       ) -> "TextBuckets":
+    """From the run config's `data` block: long_buckets / short_buckets
+    (empty = off)."""
+    return cls(data.get("long_buckets") or (), data.get("short_buckets") or (),
+               eot_token_id)
 
   @property
   def enabled(self) -> bool:
@@ -143,8 +145,8 @@ class TextBuckets:
     return {k: (v[:, :lengths[k]] if k in lengths else v) for k, v in batch.items()}
 
 
-def eval_buckets(config) -> Tuple[int, ...]:
+def eval_buckets(data) -> Tuple[int, ...]:
   """Eval and embed texts (one context, long and short captions alike): the
-  union of config.data.long_buckets and short_buckets."""
-  return tuple(sorted(set(config.data.get("long_buckets") or ()) |
-                      set(config.data.get("short_buckets") or ())))
+  union of the `data` block's long_buckets and short_buckets."""
+  return tuple(sorted(set(data.get("long_buckets") or ()) |
+                      set(data.get("short_buckets") or ())))

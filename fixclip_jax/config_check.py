@@ -34,6 +34,7 @@ import ml_collections
 from fixclip_jax import config_base
 from fixclip_jax import fileio
 from fixclip_jax import losses
+from fixclip_jax import metrics
 from fixclip_jax import step as step_lib
 from fixclip_jax.data import pipeline
 from fixclip_jax.data import sources
@@ -41,6 +42,7 @@ from fixclip_jax.data import transforms
 from fixclip_jax.evaluation import datasets as eval_datasets
 from fixclip_jax.models import clip
 from fixclip_jax.models import fixclip
+from fixclip_jax.models import layers
 from fixclip_jax.models import sizes
 
 
@@ -71,21 +73,24 @@ NON_NEGATIVE = (
     "pretrain77.steps")
 UNIT_INTERVAL = ("masking.ratio", "loss.label_smoothing", "optim.b1",
                  "optim.b2")  # [0, 1)
+# main.py branches on these two (--mode; config.distributed). They live here,
+# below main.py, so that the check and the flag read the same tuple.
+MODES = ("train_and_eval", "train", "eval")
+DISTRIBUTED = ("auto", "on", "off")  # when to call jax.distributed.initialize
 CHOICES = {
     "dtype": tuple(step_lib.DTYPES),
     "model_name": tuple(sizes.SIZES),
     "remat": ("none",) + tuple(clip.REMAT_POLICIES),
-    "attn_implementation": ("", "xla", "cudnn"),
-    "distributed": ("auto", "on", "off"),
-    "masking.mode": ("replace", "drop"),
+    "attn_implementation": ("",) + layers.ATTN_IMPLEMENTATIONS,
+    "distributed": DISTRIBUTED,
+    "masking.mode": fixclip.MASKING_MODES,
     "model.region_layout": fixclip.REGION_LAYOUTS,
     "model.prompt_mode": fixclip.PROMPT_MODES,
     "data.type": sources.SOURCE_TYPES,
     "data.transform": transforms.TRAIN_TRANSFORMS,
     "data.short_caption": pipeline.SHORT_CAPTION_POLICIES,
-    "wandb.mode": ("online", "offline"),
+    "wandb.mode": metrics.WANDB_MODES,
 }
-MODES = ("train_and_eval", "train", "eval")
 
 
 def _leaves(node: ml_collections.ConfigDict, prefix: str = ""

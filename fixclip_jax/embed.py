@@ -98,7 +98,7 @@ def _stack(parts):
 
 
 # The eval's text buckets (config_base defaults): embed and eval cut alike.
-TEXT_BUCKETS = buckets.eval_buckets(config_base.base_config())
+TEXT_BUCKETS = buckets.eval_buckets(config_base.base_config().data)
 
 
 def encode_tokens_bucketed(model: api.Model, tokens: np.ndarray,

@@ -40,6 +40,8 @@ All numbers are per *global* batch (config.data.global_batch), as Python ints.
 """
 from typing import Dict, Optional, Tuple
 
+import ml_collections
+
 from fixclip_jax import losses
 from fixclip_jax.models import fixclip
 from fixclip_jax.models import sizes
@@ -119,11 +121,12 @@ def logits_flops(batch: int, embed_dim: int) -> int:
 # ----------------------------------------------------------------------------
 # Configs -> shapes.
 
-def text_lengths(config) -> tuple:
+def text_lengths(data: ml_collections.ConfigDict) -> tuple:
   """(long, short) caption lengths of a train batch, as the data pipeline makes
-  them (before any length bucket cuts them, buckets.py)."""
-  long_len = int(config.data.text_context)
-  short_len = int(config.data.short_context) or long_len
+  them from the run config's `data` block (before any length bucket cuts
+  them, buckets.py)."""
+  long_len = int(data.text_context)
+  short_len = int(data.short_context) or long_len
   return long_len, short_len
 
 
@@ -135,13 +138,15 @@ def batch_text_lengths(batch: dict) -> tuple:
           int(short.shape[1]) if short is not None else 0)
 
 
-def kept_patches(config, cfg: sizes.CLIPConfig) -> int:
-  """Patches the masked branch's transformer sees (fixclip.random_patch_mask)."""
-  if config.masking.mode == "replace":
+def kept_patches(masking: ml_collections.ConfigDict, cfg: sizes.CLIPConfig) -> int:
+  """Patches the masked branch's transformer sees (fixclip.random_patch_mask);
+  masking: the run config's `masking` block."""
+  if masking.mode == "replace":
     return cfg.num_patches
-  if config.masking.mode == "drop":
-    return cfg.num_patches - int(round(config.masking.ratio * cfg.num_patches))
-  raise ValueError(f"config.masking.mode={config.masking.mode!r}; use replace | drop")
+  if masking.mode == "drop":
+    return cfg.num_patches - int(round(masking.ratio * cfg.num_patches))
+  raise ValueError(f"masking.mode={masking.mode!r}; use one of "
+                   f"{' | '.join(fixclip.MASKING_MODES)}")
 
 
 # ----------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def train_step_flops(config, batch: Optional[int] = None,
     batch: global batch size; default config.data.global_batch.
     lengths: (long, short) text token lengths the step runs on (a batch cut
       to length buckets, `batch_text_lengths`); default the config's contexts
-      (`text_lengths(config)`).
+      (`text_lengths(config.data)`).
 
   Returns a dict of ints (see the module docstring for the convention):
     vision_raw, vision_masked, text_long, text_short: forward FLOPs of each
@@ -169,7 +174,7 @@ def train_step_flops(config, batch: Optional[int] = None,
   cfg = sizes.model_config(config)
   b = int(config.data.global_batch if batch is None else batch)
   objective = losses.get_objective(config.objective)
-  long_len, short_len = (text_lengths(config) if lengths is None
+  long_len, short_len = (text_lengths(config.data) if lengths is None
                          else (int(n) for n in lengths))
   if max(long_len, short_len) > cfg.context_length:
     raise ValueError(f"text lengths ({long_len}, {short_len}) exceed "
@@ -179,7 +184,7 @@ def train_step_flops(config, batch: Optional[int] = None,
   uses_masked = objective.masked_image
   parts = {
       "vision_raw": vision_tower_flops(cfg, b),
-      "vision_masked": (vision_tower_flops(cfg, b, kept_patches(config, cfg))
+      "vision_masked": (vision_tower_flops(cfg, b, kept_patches(config.masking, cfg))
                         if uses_masked else 0),
       "text_long": text_tower_flops(cfg, b, long_len),
       "text_short": text_tower_flops(cfg, b, short_len) if uses_short else 0,

@@ -36,7 +36,6 @@ from fixclip_jax import train
 from fixclip_jax.data import sources
 
 DEFAULT_CONFIG = "demo"
-MODES = ("train_and_eval", "train", "eval")
 
 # Environment variables that say this process is one of several.
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
@@ -159,7 +158,8 @@ def define_flags():
       "config file with get_config(); default: demo.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, logs and "
                       "results go (a bucket path works on TPU).")
-  flags.DEFINE_enum("mode", "train_and_eval", list(MODES), "What to run.")
+  flags.DEFINE_enum("mode", "train_and_eval", list(config_check.MODES),
+                    "What to run.")
   flags.mark_flag_as_required("workdir")
 
 

@@ -18,12 +18,15 @@ from tensorboardX import SummaryWriter
 
 from fixclip_jax import fileio
 
+WANDB_MODES = ("online", "offline")  # config.wandb.mode, wandb.init(mode=...)
+
 METRICS_FILE = "metrics.jsonl"
 TB_SUBDIR = "tensorboard"
 
 
-def flatten_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """{"optim.lr": 1e-3, ...}: every knob by its dotted name."""
+def flatten_config(tree: Mapping[str, Any]) -> Dict[str, Any]:
+  """{"optim.lr": 1e-3, ...}: every knob of a config (or nested dict) by its
+  dotted name."""
   flat = {}
 
   def visit(node, prefix):
@@ -33,35 +36,40 @@ def flatten_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
       else:
         flat[f"{prefix}{key}"] = value
 
-  visit(config, "")
+  visit(tree, "")
   return flat
 
 
-def config_markdown(config: ml_collections.ConfigDict) -> str:
-  """The config as a two-column markdown table (TensorBoard's text tab)."""
-  rows = [f"| {k} | {v!r} |" for k, v in sorted(flatten_config(config).items())]
+def config_markdown(hparams: Mapping[str, Any]) -> str:
+  """Knobs by dotted name (flatten_config) as a two-column markdown table
+  (TensorBoard's text tab)."""
+  rows = [f"| {k} | {v!r} |" for k, v in sorted(hparams.items())]
   return "\n".join(["| knob | value |", "|---|---|"] + rows)
 
 
-def _start_wandb(config: ml_collections.ConfigDict, workdir: str):
-  """A W&B run for config.wandb (optional dependency, imported only here)."""
+def _start_wandb(options: ml_collections.ConfigDict, hparams: Mapping[str, Any],
+                 workdir: str):
+  """A W&B run (options: the run config's `wandb` block) recording hparams
+  (optional dependency, imported only here)."""
   import wandb  # pylint: disable=g-import-not-at-top  # optional: only with config.wandb.project
   return wandb.init(
-      project=config.wandb.project, entity=config.wandb.entity or None,
-      name=config.wandb.name or os.path.basename(os.fspath(workdir).rstrip("/")),
-      mode=config.wandb.mode, config=flatten_config(config), resume="allow",
+      project=options.project, entity=options.entity or None,
+      name=options.name or os.path.basename(os.fspath(workdir).rstrip("/")),
+      mode=options.mode, config=dict(hparams), resume="allow",
       dir=workdir if not fileio.is_url(workdir) else None)
 
 
 class MetricWriter:
   """Writes {name: scalar} per step to `metrics.jsonl`, TensorBoard and W&B.
 
-  With a `config`, its knobs go to TensorBoard as text and, when
-  config.wandb.project is set, to a W&B run.
+  hparams: the run's knobs by dotted name (flatten_config(config)): they go
+  to TensorBoard as text and to the W&B run. wandb: the run config's `wandb`
+  block; a W&B run starts when its `project` is set.
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True,
-               config: Optional[ml_collections.ConfigDict] = None):
+               hparams: Optional[Mapping[str, Any]] = None,
+               wandb: Optional[ml_collections.ConfigDict] = None):
     self.enabled = jax.process_index() == 0
     self._tb = None
     self._wandb = None
@@ -73,11 +81,10 @@ class MetricWriter:
     self._file = (directory / METRICS_FILE).open("a")
     if tensorboard:
       self._tb = SummaryWriter(os.path.join(workdir, TB_SUBDIR))
-    if config is not None:
-      if self._tb is not None:
-        self._tb.add_text("config", config_markdown(config), 0)
-      if config.get("wandb") and config.wandb.project:
-        self._wandb = _start_wandb(config, workdir)
+    if hparams is not None and self._tb is not None:
+      self._tb.add_text("config", config_markdown(hparams), 0)
+    if wandb is not None and wandb.project:
+      self._wandb = _start_wandb(wandb, hparams or {}, workdir)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -40,10 +40,14 @@ def make_model(config: ml_collections.ConfigDict, cfg: sizes.CLIPConfig) -> clip
 # ----------------------------------------------------------------------------
 # Optimizer.
 
-def param_labels(params: Any, config) -> Any:
-  """'frozen' | 'new' | 'base' per parameter, from the config's regexes."""
-  frozen = re.compile(config.optim.frozen_regex) if config.optim.frozen_regex else None
-  new = re.compile(config.optim.new_params_regex) if config.optim.new_params_regex else None
+def param_labels(params: Any, optim: ml_collections.ConfigDict) -> Any:
+  """'frozen' | 'new' | 'base' per parameter, from optim's regexes.
+
+  optim: the run config's `optim` block (config_base.py); here and below the
+  optimizer's functions read only that block.
+  """
+  frozen = re.compile(optim.frozen_regex) if optim.frozen_regex else None
+  new = re.compile(optim.new_params_regex) if optim.new_params_regex else None
 
   def label(path, _):
     name = sharding.path_str(path)
@@ -56,55 +60,57 @@ def param_labels(params: Any, config) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def frozen_mask(params: Any, config) -> Any:
-  """True for parameters the optimizer keeps frozen (config.optim.frozen_regex)."""
-  return jax.tree.map(lambda label: label == "frozen", param_labels(params, config))
+def frozen_mask(params: Any, optim: ml_collections.ConfigDict) -> Any:
+  """True for parameters the optimizer keeps frozen (optim.frozen_regex)."""
+  return jax.tree.map(lambda label: label == "frozen", param_labels(params, optim))
 
 
-def zero_frozen(grads: Any, config) -> Any:
+def zero_frozen(grads: Any, optim: ml_collections.ConfigDict) -> Any:
   """Gradients with the frozen parameters' entries zeroed."""
   return jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g,
-                      grads, frozen_mask(grads, config))
+                      grads, frozen_mask(grads, optim))
 
 
-def decay_mask(params: Any, config) -> Any:
-  """True where weight decay applies: not on names matching no_decay_regex."""
-  no_decay = (re.compile(config.optim.no_decay_regex)
-              if config.optim.no_decay_regex else None)
+def decay_mask(params: Any, optim: ml_collections.ConfigDict) -> Any:
+  """True where weight decay applies: not on names matching optim.no_decay_regex."""
+  no_decay = re.compile(optim.no_decay_regex) if optim.no_decay_regex else None
   return jax.tree_util.tree_map_with_path(
       lambda p, _: not (no_decay and no_decay.fullmatch(sharding.path_str(p))),
       params)
 
 
-def learning_rate_schedule(peak: float, config) -> optax.Schedule:
-  """Linear warmup then cosine decay to 0 over the run (in optimizer updates)."""
-  total = max(config.num_train_steps // config.optim.accum_steps, 1)
-  warmup = min(config.optim.warmup_steps, total)
+def learning_rate_schedule(peak: float, optim: ml_collections.ConfigDict,
+                           num_train_steps: int) -> optax.Schedule:
+  """Linear warmup then cosine decay to 0 over the run (in optimizer updates:
+  num_train_steps micro-batches are num_train_steps / optim.accum_steps)."""
+  total = max(num_train_steps // optim.accum_steps, 1)
+  warmup = min(optim.warmup_steps, total)
   return optax.warmup_cosine_decay_schedule(
       0.0, peak, warmup, max(total, warmup + 1), end_value=0.0)
 
 
-def make_optimizer(params: Any, config) -> optax.GradientTransformation:
+def make_optimizer(params: Any, optim: ml_collections.ConfigDict,
+                   num_train_steps: int) -> optax.GradientTransformation:
   """AdamW with decay mask, separate lr for new params, frozen params, clipping
   and gradient accumulation (optax.MultiSteps: one call = one micro-batch)."""
-  o = config.optim
-  mask = decay_mask(params, config)
+  mask = decay_mask(params, optim)
 
   def adamw(lr):
-    return optax.adamw(learning_rate_schedule(lr, config), b1=o.b1, b2=o.b2,
-                       eps=o.eps, weight_decay=o.weight_decay, mask=mask)
+    return optax.adamw(learning_rate_schedule(lr, optim, num_train_steps),
+                       b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=mask)
 
   tx = optax.chain(
       # Frozen parameters' gradients are zeroed first, so they never count in
       # the clipping norm.
-      optax.masked(optax.set_to_zero(), frozen_mask(params, config)),
-      optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+      optax.masked(optax.set_to_zero(), frozen_mask(params, optim)),
+      optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
       optax.multi_transform(
-          {"base": adamw(o.lr), "new": adamw(o.new_params_lr or o.lr),
+          {"base": adamw(optim.lr), "new": adamw(optim.new_params_lr or optim.lr),
            "frozen": optax.set_to_zero()},
-          param_labels(params, config)))
-  if o.accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=o.accum_steps)
+          param_labels(params, optim)))
+  if optim.accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=optim.accum_steps)
   return tx
 
 
@@ -118,15 +124,20 @@ def all_finite(tree: Any) -> Array:
   return jnp.stack(flags).all() if flags else jnp.array(True)
 
 
-def image_masks(config, rng: Array, batch: int, num_patches: int) -> dict:
-  """The masked short branch's inputs for CLIP.train_outputs (docs/method.md §3)."""
+def image_masks(masking: ml_collections.ConfigDict, rng: Array, batch: int,
+                num_patches: int) -> dict:
+  """The masked short branch's inputs for CLIP.train_outputs (docs/method.md §3).
+
+  masking: the run config's `masking` block (ratio, mode).
+  """
   masked, keep_index = fixclip.random_patch_mask(
-      rng, batch, num_patches, config.masking.ratio)
-  if config.masking.mode == "replace":
+      rng, batch, num_patches, masking.ratio)
+  if masking.mode == "replace":
     return {"patch_mask": masked}
-  if config.masking.mode == "drop":
+  if masking.mode == "drop":
     return {"keep_index": keep_index}
-  raise ValueError(f"config.masking.mode={config.masking.mode!r}; use replace | drop")
+  raise ValueError(f"masking.mode={masking.mode!r}; use one of "
+                   f"{' | '.join(fixclip.MASKING_MODES)}")
 
 
 def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
@@ -153,7 +164,7 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
     # The pipeline sends uint8 pixels; normalised here, bit-identical to the
     # eval transform (pixels.py). Float batches are taken as normalised.
     images = pixels.model_input(batch["image"], jnp)                # [B, H, W, 3]
-    masks = (image_masks(config, rng, images.shape[0], num_patches)
+    masks = (image_masks(config.masking, rng, images.shape[0], num_patches)
              if objective.masked_image else {})
     text_short = batch["text_short"] if objective.short_caption else None
 
@@ -174,7 +185,7 @@ def make_train_step(config, model: clip.CLIP, tx: optax.GradientTransformation
       (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # The optimizer zeroes frozen parameters' gradients before clipping; the
     # logged norm is the same trainable-only norm.
-    grad_norm = optax.tree.norm(zero_frozen(grads, config))
+    grad_norm = optax.tree.norm(zero_frozen(grads, config.optim))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # CLIP caps the temperature parameter after every update (Long-CLIP: never).
@@ -302,8 +313,8 @@ def grad_cache_value_and_grad(model: clip.CLIP, loss_of_outputs: Callable,
 # ----------------------------------------------------------------------------
 # State on the mesh.
 
-def _state_maker(config, tx: optax.GradientTransformation) -> Callable:
-  state_rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+def _state_maker(seed: int, tx: optax.GradientTransformation) -> Callable:
+  state_rng = jax.random.split(jax.random.PRNGKey(seed))[1]
 
   def make(params):
     return {"params": params, "opt_state": tx.init(params),
@@ -319,8 +330,8 @@ def abstract_state(config, model: clip.CLIP, mesh
   without allocating anything: what a restore needs."""
   params = jax.eval_shape(functools.partial(clip.init_params, model.cfg),
                           jax.random.PRNGKey(0))
-  tx = make_optimizer(params, config)
-  shapes = jax.eval_shape(_state_maker(config, tx), params)
+  tx = make_optimizer(params, config.optim, config.num_train_steps)
+  shapes = jax.eval_shape(_state_maker(config.seed, tx), params)
   shardings = sharding.state_shardings(
       shapes, mesh, [tuple(r) for r in config.sharding_rules])
   abstract = jax.tree.map(
@@ -340,7 +351,7 @@ def init_state(config, model: clip.CLIP, mesh, params: Any = None,
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]
     params = clip.init_params(model.cfg, init_rng)
   _, shardings, tx = abstract_state(config, model, mesh)
-  state = jax.jit(_state_maker(config, tx), out_shardings=shardings)(params)
+  state = jax.jit(_state_maker(config.seed, tx), out_shardings=shardings)(params)
   return state, shardings, tx
 
 

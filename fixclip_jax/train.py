@@ -449,7 +449,9 @@ def _restore_or_start(config, workdir: str, evaluate: bool, parts: _ModelParts,
     state, shardings, tx = step_lib.init_state(config, parts.model, parts.mesh,
                                                params)
   run = _Run(config, workdir, evaluate, parts, train_iter, manager, state,
-             shardings, tx, metrics_lib.MetricWriter(workdir, config=config),
+             shardings, tx, metrics_lib.MetricWriter(
+                 workdir, hparams=metrics_lib.flatten_config(config),
+                 wandb=config.wandb),
              start_step=int(jax.device_get(state["step"])))
   if evaluate and config.eval_at_start and run.start_step == 0:
     run.run_eval(0)
@@ -468,8 +470,8 @@ class _TrainStep:
     self._run = run
     self._step_fn = step_lib.make_train_step(run.config, run.parts.model, run.tx)
     self._jitted = None  # jitted on the first batch, whose structure it needs
-    self._buckets = buckets.TextBuckets.from_config(run.config,
-                                                    run.parts.cfg.eot_token_id)
+    self._buckets = buckets.TextBuckets.from_data_config(
+        run.config.data, run.parts.cfg.eot_token_id)
 
   def __call__(self, host: dict):
     """Queues a step; (its metrics, the cut text lengths: what FLOPs count)."""
@@ -539,7 +541,8 @@ class _ProgressLog:
     metrics["step_time_s"] = elapsed / self._window_steps
     metrics["images_per_s"] = (config.data.global_batch * self._window_steps
                                / elapsed)
-    metrics["lr"] = float(step_lib.learning_rate_schedule(config.optim.lr, config)(
+    metrics["lr"] = float(step_lib.learning_rate_schedule(
+        config.optim.lr, config.optim, config.num_train_steps)(
         step // config.optim.accum_steps))
     metrics["logit_scale"] = float(np.log(metrics["temperature"]))
     if self._peak:

@@ -225,7 +225,7 @@ class RunBenchmarkTest(absltest.TestCase):
     self.assertEqual(v["masking=drop"].masking.mode, "drop")
     t77 = v["CLIP-77 twin"]
     self.assertEqual((t77.objective, t77.model.context_length), ("clip", 77))
-    self.assertEqual(flops.text_lengths(t77), (77, 77))
+    self.assertEqual(flops.text_lengths(t77.data), (77, 77))
     self.assertEqual(c.remat, "none")                          # copies, not edits
     c.objective = "clip"
     self.assertNotIn("masking=drop", bench.memory_variants(c))

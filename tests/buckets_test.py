@@ -92,10 +92,10 @@ class BucketRuleTest(absltest.TestCase):
 
   def test_eval_buckets_are_the_union(self):
     c = config_base.base_config()
-    self.assertEqual(buckets.eval_buckets(c), tuple(sorted(
+    self.assertEqual(buckets.eval_buckets(c.data), tuple(sorted(
         set(c.data.long_buckets) | set(c.data.short_buckets))))
     c.data.long_buckets, c.data.short_buckets = (), ()
-    self.assertEqual(buckets.eval_buckets(c), ())
+    self.assertEqual(buckets.eval_buckets(c.data), ())
 
 
 class TextBucketsTest(absltest.TestCase):
@@ -190,7 +190,8 @@ class EvalAndEmbedTest(absltest.TestCase):
     widths.clear()
     embed.encode_texts_bucketed(FakeModel(), texts, ())
     self.assertEqual(widths, [248])
-    self.assertEqual(embed.TEXT_BUCKETS, buckets.eval_buckets(config_base.base_config()))
+    self.assertEqual(embed.TEXT_BUCKETS,
+                     buckets.eval_buckets(config_base.base_config().data))
 
 
 class ExactnessTest(parameterized.TestCase):
@@ -228,13 +229,13 @@ class ExactnessTest(parameterized.TestCase):
     model = step_lib.make_model(c, cfg)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     b = host_batch(cfg, seed=2)
-    cut = buckets.TextBuckets.from_config(c, cfg.eot_token_id)(b)
+    cut = buckets.TextBuckets.from_data_config(c.data, cfg.eot_token_id)(b)
     self.assertEqual(cut["text_long"].shape[1], 64)
     self.assertEqual(cut["text_short"].shape[1], 32)
 
     # The model's outputs as the step computes them (same masks both ways).
     params = clip.init_params(cfg, jax.random.PRNGKey(0))
-    masks = step_lib.image_masks(c, jax.random.PRNGKey(1), 8, cfg.num_patches)
+    masks = step_lib.image_masks(c.masking, jax.random.PRNGKey(1), 8, cfg.num_patches)
     images = np.asarray(b["image"], np.float32) / 255.0
     outputs = jax.jit(lambda p, x, t, s: model.apply(
         {"params": p}, x, t, s, method=clip.CLIP.train_outputs, **masks))
@@ -278,7 +279,7 @@ class CompiledVariantsTest(absltest.TestCase):
     model = step_lib.make_model(c, cfg)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     state, shardings, tx = step_lib.init_state(c, model, mesh)
-    tb = buckets.TextBuckets.from_config(c, cfg.eot_token_id)
+    tb = buckets.TextBuckets.from_data_config(c.data, cfg.eot_token_id)
     rng = np.random.default_rng(0)
     step = None
     for _ in range(8):

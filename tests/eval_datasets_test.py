@@ -368,7 +368,8 @@ class DatasetNameTest(absltest.TestCase):
                             "COCO-Karpathy,sharegpt4v_1k,Flickr30k full")
     with mock.patch.dict(datasets.RETRIEVAL_LOADERS, retrieval), \
          mock.patch.dict(datasets.CLASSIFICATION_LOADERS, classification):
-      loaded = run.load_eval_sets(config, workdir="/unused")
+      loaded = run.load_eval_sets(config.eval, "/unused",
+                                   config.data.synthetic_image_size)
       self.assertEqual(datasets.load_classification("CIFAR-10", "/d"),
                        ("cifar10", "/d"))
       self.assertEqual(datasets.load_dataset("Urban_1k", "/d"), ("urban1k", "/d"))

@@ -69,7 +69,7 @@ def xla_step_flops(config, lengths=None) -> float:
   state, shardings, tx = step_lib.init_state(config, model, mesh)
   step = step_lib.make_train_step(config, model, tx)
   b = config.data.global_batch
-  long_len, short_len = lengths or flops.text_lengths(config)
+  long_len, short_len = lengths or flops.text_lengths(config.data)
   batch = sharding.global_batch({
       "image": np.zeros((b, cfg.image_size, cfg.image_size, 3), np.float32),
       "text_long": np.ones((b, long_len), np.int32),
@@ -149,7 +149,7 @@ class HandCountTest(absltest.TestCase):
     self.assertEqual(full["text_short"], flops.text_tower_flops(cfg, 2, 6))
     self.assertEqual(cut["vision_raw"], full["vision_raw"])
     self.assertLess(cut["total"], full["total"])
-    self.assertEqual(flops.train_step_flops(c, lengths=flops.text_lengths(c)), full)
+    self.assertEqual(flops.train_step_flops(c, lengths=flops.text_lengths(c.data)), full)
     batch = {"text_long": np.zeros((2, 5)), "text_short": np.zeros((2, 3))}
     self.assertEqual(flops.batch_text_lengths(batch), (5, 3))
     self.assertEqual(flops.batch_text_lengths({"text_long": np.zeros((2, 5))}), (5, 0))

@@ -71,7 +71,7 @@ def step_inputs(config, cfg, batch: dict) -> dict:
   if objective.short_caption:
     inputs["text_short"] = jnp.asarray(batch["text_short"])
   if objective.masked_image:
-    inputs.update(step_lib.image_masks(config, jax.random.PRNGKey(3), BATCH,
+    inputs.update(step_lib.image_masks(config.masking, jax.random.PRNGKey(3), BATCH,
                                        cfg.num_patches))
   return inputs
 

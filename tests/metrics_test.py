@@ -52,9 +52,9 @@ class MetricsTest(absltest.TestCase):
     flat = metrics.flatten_config(config)
     self.assertEqual(flat["optim.lr"], config.optim.lr)
     self.assertEqual(flat["wandb.project"], "")
-    table = metrics.config_markdown(config)
+    table = metrics.config_markdown(flat)
     self.assertIn("| optim.lr | 1e-06 |", table)
-    writer = metrics.MetricWriter(self.workdir, config=config)
+    writer = metrics.MetricWriter(self.workdir, hparams=flat, wandb=config.wandb)
     writer.close()
     events = os.listdir(os.path.join(self.workdir, metrics.TB_SUBDIR))
     self.assertLen(events, 1)
@@ -62,7 +62,9 @@ class MetricsTest(absltest.TestCase):
   def test_wandb_is_optional_and_off_by_default(self):
     config = config_base.base_config()
     with mock.patch.dict(sys.modules, {"wandb": None}):  # not installed
-      writer = metrics.MetricWriter(self.workdir, tensorboard=False, config=config)
+      writer = metrics.MetricWriter(
+          self.workdir, tensorboard=False,
+          hparams=metrics.flatten_config(config), wandb=config.wandb)
       writer.write(1, {"loss": 1.0})
       writer.close()
     runs = []
@@ -71,7 +73,9 @@ class MetricsTest(absltest.TestCase):
     config.wandb.project = "fixclip-tests"
     config.wandb.mode = "offline"
     with mock.patch.dict(sys.modules, {"wandb": fake}):
-      writer = metrics.MetricWriter(self.workdir, tensorboard=False, config=config)
+      writer = metrics.MetricWriter(
+          self.workdir, tensorboard=False,
+          hparams=metrics.flatten_config(config), wandb=config.wandb)
       writer.write(3, {"loss": 0.5})
       writer.close()
     (run,) = runs

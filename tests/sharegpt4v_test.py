@@ -215,7 +215,7 @@ class OverlapWarningTest(absltest.TestCase):
   def _warnings(self, **data):
     config = _data_config(**{f"data.{k}": v for k, v in data.items()})
     with self.assertLogs(level="WARNING") as logs:
-      lines = eval_run.warn_train_overlap(config, self.eval_sets)
+      lines = eval_run.warn_train_overlap(config.data, self.eval_sets)
       eval_run.logging.warning("end")  # assertLogs needs one record
     self.assertEqual([r.getMessage() for r in logs.records][:-1], lines)
     return lines

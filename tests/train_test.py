@@ -126,7 +126,7 @@ class StepTest(absltest.TestCase):
   def test_frozen_gradients_do_not_count_in_the_clipping_norm(self):
     config = demo_config(**{"optim.grad_clip": 1.0, "optim.warmup_steps": 0})
     params = jax.device_get(clip.init_params(sizes.model_config(config)))
-    tx = step_lib.make_optimizer(params, config)
+    tx = step_lib.make_optimizer(params, config.optim, config.num_train_steps)
     state = tx.init(params)
     ones = jax.tree.map(np.ones_like, params)
 

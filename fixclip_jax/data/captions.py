@@ -68,16 +68,16 @@ class CaptionFilterConfig:
     return cls(**values)
 
 
-def filter_thresholds(config: Optional[CaptionFilterConfig] = None
+def filter_thresholds(filters: Optional[CaptionFilterConfig] = None
                       ) -> Dict[str, Any]:
-  """The numeric thresholds of `config` (default: CaptionFilterConfig()).
+  """The numeric thresholds of `filters` (default: CaptionFilterConfig()).
 
   The one source of the defaults of `config.data.filters` and of prepare's
   filter flags; the refusal patterns stay code (regexes are no CLI knobs).
   """
-  config = config or CaptionFilterConfig()
-  return {f.name: getattr(config, f.name)
-          for f in dataclasses.fields(config) if f.name != "refusal_patterns"}
+  filters = filters or CaptionFilterConfig()
+  return {f.name: getattr(filters, f.name)
+          for f in dataclasses.fields(filters) if f.name != "refusal_patterns"}
 
 
 def words(caption: str) -> List[str]:
@@ -120,21 +120,21 @@ def is_refusal(caption: str, patterns: Sequence[str] = DEFAULT_REFUSAL_PATTERNS
   return any(re.search(p, caption, flags=re.IGNORECASE) for p in patterns)
 
 
-def filter_reason(caption: str, config: Optional[CaptionFilterConfig] = None
+def filter_reason(caption: str, filters: Optional[CaptionFilterConfig] = None
                   ) -> Optional[str]:
   """The name of the first filter (see REASONS) rejecting `caption`, or None."""
-  config = config or CaptionFilterConfig()
+  filters = filters or CaptionFilterConfig()
   if not caption or not caption.strip():
     return "empty"
-  if is_refusal(caption, config.refusal_patterns):
+  if is_refusal(caption, filters.refusal_patterns):
     return "refusal"
-  if is_too_short(caption, config.min_words):
+  if is_too_short(caption, filters.min_words):
     return "too_short"
-  if non_alpha_ratio(caption) > config.max_non_alpha_ratio:
+  if non_alpha_ratio(caption) > filters.max_non_alpha_ratio:
     return "non_alpha"
-  if longest_word_length(caption) > config.max_word_length:
+  if longest_word_length(caption) > filters.max_word_length:
     return "long_word"
-  if repeated_ngram_ratio(caption, config.ngram) > config.max_repeated_ngram_ratio:
+  if repeated_ngram_ratio(caption, filters.ngram) > filters.max_repeated_ngram_ratio:
     return "repetitive"
   return None
 
@@ -146,13 +146,13 @@ class CaptionFilter:
   checked, so a caller can report what share each filter removed.
   """
 
-  def __init__(self, config: Optional[CaptionFilterConfig] = None):
-    self.config = config or CaptionFilterConfig()
+  def __init__(self, filters: Optional[CaptionFilterConfig] = None):
+    self.filters = filters or CaptionFilterConfig()
     self.rejections: Counter[str] = collections.Counter()
     self.num_seen = 0
 
   def __call__(self, caption: str) -> Optional[str]:
-    reason = filter_reason(caption, self.config)
+    reason = filter_reason(caption, self.filters)
     self.num_seen += 1
     if reason is not None:
       self.rejections[reason] += 1

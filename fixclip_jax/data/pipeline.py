@@ -1,7 +1,8 @@
 """The grain train pipeline: source -> host shard -> shuffle -> decode/crop/
 tokenise -> per-host batch -> (worker processes) -> checkpointable iterator.
 
-The knobs are `config.data` (named, with their defaults, in config_base.py).
+The knobs are the run config's `data` block (named, with their defaults, in
+config_base.py); the functions here take that block, as `data`.
 Evaluation does not come through here: evaluation/retrieval.py embeds the
 benchmarks itself.
 
@@ -262,30 +263,30 @@ def read_error_reason(error: BaseException) -> str:
 class _ExampleProcessor:
   """Example dict -> features, or a SkippedExample."""
 
-  def __init__(self, config, tokenizer):
-    if config.short_caption not in SHORT_CAPTION_POLICIES:
-      raise ValueError(f"data.short_caption={config.short_caption!r}; known: "
+  def __init__(self, data, tokenizer):
+    if data.short_caption not in SHORT_CAPTION_POLICIES:
+      raise ValueError(f"data.short_caption={data.short_caption!r}; known: "
                        f"{SHORT_CAPTION_POLICIES}")
-    if config.transform not in transforms.TRAIN_TRANSFORMS:
-      raise ValueError(f"data.transform={config.transform!r}; known: "
+    if data.transform not in transforms.TRAIN_TRANSFORMS:
+      raise ValueError(f"data.transform={data.transform!r}; known: "
                        f"{transforms.TRAIN_TRANSFORMS}")
     self.tokenizer = tokenizer
-    self.seed = int(config.shuffle_seed)
-    self.image_size = int(config.image_size)
-    self.transform = config.transform
-    self.rrc_scale = tuple(config.rrc_scale)
-    self.rrc_ratio = tuple(config.rrc_ratio)
-    self.rrc_jpeg_draft = bool(config.rrc_jpeg_draft)
-    self.max_image_pixels = int(config.get("max_image_pixels", 0) or 0)
-    self.raise_on_bad_data = bool(config.raise_on_bad_data)
-    self.max_caption_chars = int(config.max_caption_chars)
-    self.text_context = int(config.text_context)
-    self.short_context = int(config.short_context) or self.text_context
-    self.short_policy = config.short_caption
+    self.seed = int(data.shuffle_seed)
+    self.image_size = int(data.image_size)
+    self.transform = data.transform
+    self.rrc_scale = tuple(data.rrc_scale)
+    self.rrc_ratio = tuple(data.rrc_ratio)
+    self.rrc_jpeg_draft = bool(data.rrc_jpeg_draft)
+    self.max_image_pixels = int(data.get("max_image_pixels", 0) or 0)
+    self.raise_on_bad_data = bool(data.raise_on_bad_data)
+    self.max_caption_chars = int(data.max_caption_chars)
+    self.text_context = int(data.text_context)
+    self.short_context = int(data.short_context) or self.text_context
+    self.short_policy = data.short_caption
     self.caption_filter = None
-    if config.filter_captions:
+    if data.filter_captions:
       self.caption_filter = captions_lib.CaptionFilterConfig.from_mapping(
-          config.filters.to_dict())
+          data.filters.to_dict())
 
   def short_text(self, example) -> str:
     provided = example.get("short_caption") if self.short_policy == "provided" else None
@@ -474,50 +475,50 @@ def skip_counts(skipped: np.ndarray) -> Dict[str, int]:
   return {reason: int(n) for reason, n in zip(SKIP_REASONS, totals)}
 
 
-def _batch_and_prefetch(ds: grain.IterDataset, config,
+def _batch_and_prefetch(ds: grain.IterDataset, data,
                         batch_size: int) -> grain.IterDataset:
   it_ds = ds.batch(batch_size, drop_remainder=True)
-  if config.num_workers > 0:
+  if data.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(config.num_workers),
-        per_worker_buffer_size=int(config.worker_buffer_size)))
+        num_workers=int(data.num_workers),
+        per_worker_buffer_size=int(data.worker_buffer_size)))
   return it_ds
 
 
-def _to_iter(ds: grain.MapDataset, config) -> grain.IterDataset:
-  read = grain.ReadOptions(num_threads=int(config.read_threads),
-                           prefetch_buffer_size=int(config.prefetch_buffer))
+def _to_iter(ds: grain.MapDataset, data) -> grain.IterDataset:
+  read = grain.ReadOptions(num_threads=int(data.read_threads),
+                           prefetch_buffer_size=int(data.prefetch_buffer))
   return ds.to_iter_dataset(read)
 
 
-def make_train_dataset(config, tokenizer, *, source=None,
+def make_train_dataset(data, tokenizer, *, source=None,
                        process_index: Optional[int] = None,
                        process_count: Optional[int] = None
                        ) -> grain.IterDataset:
   """The train IterDataset of this host (see the module docstring)."""
   process_index, process_count = _host(process_index, process_count)
-  batch = per_host_batch_size(int(config.global_batch), process_count)
-  source = source if source is not None else sources_lib.make_source(config)
+  batch = per_host_batch_size(int(data.global_batch), process_count)
+  source = source if source is not None else sources_lib.make_source(data)
   ds = grain.MapDataset.range(len(source))[process_index::process_count]
   epoch_length = len(ds)
   if epoch_length < batch:
     raise ValueError(f"Host {process_index} has {epoch_length} examples, "
                      f"fewer than one batch of {batch}")
-  ds = ds.shuffle(seed=int(config.shuffle_seed))
-  ds = ds.repeat(int(config.num_epochs) or None)
-  processor = _ExampleProcessor(config, tokenizer)
+  ds = ds.shuffle(seed=int(data.shuffle_seed))
+  ds = ds.repeat(int(data.num_epochs) or None)
+  processor = _ExampleProcessor(data, tokenizer)
   ds = ds.map_with_index(_LoadTrainExample(source, processor, epoch_length))
-  it_ds = CarrySkipsIterDataset(_to_iter(ds, config),
-                                int(config.max_consecutive_skips))
-  return _batch_and_prefetch(it_ds, config, batch)
+  it_ds = CarrySkipsIterDataset(_to_iter(ds, data),
+                                int(data.max_consecutive_skips))
+  return _batch_and_prefetch(it_ds, data, batch)
 
 
-def make_train_iterator(config, tokenizer, *, source=None,
+def make_train_iterator(data, tokenizer, *, source=None,
                         process_index: Optional[int] = None,
                         process_count: Optional[int] = None
                         ) -> grain.DatasetIterator:
   """Iterator over this host's train batches; has get_state()/set_state()."""
-  return iter(make_train_dataset(config, tokenizer, source=source,
+  return iter(make_train_dataset(data, tokenizer, source=source,
                                  process_index=process_index,
                                  process_count=process_count))
 

@@ -845,37 +845,38 @@ class ShareGPT4VSource(Source):
             "short_caption": None, "key": self.key(index)}
 
 
-def make_source(config) -> Source:
-  """The source named by `config.type` (`config.data`, see config_base)."""
-  source = _make_source(config)
-  source.read_timeout_s = float(config.get("read_timeout_s", 0.0) or 0.0)
+def make_source(data) -> Source:
+  """The source named by `data.type`; data: the run config's `data` block
+  (config_base.py), as every function below takes it."""
+  source = _make_source(data)
+  source.read_timeout_s = float(data.get("read_timeout_s", 0.0) or 0.0)
   return source
 
 
-def _make_source(config) -> Source:
-  kind = config.type
-  seed = int(config.shuffle_seed)
+def _make_source(data) -> Source:
+  kind = data.type
+  seed = int(data.shuffle_seed)
   if kind == "jsonl":
-    return JsonlSource(config.path, config.image_root or None, seed=seed)
+    return JsonlSource(data.path, data.image_root or None, seed=seed)
   if kind == "tar":
-    return TarSource(config.path, seed=seed)
+    return TarSource(data.path, seed=seed)
   if kind == "array_record":
-    return ArrayRecordSource(config.path, seed=seed)
+    return ArrayRecordSource(data.path, seed=seed)
   if kind == "tfds":
-    return TfdsSource(config.path, split=config.tfds_split,
-                      data_dir=config.tfds_data_dir or None,
-                      image_key=config.tfds_image_key,
-                      caption_key=config.tfds_caption_key, seed=seed)
+    return TfdsSource(data.path, split=data.tfds_split,
+                      data_dir=data.tfds_data_dir or None,
+                      image_key=data.tfds_image_key,
+                      caption_key=data.tfds_caption_key, seed=seed)
   if kind == "sharegpt4v":
     return ShareGPT4VSource(
-        config.path, config.image_root or None,
-        holdout_first=config.get("holdout_first", sharegpt4v.EVAL_HOLDOUT),
+        data.path, data.image_root or None,
+        holdout_first=data.get("holdout_first", sharegpt4v.EVAL_HOLDOUT),
         seed=seed)
   if kind == "synthetic":
     return InMemorySource(synthetic.synthetic_examples(
-        config.synthetic_num, config.synthetic_image_size,
-        config.synthetic_seed,
-        late_detail_share=config.get("synthetic_late_detail_share",
+        data.synthetic_num, data.synthetic_image_size,
+        data.synthetic_seed,
+        late_detail_share=data.get("synthetic_late_detail_share",
                                      synthetic.DEFAULT_LATE_DETAIL_SHARE)),
         seed=seed)
   raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")
@@ -888,36 +889,36 @@ def _make_source(config) -> Source:
 METADATA_FILE = "metadata.json"  # prepare's record of the shards it wrote
 
 
-def source_length(config) -> int:
-  """len(make_source(config)) (config.data), counted cheaply where it can be:
+def source_length(data) -> int:
+  """len(make_source(data)), counted cheaply where it can be:
   a manifest's non-blank lines, the ShareGPT4V json parsed once."""
-  if config.type == "jsonl":
-    if not os.path.isfile(config.path):
-      raise FileNotFoundError(f"{config.path}: manifest not found")
-    with open(config.path, "rb") as f:
+  if data.type == "jsonl":
+    if not os.path.isfile(data.path):
+      raise FileNotFoundError(f"{data.path}: manifest not found")
+    with open(data.path, "rb") as f:
       return sum(1 for line in f if line.strip())
-  return len(make_source(config))
+  return len(make_source(data))
 
 
-def training_image_paths(config) -> Optional[List[str]]:
-  """The image files of the training data config (config.data) where its
+def training_image_paths(data) -> Optional[List[str]]:
+  """The image files of the training data (the `data` block) where its
   source names them (a JSONL manifest, the ShareGPT4V json); else None."""
-  if config.type not in ("jsonl", "sharegpt4v"):
+  if data.type not in ("jsonl", "sharegpt4v"):
     return None
-  source = _make_source(config)
+  source = _make_source(data)
   if isinstance(source, ShareGPT4VSource):
     return source.image_paths()
   return [p for p in (source.image_path(i) for i in range(len(source))) if p]
 
 
-def prepared_metadata(config) -> List[Dict[str, Any]]:
-  """The metadata.json of each folder holding config.data's ArrayRecord
+def prepared_metadata(data) -> List[Dict[str, Any]]:
+  """The metadata.json of each folder holding the `data` block's ArrayRecord
   shards (prepare writes one per output folder); [] for other sources."""
-  if config.type != "array_record":
+  if data.type != "array_record":
     return []
   out = []
   for folder in sorted({os.path.dirname(p)
-                        for p in expand_paths(config.path, ".array_record")}):
+                        for p in expand_paths(data.path, ".array_record")}):
     path = os.path.join(folder, METADATA_FILE)
     if os.path.isfile(path):
       with open(path, "rb") as f:
@@ -926,13 +927,13 @@ def prepared_metadata(config) -> List[Dict[str, Any]]:
   return out
 
 
-def sharegpt4v_holdout(config) -> Optional[tuple]:
-  """(entries held out, the json) when config.data trains on ShareGPT4V's
+def sharegpt4v_holdout(data) -> Optional[tuple]:
+  """(entries held out, the json) when the `data` block trains on ShareGPT4V's
   captioner json, directly or through shards prepared from it; else None."""
-  if config.type == "sharegpt4v":
-    return (int(config.get("holdout_first", sharegpt4v.EVAL_HOLDOUT)),
-            config.path)
-  for meta in prepared_metadata(config):
+  if data.type == "sharegpt4v":
+    return (int(data.get("holdout_first", sharegpt4v.EVAL_HOLDOUT)),
+            data.path)
+  for meta in prepared_metadata(data):
     if meta.get("source_format") == "sharegpt4v":
       return int(meta.get("holdout_first", 0)), meta.get("source", "")
   return None

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 
 from fixclip_jax import buckets
@@ -61,46 +62,51 @@ def embed_fns(model: clip.CLIP, params, mesh, text_buckets=()) -> tuple:
   return on_mesh(_image), on_mesh(_text, cut_text)
 
 
-def synthetic_eval_root(workdir: str, config) -> str:
-  """Generates (once) the held-out synthetic retrieval set under WORKDIR."""
+def synthetic_eval_root(workdir: str, num_scenes: int, image_size: int) -> str:
+  """Generates (once) the held-out synthetic retrieval set under WORKDIR:
+  num_scenes scenes (config.eval.synthetic_num) drawn at image_size px
+  (config.data.synthetic_image_size, as the training scenes)."""
   # Images are written with PIL, so a remote workdir (gs://) caches them locally.
   base = (os.path.join(tempfile.gettempdir(), "fixclip_eval_data")
           if "://" in workdir else os.path.join(workdir, "eval_data"))
   # Named by everything that makes the set (seed and late-detail share are
   # the protocol's), so a changed set is never read from an old cache.
-  root = os.path.join(base, f"synthetic_{config.eval.synthetic_num}_"
-                            f"{config.data.synthetic_image_size}px_seed"
+  root = os.path.join(base, f"synthetic_{num_scenes}_{image_size}px_seed"
                             f"{SYNTHETIC_EVAL_SEED}_share"
                             f"{synthetic.DEFAULT_LATE_DETAIL_SHARE:g}")
   if not os.path.isfile(os.path.join(root, "manifest.jsonl")):
     if jax.process_index() == 0:
-      synthetic.make_synthetic_dataset(
-          root, config.eval.synthetic_num,
-          image_size=config.data.synthetic_image_size, seed=SYNTHETIC_EVAL_SEED)
+      synthetic.make_synthetic_dataset(root, num_scenes, image_size=image_size,
+                                       seed=SYNTHETIC_EVAL_SEED)
     if jax.process_count() > 1:  # the others read what process 0 wrote
       multihost_utils.sync_global_devices("fixclip_synthetic_eval_data")
   return root
 
 
-def load_eval_sets(config, workdir: str) -> List[Any]:
-  """The datasets named in config.eval.datasets (comma list; names match as
-  datasets.canonical_name says)."""
+def load_eval_sets(eval_config: ml_collections.ConfigDict, workdir: str,
+                   synthetic_image_size: int) -> List[Any]:
+  """The datasets named in eval_config.datasets (the run config's `eval`
+  block; comma list; names match as datasets.canonical_name says). The
+  synthetic sets are read from eval_config.root, else generated under WORKDIR
+  at synthetic_image_size px (synthetic_eval_root)."""
   out = []
-  for name in [n.strip() for n in config.eval.datasets.split(",") if n.strip()]:
+  synthetic_root = lambda: eval_config.root or synthetic_eval_root(
+      workdir, eval_config.synthetic_num, synthetic_image_size)
+  for name in [n.strip() for n in eval_config.datasets.split(",") if n.strip()]:
     if datasets.canonical_name(name) == "synthetic":  # both caption kinds
-      root = config.eval.root or synthetic_eval_root(workdir, config)
+      root = synthetic_root()
       out.append(datasets.load_synthetic(root, which="long"))
       out.append(datasets.load_synthetic(root, which="short"))
     elif datasets.canonical_name(name) in (
         datasets.canonical_name("synthetic_long77"),
         datasets.canonical_name("synthetic_late")):
-      root = config.eval.root or synthetic_eval_root(workdir, config)
+      root = synthetic_root()
       which = "late" if "late" in datasets.canonical_name(name) else "long77"
       out.append(datasets.load_synthetic(root, which=which))
     elif datasets.is_classification(name):
-      out.append(datasets.load_classification(name, config.eval.root))
+      out.append(datasets.load_classification(name, eval_config.root))
     else:
-      out.append(datasets.load_dataset(name, config.eval.root))
+      out.append(datasets.load_dataset(name, eval_config.root))
   return out
 
 
@@ -113,14 +119,15 @@ def _norm(path: str) -> str:
   return os.path.normpath(os.path.abspath(path))
 
 
-def warn_train_overlap(config, eval_sets: List[Any]) -> List[str]:
+def warn_train_overlap(data: ml_collections.ConfigDict, eval_sets: List[Any]
+                       ) -> List[str]:
   """Warns, one line per retrieval set, when its images are also training
-  images (its scores are then not held out), where config.data can say so
+  images (its scores are then not held out), where the run config's `data`
+  block can say so
   cheaply: the image files of a JSONL manifest or of the ShareGPT4V json
   (sources.training_image_paths); for ArrayRecord shards prepared from the
   ShareGPT4V json, a ShareGPT4V split of more entries than prepare held out
   (metadata.json). Each set once a process; returns the lines."""
-  data = config.data
   todo = []
   for ds in eval_sets:
     key = (data.type, data.path, data.image_root, data.get("holdout_first"),
@@ -198,14 +205,16 @@ def evaluate(config, model: clip.CLIP, params, mesh, tokenizer=None, *,
       tokenizer, cfg.vocab_size, cfg.eot_token_id,
       f"evaluation of config.model (config.data.tokenizer="
       f"{config.data.tokenizer!r})")
-  image_fn, text_fn = embed_fns(model, params, mesh, buckets.eval_buckets(config))
+  image_fn, text_fn = embed_fns(model, params, mesh,
+                                buckets.eval_buckets(config.data))
   batch_size = config.eval.batch_size
   if batch_size % sharding.num_batch_shards(mesh):
     raise ValueError(f"config.eval.batch_size={batch_size} must divide over "
                      f"{sharding.num_batch_shards(mesh)} batch shards")
   results = []
-  eval_sets = load_eval_sets(config, workdir)
-  warn_train_overlap(config, eval_sets)
+  eval_sets = load_eval_sets(config.eval, workdir,
+                             config.data.synthetic_image_size)
+  warn_train_overlap(config.data, eval_sets)
   for ds in eval_sets:
     if isinstance(ds, datasets.ClassificationDataset):
       r = zeroshot.evaluate_zeroshot(ds, image_fn, text_fn, tokenizer,

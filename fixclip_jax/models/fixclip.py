@@ -31,6 +31,9 @@ REGION_LAYOUTS = ("strips", "grid")
 # parameters; "fresh" = this layer's parameters only (outputs discarded, so the
 # regional mask reaches no output: the ablation's control).
 PROMPT_MODES = ("carry", "fresh")
+# How the masked short branch hides patches (step.image_masks, flops): a mask
+# token in place of each hidden patch, or the hidden patches left out (MAE).
+MASKING_MODES = ("replace", "drop")
 
 def grid_shape(num_regions: int) -> Tuple[int, int]:
   """rows x cols of a 2-D region grid, as square as num_regions allows (4 -> 2x2)."""

@@ -43,6 +43,8 @@ def normalize(x: Any, eps: float = 1e-12, xp: Any = jnp) -> Any:
 
 # Causal attention on CPU runs in blocks of this many queries (cpu_attention).
 CAUSAL_BLOCK = 64
+# `attention`'s implementation names besides None (XLA picks).
+ATTN_IMPLEMENTATIONS = ("xla", "cudnn")
 
 
 def attention(q: Array, k: Array, v: Array, *,

@@ -111,7 +111,7 @@ def synthetic_batch(config, cfg, batch: int, seed: int = 0,
   short captions, uniform in [lo, hi]; None = EOT anywhere in the context.
   """
   rng = np.random.default_rng(seed)
-  long_len, short_len = flops_lib.text_lengths(config)
+  long_len, short_len = flops_lib.text_lengths(config.data)
   ranges = caption_lengths or ((2, long_len), (2, short_len))
 
   def texts(width, length_range):
@@ -244,8 +244,8 @@ class JaxTrainStep:
     per_host = self.batch_size // jax.process_count()
     start = jax.process_index() * per_host
     host_batch = jax.tree.map(lambda x: x[start:start + per_host], local)
-    self.host_batch = buckets.TextBuckets.from_config(
-        config, self.cfg.eot_token_id)(host_batch)
+    self.host_batch = buckets.TextBuckets.from_data_config(
+        config.data, self.cfg.eot_token_id)(host_batch)
     self.text_lengths = flops_lib.batch_text_lengths(self.host_batch)
     self.analytic_flops = flops_lib.train_step_flops(
         config, lengths=self.text_lengths)["total"]
@@ -350,7 +350,7 @@ def compile_step_plan(config, mesh, caption_lengths: Lengths = None) -> dict:
   cfg = sizes.model_config(config)
   model = step_lib.make_model(config, cfg)
   abstract, shardings, tx = step_lib.abstract_state(config, model, mesh)
-  host = buckets.TextBuckets.from_config(config, cfg.eot_token_id)(synthetic_batch(
+  host = buckets.TextBuckets.from_data_config(config.data, cfg.eot_token_id)(synthetic_batch(
       config, cfg, int(config.data.global_batch), caption_lengths=caption_lengths))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)), host)
@@ -706,7 +706,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, batch: Optional[int] = N
       "batch": b,
       "image_size": ours.cfg.image_size,
       "text_lengths": list(ours.text_lengths),
-      "context_lengths": list(flops_lib.text_lengths(config)),
+      "context_lengths": list(flops_lib.text_lengths(config.data)),
       "caption_lengths": caption_lengths or "uniform",
       "text_buckets": [list(config.data.long_buckets),
                        list(config.data.short_buckets)],

@@ -42,6 +42,7 @@ from fixclip_jax import sharding
 from fixclip_jax import step as step_lib
 from fixclip_jax.models import clip
 from fixclip_jax.models import encoders
+from fixclip_jax.models import layers
 from fixclip_jax.models import sizes
 from fixclip_jax.tools import ablate
 from fixclip_jax.tools import bench
@@ -222,7 +223,7 @@ def fixclip_step_vs_cpu(smoke: bool) -> dict:
   params = jax.device_get(clip.init_params(cfg, jax.random.PRNGKey(5)))
   host = bench.synthetic_batch(config, cfg, config.data.global_batch, seed=6,
                                caption_lengths=bench.CAPTION_LENGTHS["synthetic"])
-  host = buckets.TextBuckets.from_config(config, cfg.eot_token_id)(host)
+  host = buckets.TextBuckets.from_data_config(config.data, cfg.eot_token_id)(host)
   cpu = jax.devices("cpu")[0]
   accelerator = jax.devices()[0]
   f32 = config.copy_and_resolve_references()
@@ -306,7 +307,7 @@ BENCH_RUNS = (
 SMOKE_BENCH_RUNS = ("clip_b16", "attention_clip_b16")
 GPU_BENCH = {"batch": 256, "steps": 10, "warmup": 3}
 SMOKE_BENCH = {"batch": 8, "steps": 2, "warmup": 1}
-ATTENTION = ("xla", "cudnn")
+ATTENTION = layers.ATTN_IMPLEMENTATIONS
 
 
 def smoke_sized(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
