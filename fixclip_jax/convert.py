@@ -122,7 +122,7 @@ def save_hf_text_encoder(directory: str, params: dict, cfg: CLIPConfig, *,
   fileio.refuse_existing(directory, overwrite)
   params, cfg = layouts.single_position_table(params, cfg)
   params, cfg = layouts.strip_fixclip(params, cfg, written="the HF text encoder",
-                              text_only=True)
+                                      text_only=True)
   full = layouts.params_to_state_dict(params, cfg, "hf")
   sd = {k: v for k, v in full.items()
         if k.startswith("text_model.") or k == "text_projection.weight"}

@@ -57,7 +57,7 @@ def _load_openai(sd: StateDict, path: str, act: Optional[str]) -> Tuple[dict, CL
   try:
     # Heads are not visible in shapes: width // 64, as OpenAI's build_model.
     cfg = layouts.config_from_shapes({k: v.shape for k, v in sd.items()},
-                             act=act or "quick_gelu")
+                                     act=act or "quick_gelu")
   except (KeyError, ValueError) as e:
     raise CheckpointError(f"{path}: cannot infer the architecture: {e}") from e
   if act is None:

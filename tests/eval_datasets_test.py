@@ -369,7 +369,7 @@ class DatasetNameTest(absltest.TestCase):
     with mock.patch.dict(datasets.RETRIEVAL_LOADERS, retrieval), \
          mock.patch.dict(datasets.CLASSIFICATION_LOADERS, classification):
       loaded = run.load_eval_sets(config.eval, "/unused",
-                                   config.data.synthetic_image_size)
+                                  config.data.synthetic_image_size)
       self.assertEqual(datasets.load_classification("CIFAR-10", "/d"),
                        ("cifar10", "/d"))
       self.assertEqual(datasets.load_dataset("Urban_1k", "/d"), ("urban1k", "/d"))

@@ -180,7 +180,7 @@ class FixCLIPCheckpointTest(absltest.TestCase):
     with self.assertLogs(level="INFO") as logs:
       logging.get_absl_handler()  # route absl logging through `logging`
       params = pretrained_lib.load_pretrained(src, self.cfg, self.params,
-                                          logit_scale=float(np.log(100)))
+                                              logit_scale=float(np.log(100)))
     log = "\n".join(logs.output)
     self.assertIn("new parameter(s)", log)
     self.assertIn("visual/mask_token", log)

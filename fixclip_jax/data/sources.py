@@ -877,7 +877,7 @@ def _make_source(data) -> Source:
         data.synthetic_num, data.synthetic_image_size,
         data.synthetic_seed,
         late_detail_share=data.get("synthetic_late_detail_share",
-                                     synthetic.DEFAULT_LATE_DETAIL_SHARE)),
+                                   synthetic.DEFAULT_LATE_DETAIL_SHARE)),
         seed=seed)
   raise ValueError(f"Unknown data source type {kind!r}; known: {SOURCE_TYPES}")
 
