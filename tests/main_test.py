@@ -26,13 +26,6 @@ _SMALL = ["--config.data.global_batch=8", "--config.data.synthetic_num=64",
           "--config.eval.batch_size=8", "--config.pretrain77.steps=0"]
 
 
-# The runs of a test compile the same programs: one persistent XLA cache for
-# this module's subprocesses turns every compile after the first into a read
-# (the sigterm/resume test starts six programs).
-_ENV = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(
-    prefix="fixclip_main_test_jax_cache_"))
-
-
 def _main(workdir, *extra, mode="train"):
   return [sys.executable, "-m", "fixclip_jax.main", "--config=configs/demo.py",
           f"--workdir={workdir}", f"--mode={mode}", *_SMALL, *extra]
@@ -40,14 +33,14 @@ def _main(workdir, *extra, mode="train"):
 
 def _run(cmd, timeout=600, cwd=_ROOT):
   return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout, env=_ENV)
+                        timeout=timeout)
 
 
 def _run_together(cmds, timeout=600):
   """Each command's CompletedProcess, the processes started side by side
   (independent runs that mostly import; 2 cores do two at once)."""
   procs = [subprocess.Popen(cmd, cwd=_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_ENV)
+                            stderr=subprocess.PIPE, text=True)
            for cmd in cmds]
   done = []
   for cmd, proc in zip(cmds, procs):
@@ -136,7 +129,7 @@ class MainTest(absltest.TestCase):
 
     workdir = tempfile.mkdtemp()
     proc = subprocess.Popen(_main(workdir), cwd=_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_ENV)
+                            stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
