@@ -214,6 +214,30 @@ class SmallBudgetTest(absltest.TestCase):
     with open(os.path.join(workdir, ablate.PLOT_PNG), "rb") as f:
       self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    # --start_seed: seed 1's fine-tune from seed 0's CLIP-77, with seed 1's
+    # data order and random numbers; an unfinished start is one line.
+    swap = [sys.executable, "-m", "fixclip_jax.tools.ablate", "--budget=small",
+            f"--workdir={workdir}", "--seeds=1", "--variants=clip248"]
+    subprocess.run(swap + ["--start_seed=0"], check=True, cwd=_REPO,
+                   capture_output=True, env=env)
+    with open(os.path.join(workdir, "seed_1_start_0", "clip248",
+                           "config.json")) as f:
+      config = json.load(f)
+    self.assertEqual(config["init_from"],
+                     os.path.join(workdir, "seed_0", ablate.PRETRAIN[0]))
+    self.assertEqual((config["seed"], config["data"]["shuffle_seed"]), (1, 1))
+    with open(os.path.join(workdir, ablate.TABLE_JSON)) as f:
+      summary = json.load(f)
+    self.assertEqual([(r["variant"], r["seed"], r["start_seed"])
+                      for r in summary["runs"]], [("clip248", 1, 0)])
+    with open(os.path.join(workdir, ablate.TABLE_MD)) as f:
+      self.assertIn("every fine-tune starts from seed 0's CLIP-77", f.read())
+    missing = subprocess.run(swap + ["--start_seed=7"], cwd=_REPO,
+                             capture_output=True, text=True, env=env)
+    self.assertNotEqual(missing.returncode, 0)
+    self.assertIn("--start_seed=7", missing.stderr)
+    self.assertIn("run --seeds=7 first", missing.stderr)
+
 
 if __name__ == "__main__":
   absltest.main()

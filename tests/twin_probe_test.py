@@ -53,6 +53,31 @@ class TwinProbeTest(absltest.TestCase):
     self.assertLess(cut["image_cos_min"], 0.99999)
     self.assertEqual(cut["margin_positive"], 0.0)  # ties are not wins
 
+  def test_detail_probes_change_the_first_shape_and_see_it(self):
+    for detail in twin_probe.DETAILS:
+      changes = twin_probe.detail_changes(self.data, 4, detail)
+      self.assertLen(changes, 4)
+      for scene, changed in changes:
+        key = {"size": "size", "place": "cell"}[detail]
+        self.assertNotEqual(scene["objects"][0][key],
+                            changed["objects"][0][key])
+        self.assertEqual(scene["objects"][1:], changed["objects"][1:])
+        cells = [o["cell"] for o in changed["objects"]]
+        self.assertLen(set(cells), len(cells))      # still one shape a cell
+        if detail == "size":                        # one word
+          words = synthetic.describe_scene(scene).split()
+          other = synthetic.describe_scene(changed).split()
+          self.assertEqual(sum(a != b for a, b in zip(words, other)), 1)
+      # A 77-token model sees the change in both towers (cos < 1); the same
+      # scene twice gives exactly 1.
+      model = api.load(self.models[77])
+      seen = twin_probe.detail_probe(model, changes, 32)
+      self.assertLess(seen["text_cos"], 0.99999)
+      self.assertLess(seen["image_cos"], 0.99999)
+      same = twin_probe.detail_probe(model, [(a, a) for a, _ in changes], 32)
+      self.assertAlmostEqual(same["text_cos"], 1.0, places=5)
+      self.assertAlmostEqual(same["image_cos"], 1.0, places=5)
+
   def test_pairs_without_twins_or_manifest_are_one_line_errors(self):
     no_twins = os.path.join(self.root, "no_twins")
     synthetic.make_synthetic_dataset(no_twins, 4, image_size=16,
@@ -70,6 +95,9 @@ class TwinProbeTest(absltest.TestCase):
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     self.assertLen(rows, 3)                     # header + two models
     self.assertIn("| 1.0000 (1.0000) |", rows[1])
+    self.assertIn("size text cos | size image cos | place text cos | "
+                  "place image cos |", rows[0])
+    self.assertLen(rows[1].split("|"), 11)
     self.assertTrue(rows[2].startswith(f"| {self.models[248]} | 2 |"))
 
 

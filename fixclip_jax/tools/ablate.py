@@ -3,7 +3,7 @@
   python -m fixclip_jax.tools.ablate --budget=small|demo|medium|discriminative \
       --workdir=DIR \
       [--seeds=0,1] [--late_detail_share=0.5] [--variants=clip248,fixclip] \
-      [--start_positions=smooth|random]
+      [--start_positions=smooth|random] [--start_seed=S]
 
 On the synthetic late-detail benchmark (data/synthetic.py: a share of the
 scene pairs differ only after token 77), for every seed:
@@ -31,6 +31,9 @@ eval_results.json), ablation.md (mean +- sample std over seeds), ablation.json
 (every number, per-run wall times, the hyper-parameters) and ablation.png
 (bars with the spread). Rerunning with the same WORKDIR reuses finished runs
 and resumes the others; a run of a different config there is an error.
+--start_seed=S fine-tunes each seed's variants from seed S's CLIP-77 instead
+(seed_SEED_start_S/VARIANT/; the seed's own data order): whether a seed's
+outcome comes from its start model or from its fine-tune data order.
 """
 import dataclasses
 import io
@@ -309,11 +312,17 @@ def train_once(config: ml_collections.ConfigDict, run_dir: str
 def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
                  late_detail_share: float = synthetic.DEFAULT_LATE_DETAIL_SHARE,
                  variants: Sequence[str] = (),
-                 start_positions: str = "smooth") -> Dict[str, Any]:
+                 start_positions: str = "smooth",
+                 start_seed: Optional[int] = None) -> Dict[str, Any]:
   """Every run of the ablation; writes and returns the table's data.
 
   variants: directory names of VARIANTS to run (empty = all).
   start_positions: the CLIP-77's text positions before pretraining.
+  start_seed: fine-tune every seed's variants from this seed's CLIP-77
+    (trained by an earlier call) instead of its own, in
+    seed_{SEED}_start_{START_SEED}/: the fine-tunes keep their seed's data
+    order and random numbers, so the start model and the order can be told
+    apart (RESULTS.md, why seed 1 does not read past token 77).
   """
   budget = BUDGETS[budget_name]
   chosen = [v for v in VARIANTS if not variants or v[0] in variants]
@@ -323,14 +332,23 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
   start = time.perf_counter()
   data = make_data(workdir, budget, late_detail_share)
   runs = []
+  if start_seed is not None:
+    pretrain_dir = os.path.join(workdir, f"seed_{start_seed}", PRETRAIN[0])
+    if final_results(pretrain_dir, budget.pretrain_steps) is None:
+      raise ValueError(f"--start_seed={start_seed}: {pretrain_dir} holds no "
+                       f"finished CLIP-77; run --seeds={start_seed} first")
   for seed in seeds:
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
-    pretrain_dir = os.path.join(seed_dir, PRETRAIN[0])
-    start_model = pretrain77.write_start_model(os.path.join(seed_dir, "start_model"),
-                                    pretrain_config(budget, seed, data),
-                                    start_positions)
-    jobs = [(PRETRAIN, pretrain_config(budget, seed, data, start_model),
-             pretrain_dir)]
+    if start_seed is None:
+      seed_dir = os.path.join(workdir, f"seed_{seed}")
+      pretrain_dir = os.path.join(seed_dir, PRETRAIN[0])
+      start_model = pretrain77.write_start_model(
+          os.path.join(seed_dir, "start_model"),
+          pretrain_config(budget, seed, data), start_positions)
+      jobs = [(PRETRAIN, pretrain_config(budget, seed, data, start_model),
+               pretrain_dir)]
+    else:
+      seed_dir = os.path.join(workdir, f"seed_{seed}_start_{start_seed}")
+      jobs = []
     for name, label, overrides in chosen:
       jobs.append(((name, label),
                    finetune_config(budget, seed, data, pretrain_dir, overrides),
@@ -339,12 +357,13 @@ def run_ablation(workdir: str, budget_name: str, seeds: Sequence[int],
       print(f"[ablate] seed {seed}: {label} -> {run_dir}", flush=True)
       results, seconds = train_once(config, run_dir)
       runs.append({"variant": name, "label": label, "seed": seed,
+                   "start_seed": seed if start_seed is None else start_seed,
                    "seconds": round(seconds, 1),
                    "recall": {f"{p}/{m}": results[p][m] for p, m, _ in COLUMNS}})
   summary = {
       "budget": dataclasses.asdict(budget), "budget_name": budget_name,
       "seeds": list(seeds), "late_detail_share": late_detail_share,
-      "start_positions": start_positions,
+      "start_positions": start_positions, "start_seed": start_seed,
       "hyper_parameters": hyper_parameters(budget),
       "devices": [str(d) for d in jax.devices()], "machine": platform.platform(),
       "wall_seconds": round(time.perf_counter() - start, 1), "runs": runs,
@@ -426,7 +445,9 @@ def markdown(summary: Dict[str, Any]) -> str:
       f"{','.join(map(str, summary['seeds']))}; budget {summary['budget_name']}: "
       f"CLIP-77 {b['pretrain_steps']} steps, each fine-tune "
       f"{b['finetune_steps']} steps, batch {b['batch']}, {b['train_num']} "
-      f"training scenes{family_note}.", "",
+      f"training scenes{family_note}"
+      + (f"; every fine-tune starts from seed {summary['start_seed']}'s CLIP-77"
+         if summary.get("start_seed") is not None else "") + ".", "",
       "| model | " + " | ".join(c[2] for c in COLUMNS) + " |",
       "|---|" + "---|" * len(COLUMNS)]
   for row in summary["rows"]:
@@ -504,6 +525,10 @@ def define_flags():
                     "CLIP-77 text positions before pretraining: smooth "
                     "(sinusoidal, like a well-trained CLIP's; what KPS "
                     "assumes) or random (the model's init).")
+  flags.DEFINE_integer("start_seed", None, "Fine-tune each seed's variants "
+                       "from this seed's CLIP-77 (run that seed first), in "
+                       "WORKDIR/seed_S_start_START_SEED: tells the start "
+                       "model's effect from the data order's.")
   flags.mark_flag_as_required("workdir")
 
 
@@ -520,7 +545,7 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
                          FLAGS.late_detail_share, FLAGS.variants,
-                         FLAGS.start_positions)
+                         FLAGS.start_positions, FLAGS.start_seed)
   print(markdown(summary))
   print(f"Wrote {os.path.join(FLAGS.workdir, TABLE_MD)}, {TABLE_JSON}, "
         f"{PLOT_PNG}")
