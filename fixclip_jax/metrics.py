@@ -75,6 +75,7 @@ class MetricWriter:
     self._wandb = None
     if not self.enabled:
       return
+    self._workdir = workdir
     directory = fileio.path(workdir)  # local path or gs:// URL
     directory.mkdir(parents=True, exist_ok=True)
     # Appended line by line (not rewritten), so not through fileio's atomic writes.
@@ -93,6 +94,7 @@ class MetricWriter:
     self._file.write(json.dumps({"step": int(step), **row}) + "\n")
     self._file.flush()
     if self._tb is not None:
+      self._check_tensorboard()
       for k, v in row.items():
         self._tb.add_scalar(k.replace("@", "_at_"), v, int(step))  # TB: no '@'
     if self._wandb is not None:
@@ -100,10 +102,29 @@ class MetricWriter:
     logging.info("step %d: %s", step,
                  ", ".join(f"{k}={v:.4g}" for k, v in sorted(row.items())))
 
+  def _tensorboard_alive(self) -> bool:
+    """Whether tensorboardX's event-writing thread still runs. It dies on
+    the first failed write (a full disk) and leaves a bounded queue that
+    nobody empties: the next add_scalar calls would then block forever (the
+    trainer hung at a disk-full spell instead of stopping; BENCHMARKS.md
+    "Soak"). Private attributes, read defensively: True when unknown."""
+    try:
+      worker = self._tb._get_file_writer().event_writer._worker  # pylint: disable=protected-access
+    except AttributeError:
+      return True
+    return worker.is_alive()
+
+  def _check_tensorboard(self) -> None:
+    if not self._tensorboard_alive():
+      directory = os.path.join(self._workdir, TB_SUBDIR)
+      self._tb = None                  # close() must not wait on it either
+      raise OSError(f"Writing TensorBoard events in {directory} failed (its "
+                    "writer thread stopped; is the disk full?)")
+
   def close(self) -> None:
     if self.enabled:
       self._file.close()
-      if self._tb is not None:
+      if self._tb is not None and self._tensorboard_alive():
         self._tb.close()
       if self._wandb is not None:
         self._wandb.finish()

@@ -4,6 +4,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import types
 from unittest import mock
 
@@ -46,6 +48,39 @@ class MetricsTest(absltest.TestCase):
     self.assertEqual(rows, [{"step": 1, "loss": 2.5},
                             {"step": 2, "loss": 2.0, "eval/x/i2t_R@1": 10.0}])
     self.assertEqual(metrics.read_metrics(os.path.join(self.workdir, "none")), [])
+
+  def test_a_dead_tensorboard_writer_is_an_error_not_a_hang(self):
+    # A full disk kills tensorboardX's writer thread at its first failed
+    # write; its bounded queue then blocked add_scalar forever (the trainer
+    # hung instead of stopping). Now the next write raises one OSError.
+    def no_space(self, data):
+      raise OSError(28, "No space left on device")
+    outcome = {}
+    writer = metrics.MetricWriter(self.workdir)   # its first event written
+
+    def run():
+      try:
+        for step in range(1000):
+          writer.write(step, {f"loss_{i}": 1.0 for i in range(8)})
+          time.sleep(0.01)
+        outcome["error"] = None
+      except OSError as e:
+        outcome["error"] = str(e)
+      writer.close()
+      outcome["closed"] = True
+
+    with mock.patch("tensorboardX.record_writer.RecordWriter.write", no_space), \
+         mock.patch.object(threading, "excepthook", lambda args: None):
+      thread = threading.Thread(target=run, daemon=True)
+      thread.start()
+      thread.join(timeout=60)
+    self.assertFalse(thread.is_alive(), "MetricWriter hung on a dead writer")
+    self.assertIn("TensorBoard", outcome["error"])
+    self.assertIn(os.path.join(self.workdir, metrics.TB_SUBDIR),
+                  outcome["error"])
+    self.assertTrue(outcome["closed"])
+    with open(os.path.join(self.workdir, metrics.METRICS_FILE)) as f:
+      self.assertGreater(len(f.readlines()), 0)   # rows before it are kept
 
   def test_config_goes_to_tensorboard_as_text(self):
     config = config_base.base_config()
