@@ -53,6 +53,11 @@ OTHER_SIZE = {"small": "large", "medium": "large", "large": "small"}
 DETAILS = ("size", "place")
 
 
+def dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Row-wise dot products of two [N, d] feature arrays: [N]."""
+  return np.sum(x * y, axis=-1)
+
+
 def twin_pairs(data: str, num_pairs: int) -> List[tuple]:
   """The first `num_pairs` late-twin pairs of DATA/manifest.jsonl, as
   ((image path, caption), (image path, caption)): consecutive entries of the
@@ -91,7 +96,6 @@ def detail_changes(data: str, num_scenes: int, detail: str) -> List[tuple]:
 def detail_probe(model: api.Model, changes: Sequence[tuple], image_size: int
                  ) -> Dict[str, float]:
   """Mean text and image cosines of each scene and its changed version."""
-  dot = lambda x, y: np.sum(x * y, axis=-1)
   def features(side: int):
     scenes = [c[side] for c in changes]
     return (model.encode_image([synthetic.render_scene(s, image_size)
@@ -110,7 +114,6 @@ def probe(model: api.Model, pairs: Sequence[tuple]) -> Dict[str, float]:
             model.encode_text([p[side][1] for p in pairs]))
   image_a, text_a = features(0)
   image_b, text_b = features(1)
-  dot = lambda x, y: np.sum(x * y, axis=-1)
   text_cos, image_cos = dot(text_a, text_b), dot(image_a, image_b)
   margin = (dot(image_a, text_a) + dot(image_b, text_b)
             - dot(image_a, text_b) - dot(image_b, text_a))
