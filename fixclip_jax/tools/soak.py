@@ -112,6 +112,11 @@ class SoakError(RuntimeError):
 # ----------------------------------------------------------------------------
 # The data: good synthetic scenes and the bad records, one manifest.
 
+# The default length: --steps sets it, not --minutes (which bounds the
+# faulting); about half of a soak's time goes to restarts.
+STEPS_PER_MINUTE = 100
+
+
 def _png16_gray(size: int) -> bytes:
   """A 16-bit grayscale PNG (PIL writes mode I;16 as 16-bit)."""
   ramp = (np.arange(size * size).reshape(size, size) * 37 % 65536)
@@ -564,7 +569,9 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
     raise ValueError(f"Unknown fault(s) {unknown}; known: {FAULTS}")
   began = time.monotonic()
   budget = minutes * 60.0
-  steps = steps or max(16, int(round(minutes * 8)))
+  # About half the time uninterrupted steps at ~0.25 s (2 cores, reference
+  # beside), half restarts: 8 a minute ran out after 12 of 30 minutes.
+  steps = steps or max(16, int(round(minutes * STEPS_PER_MINUTE)))
   checkpoint_every = checkpoint_every or max(2, steps // 40)
   rng = random.Random(seed)
   root = os.path.abspath(workdir)
@@ -596,6 +603,8 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
     failures_in_a_row = 0
     while True:
       saved = _newest_step(storage.path)
+      if ref.rc is None:  # the reference's rows so far, not the guess
+        step_s = _median_step_s(ref_dir) or step_s
       left = budget - (time.monotonic() - began)
       finish_s = 1.5 * (startup_s + (steps - saved) * step_s) + 10
       if n >= min_faults and left < finish_s + startup_s + 5:
@@ -667,6 +676,18 @@ def _keep_files(workdir: str, dst: str) -> None:
       checkpoint.TRAIN_CHECKPOINT_SUBDIR, ".soak_filler", "*.lock"))
 
 
+def _median_step_s(ref_dir: str) -> Optional[float]:
+  """The reference's median step time so far (its first step, which
+  compiles, left out); None before it has 5 steps. With the 0.5 s guess a
+  long soak stopped faulting after its first fault (its budget check took
+  4,400 steps for 37 minutes when they took 16)."""
+  if not os.path.exists(os.path.join(ref_dir, metrics_lib.METRICS_FILE)):
+    return None
+  times = [r["step_time_s"] for r in metrics_rows(ref_dir)[1:]
+           if "step_time_s" in r]
+  return float(np.median(times)) if len(times) >= 5 else None
+
+
 def _reference_done(reference: Trainer, ref_dir: str, log_path: str,
                     say: Callable[[str], None]) -> Attempt:
   """The finished reference as an Attempt; its start-up time (to its first
@@ -676,8 +697,7 @@ def _reference_done(reference: Trainer, ref_dir: str, log_path: str,
                 seconds=time.monotonic() - reference.started,
                 end_step=_newest_step(ref_dir), last_line=_last_line(log_path))
   rows = [r for r in metrics_rows(ref_dir) if "step_time_s" in r]
-  step_s = float(np.median([r["step_time_s"] for r in rows[1:]])) if len(
-      rows) > 1 else 0.5
+  step_s = _median_step_s(ref_dir) or 0.5
   ref.note_startup_s = max(ref.seconds - step_s * max(len(rows) - 1, 0), 1.0)
   ref.note_step_s = step_s
   say(f"  reference       rc={ref.rc} {ref.seconds:5.1f} s, step "
@@ -728,8 +748,8 @@ def define_flags():
   flags.DEFINE_float("minutes", 10.0, "About how long the soak runs.")
   flags.DEFINE_string("workdir", None, "An empty or new folder.")
   flags.DEFINE_integer("seed", 0, "Fault order and moments, data order.")
-  flags.DEFINE_integer("steps", None, "Train steps (default: 8 a minute, "
-                       "at least 16).")
+  flags.DEFINE_integer("steps", None, "Train steps (default: "
+                       f"{STEPS_PER_MINUTE} a minute, at least 16).")
   flags.DEFINE_integer("checkpoint_every", None, "Default: steps // 40, at "
                        "least 2.")
   flags.DEFINE_list("faults", list(FAULTS), f"Any of {', '.join(FAULTS)}; "
