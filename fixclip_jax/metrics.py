@@ -22,6 +22,11 @@ WANDB_MODES = ("online", "offline")  # config.wandb.mode, wandb.init(mode=...)
 
 METRICS_FILE = "metrics.jsonl"
 TB_SUBDIR = "tensorboard"
+# tensorboardX's queue of pending events. Its default (10) is less than one
+# row of scalars, so add_scalar waited on the writer thread mid-row, and a
+# thread that died then (a full disk) left it waiting forever: the check
+# before each row cannot see a death inside the row. A row never fills this.
+TB_MAX_QUEUE = 100_000
 
 
 def flatten_config(tree: Mapping[str, Any]) -> Dict[str, Any]:
@@ -81,7 +86,8 @@ class MetricWriter:
     # Appended line by line (not rewritten), so not through fileio's atomic writes.
     self._file = (directory / METRICS_FILE).open("a")
     if tensorboard:
-      self._tb = SummaryWriter(os.path.join(workdir, TB_SUBDIR))
+      self._tb = SummaryWriter(os.path.join(workdir, TB_SUBDIR),
+                               max_queue=TB_MAX_QUEUE)
     if hparams is not None and self._tb is not None:
       self._tb.add_text("config", config_markdown(hparams), 0)
     if wandb is not None and wandb.project:

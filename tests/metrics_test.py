@@ -82,6 +82,34 @@ class MetricsTest(absltest.TestCase):
     with open(os.path.join(self.workdir, metrics.METRICS_FILE)) as f:
       self.assertGreater(len(f.readlines()), 0)   # rows before it are kept
 
+  def test_a_writer_dying_inside_a_row_is_an_error_not_a_hang(self):
+    # The soak's 3000-step run: the thread died at a write inside a row of
+    # scalars while add_scalar waited on its queue of 10 (the check before
+    # each row saw it alive); the trainer hung until SIGKILLed.
+    def no_space(self, data):
+      raise OSError(28, "No space left on device")
+    outcome = {}
+    writer = metrics.MetricWriter(self.workdir)
+
+    def run():
+      try:
+        writer.write(1, {f"loss_{i}": 1.0 for i in range(64)})
+        outcome["row"] = "written"
+        writer._tb._get_file_writer().event_writer._worker.join(30)  # pylint: disable=protected-access
+        writer.write(2, {"loss": 1.0})
+      except OSError as e:
+        outcome["error"] = str(e)
+      writer.close()
+
+    with mock.patch("tensorboardX.record_writer.RecordWriter.write", no_space), \
+         mock.patch.object(threading, "excepthook", lambda args: None):
+      thread = threading.Thread(target=run, daemon=True)
+      thread.start()
+      thread.join(timeout=60)
+    self.assertFalse(thread.is_alive(), "MetricWriter hung inside a row")
+    self.assertEqual(outcome.get("row"), "written")
+    self.assertIn("writer thread stopped", outcome["error"])
+
   def test_config_goes_to_tensorboard_as_text(self):
     config = config_base.base_config()
     flat = metrics.flatten_config(config)
