@@ -34,6 +34,9 @@ def demo_config(**overrides):
   c.log_every = 1
   c.eval_every = 0
   c.pretrain77.steps = 0  # one stage, from scratch (Pretrain77Test: both)
+  # One compiled step per run: synthetic captions fall in two length buckets,
+  # each another ~30-60 s compile (LoopTest's bucket test turns them on).
+  c.data.long_buckets = c.data.short_buckets = ()
   c.optim.lr = c.optim.new_params_lr = 1e-3
   for key, value in overrides.items():
     node = c
