@@ -1,6 +1,7 @@
 """What 248 tokens, Long-CLIP and each FIX-CLIP module buy, at one budget.
 
-  python -m fixclip_jax.tools.ablate --budget=small|demo|medium|discriminative \
+  python -m fixclip_jax.tools.ablate \
+      --budget=small|demo|medium|discriminative|discriminative_long_start \
       --workdir=DIR \
       [--seeds=0,1] [--late_detail_share=0.5] [--variants=clip248,fixclip] \
       [--start_positions=smooth|random] [--start_seed=S]
@@ -101,6 +102,13 @@ BUDGETS = {
                              train_num=8192, eval_num=300, eval_batch=100,
                              model_name="tiny4", gta_groups=4,
                              finetune_family_size=64),
+    # "discriminative" with twice the pretraining (~18 epochs): does a longer
+    # start read size words on every seed (seed 1's 600-step start did not:
+    # twin_probe's size text cos 0.996, seeds 0 and 2 0.936 / 0.896)?
+    "discriminative_long_start": Budget(
+        pretrain_steps=1200, finetune_steps=300, batch=128, train_num=8192,
+        eval_num=300, eval_batch=100, model_name="tiny4", gta_groups=4,
+        finetune_family_size=64),
     # The previous main table (RESULTS.md, "a budget too small"): 2+2 layers
     # at 32 px; CLIP-248 beat CLIP-77 by only 3-11 points there.
     "discriminative_2x2": Budget(pretrain_steps=400, finetune_steps=150,
