@@ -18,12 +18,14 @@ import numpy as np
 from fixclip_jax import loader
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A few seconds per run on CPU: 8 steps of the demo model at batch 8.
+# A few seconds per run on CPU: 8 steps of the demo model at batch 8, no
+# length buckets (one compiled step, not one per bucket its batches meet).
 _SMALL = ["--config.data.global_batch=8", "--config.data.synthetic_num=64",
           "--config.num_train_steps=8", "--config.log_every=1",
           "--config.checkpoint_every=100", "--config.eval_every=0",
           "--config.eval_at_start=False", "--config.eval.synthetic_num=16",
-          "--config.eval.batch_size=8", "--config.pretrain77.steps=0"]
+          "--config.eval.batch_size=8", "--config.pretrain77.steps=0",
+          "--config.data.long_buckets=()", "--config.data.short_buckets=()"]
 
 
 def _main(workdir, *extra, mode="train"):
