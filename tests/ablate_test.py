@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -118,6 +119,17 @@ class ConfigTest(absltest.TestCase):
     new = ablate.finetune_config(ablate.BUDGETS["medium"], 0, _DATA, "/x", {})
     with self.assertRaisesRegex(ValueError, "another config"):
       ablate.check_same_config(new, run_dir)
+
+
+  def test_a_run_stopped_by_a_signal_is_a_stop_not_a_crash(self):
+    # SIGTERM mid-run: the trainer saves, says how to resume and returns
+    # early; the tool raised "no evaluation at step N" with a traceback.
+    run_dir = _tempdir(self)
+    config = ablate.finetune_config(ablate.BUDGETS["small"], 0, _DATA, "/x", {})
+    with mock.patch.object(train, "train_and_evaluate",
+                           lambda *a, **k: {"step": 3}):
+      with self.assertRaisesRegex(ablate.Stopped, "stopped at step 3 of 6"):
+        ablate.train_once(config, run_dir)
 
 
 class TableTest(absltest.TestCase):

@@ -291,6 +291,11 @@ def check_same_config(config: ml_collections.ConfigDict, run_dir: str) -> None:
                      "--workdir (or delete that run)")
 
 
+class Stopped(Exception):
+  """A run stopped by a signal (SIGTERM, a preemption) before its last step;
+  its checkpoint is saved and rerunning the same command resumes it."""
+
+
 def train_once(config: ml_collections.ConfigDict, run_dir: str
                ) -> Tuple[Dict[str, Dict], float]:
   """Trains and evaluates `config` in run_dir unless done; (results, seconds)."""
@@ -303,7 +308,9 @@ def train_once(config: ml_collections.ConfigDict, run_dir: str
                else 0.0)
     return done, seconds
   start = time.perf_counter()
-  train.train_and_evaluate(config, run_dir, evaluate=True)
+  state = train.train_and_evaluate(config, run_dir, evaluate=True)
+  if int(state["step"]) < step:  # it said so, and how to resume
+    raise Stopped(f"{run_dir} stopped at step {int(state['step'])} of {step}")
   if final_results(run_dir, step) is None:  # finished before, not evaluated
     scored = config.copy_and_resolve_references()
     scored.init_from = ""                   # the run's own checkpoint
@@ -551,9 +558,12 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir",
                     os.path.join(FLAGS.workdir, "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
-                         FLAGS.late_detail_share, FLAGS.variants,
-                         FLAGS.start_positions, FLAGS.start_seed)
+  try:
+    summary = run_ablation(FLAGS.workdir, FLAGS.budget, seeds,
+                           FLAGS.late_detail_share, FLAGS.variants,
+                           FLAGS.start_positions, FLAGS.start_seed)
+  except Stopped:  # a SIGTERM: the trainer's line says how to resume
+    return 0
   print(markdown(summary))
   print(f"Wrote {os.path.join(FLAGS.workdir, TABLE_MD)}, {TABLE_JSON}, "
         f"{PLOT_PNG}")
