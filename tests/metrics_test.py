@@ -15,6 +15,20 @@ from fixclip_jax import config_base
 from fixclip_jax import metrics
 
 
+def _hangs_on_a_full_disk(run, timeout_s: float = 60.0) -> bool:
+  """Runs `run` in a thread while every TensorBoard record write fails with
+  ENOSPC (tensorboardX's writer thread dies at its first); whether it is
+  still running after timeout_s."""
+  def no_space(self, data):
+    raise OSError(28, "No space left on device")
+  with mock.patch("tensorboardX.record_writer.RecordWriter.write", no_space), \
+       mock.patch.object(threading, "excepthook", lambda args: None):
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=timeout_s)
+  return thread.is_alive()
+
+
 class _FakeRun:
   def __init__(self, **kwargs):
     self.init_kwargs = kwargs
@@ -53,8 +67,6 @@ class MetricsTest(absltest.TestCase):
     # A full disk kills tensorboardX's writer thread at its first failed
     # write; its bounded queue then blocked add_scalar forever (the trainer
     # hung instead of stopping). Now the next write raises one OSError.
-    def no_space(self, data):
-      raise OSError(28, "No space left on device")
     outcome = {}
     writer = metrics.MetricWriter(self.workdir)   # its first event written
 
@@ -69,12 +81,7 @@ class MetricsTest(absltest.TestCase):
       writer.close()
       outcome["closed"] = True
 
-    with mock.patch("tensorboardX.record_writer.RecordWriter.write", no_space), \
-         mock.patch.object(threading, "excepthook", lambda args: None):
-      thread = threading.Thread(target=run, daemon=True)
-      thread.start()
-      thread.join(timeout=60)
-    self.assertFalse(thread.is_alive(), "MetricWriter hung on a dead writer")
+    self.assertFalse(_hangs_on_a_full_disk(run), "MetricWriter hung on a dead writer")
     self.assertIn("TensorBoard", outcome["error"])
     self.assertIn(os.path.join(self.workdir, metrics.TB_SUBDIR),
                   outcome["error"])
@@ -86,8 +93,6 @@ class MetricsTest(absltest.TestCase):
     # The soak's 3000-step run: the thread died at a write inside a row of
     # scalars while add_scalar waited on its queue of 10 (the check before
     # each row saw it alive); the trainer hung until SIGKILLed.
-    def no_space(self, data):
-      raise OSError(28, "No space left on device")
     outcome = {}
     writer = metrics.MetricWriter(self.workdir)
 
@@ -101,12 +106,7 @@ class MetricsTest(absltest.TestCase):
         outcome["error"] = str(e)
       writer.close()
 
-    with mock.patch("tensorboardX.record_writer.RecordWriter.write", no_space), \
-         mock.patch.object(threading, "excepthook", lambda args: None):
-      thread = threading.Thread(target=run, daemon=True)
-      thread.start()
-      thread.join(timeout=60)
-    self.assertFalse(thread.is_alive(), "MetricWriter hung inside a row")
+    self.assertFalse(_hangs_on_a_full_disk(run), "MetricWriter hung inside a row")
     self.assertEqual(outcome.get("row"), "written")
     self.assertIn("writer thread stopped", outcome["error"])
 
