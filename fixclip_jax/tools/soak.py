@@ -745,7 +745,9 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def define_flags():
-  flags.DEFINE_float("minutes", 10.0, "About how long the soak runs.")
+  flags.DEFINE_float("minutes", 10.0, "How long the faulting goes on; the run "
+                     "ends when its last trainer finishes --steps untouched "
+                     "(on a fast machine, sooner: raise --steps).")
   flags.DEFINE_string("workdir", None, "An empty or new folder.")
   flags.DEFINE_integer("seed", 0, "Fault order and moments, data order.")
   flags.DEFINE_integer("steps", None, "Train steps (default: "
