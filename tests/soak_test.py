@@ -16,6 +16,7 @@ broken line in metrics.jsonl, reported there).
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 
@@ -65,3 +66,36 @@ class SoakTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class RoundsTest(absltest.TestCase):
+  """run_rounds: soaks one after another until the minutes are spent."""
+
+  def _rounds(self, minutes, ok=lambda seed: True):
+    clock = [0.0]
+    calls = []
+
+    def one_round(workdir, minutes_left, *, seed, say, **kwargs):
+      calls.append((os.path.basename(workdir), round(minutes_left, 3), seed,
+                    kwargs))
+      clock[0] += 60.0                  # each round takes a minute
+      return {"ok": ok(seed), "seed": seed}
+
+    with mock.patch.object(soak, "run_soak", one_round), \
+         mock.patch.object(soak.time, "monotonic", lambda: clock[0]):
+      reports = soak.run_rounds("/w", minutes, seed=5, steps=12,
+                                say=lambda line: None)
+    return reports, calls
+
+  def test_rounds_go_on_while_the_time_allows(self):
+    reports, calls = self._rounds(4.5)
+    self.assertEqual([c[:3] for c in calls], [("round_0", 4.5, 5),
+                                              ("round_1", 3.5, 6),
+                                              ("round_2", 2.5, 7)])
+    self.assertEqual(calls[0][3], {"steps": 12})
+    self.assertLen(reports, 3)
+
+  def test_a_failed_round_ends_the_soak(self):
+    reports, calls = self._rounds(10.0, ok=lambda seed: seed != 5)
+    self.assertLen(calls, 1)
+    self.assertFalse(reports[0]["ok"])

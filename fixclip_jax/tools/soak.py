@@ -3,6 +3,9 @@
   python -m fixclip_jax.tools.soak --minutes=30 --workdir=/tmp/soak [--seed=0]
       [--steps=N] [--checkpoint_every=K] [--faults=kill,kill_midsave,...]
 
+The command line runs rounds (run_rounds): one soak after another in
+WORKDIR/round_K, each given the time left, until --minutes are spent.
+
 A small training run (configs/demo.py shrunk to CLIP's objective at 77
 tokens, tiny model, batch 8, no 77-token stage; `TRAINER_FLAGS`) on a JSONL
 manifest that holds bad records next to good images (`BAD_RECORDS`: a
@@ -587,7 +590,7 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
   storage = Storage(os.path.join(root, "soak"))
   log = lambda name: os.path.join(root, "logs", name + ".log")
   attempts: List[Attempt] = []
-  say(f"Soak {minutes:g} min in {root}: {steps} steps, checkpoint every "
+  say(f"Soak {minutes:.3g} min in {root}: {steps} steps, checkpoint every "
       f"{checkpoint_every}, seed {seed}; storage: {storage.how}")
   ref_dir = os.path.join(root, "reference")
   ref = Attempt("reference")
@@ -670,6 +673,32 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
   return report
 
 
+# A round shorter than this is not started (a trainer's start alone can
+# take a minute on a loaded 2-core machine).
+MIN_ROUND_MINUTES = 2.0
+
+
+def run_rounds(workdir: str, minutes: float, *, seed: int = 0,
+               say: Callable[[str], None] = print, **soak_args
+               ) -> List[Dict[str, Any]]:
+  """Soaks (run_soak) in WORKDIR/round_K, seeds seed, seed+1, ..., each
+  given the time left, until `minutes` are spent or a round fails; their
+  reports. One soak's length is its step count's: too few steps end it
+  early, too many stop the faulting (the last trainer's untouched finish no
+  longer fits the time left), so a long soak is a series of checked rounds.
+  """
+  began = time.monotonic()
+  reports = []
+  while True:
+    left = minutes - (time.monotonic() - began) / 60.0
+    if reports and (left < MIN_ROUND_MINUTES or not reports[-1]["ok"]):
+      return reports
+    round_dir = os.path.join(workdir, f"round_{len(reports)}")
+    say(f"Round {len(reports)}: {max(left, MIN_ROUND_MINUTES):.1f} min left")
+    reports.append(run_soak(round_dir, max(left, MIN_ROUND_MINUTES),
+                            seed=seed + len(reports), say=say, **soak_args))
+
+
 def _keep_files(workdir: str, dst: str) -> None:
   """The soak workdir without its checkpoints (a tmpfs goes at the end)."""
   shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns(
@@ -745,9 +774,9 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def define_flags():
-  flags.DEFINE_float("minutes", 10.0, "How long the faulting goes on; the run "
-                     "ends when its last trainer finishes --steps untouched "
-                     "(on a fast machine, sooner: raise --steps).")
+  flags.DEFINE_float("minutes", 10.0, "How long the soak runs: rounds (each "
+                     "a soak of --steps, faulted while its time allows) until "
+                     "this is spent.")
   flags.DEFINE_string("workdir", None, "An empty or new folder.")
   flags.DEFINE_integer("seed", 0, "Fault order and moments, data order.")
   flags.DEFINE_integer("steps", None, "Train steps (default: "
@@ -764,18 +793,27 @@ def define_flags():
 
 def main(argv):
   cli.reject_positional_arguments(argv)
+  began = time.monotonic()
   try:
-    report = run_soak(flags.FLAGS.workdir, flags.FLAGS.minutes,
-                      steps=flags.FLAGS.steps,
-                      checkpoint_every=flags.FLAGS.checkpoint_every,
-                      seed=flags.FLAGS.seed, faults=flags.FLAGS.faults,
-                      min_faults=flags.FLAGS.min_faults)
+    reports = run_rounds(flags.FLAGS.workdir, flags.FLAGS.minutes,
+                         steps=flags.FLAGS.steps,
+                         checkpoint_every=flags.FLAGS.checkpoint_every,
+                         seed=flags.FLAGS.seed, faults=flags.FLAGS.faults,
+                         min_faults=flags.FLAGS.min_faults)
   except SoakError as e:
     print(f"soak: {e}", file=sys.stderr)
     raise SystemExit(1) from None
-  print(format_table(report), end="")
-  print(f"Report: {os.path.join(os.path.abspath(flags.FLAGS.workdir), 'soak_report.json')}")
-  if not report["ok"]:
+  root = os.path.abspath(flags.FLAGS.workdir)
+  for k, report in enumerate(reports):
+    print(f"Round {k} (seed {report['seed']}):")
+    print(format_table(report), end="")
+  starts = sum(len(r["attempts"]) for r in reports)
+  print(f"{len(reports)} round(s), {(time.monotonic() - began) / 60:.1f} min, "
+        f"{starts} soak trainers; every round bit-equal to its reference "
+        f"with each step logged once: "
+        f"{'yes' if all(r['ok'] for r in reports) else 'NO'}. Reports: "
+        f"{root}/round_K/soak_report.json")
+  if not all(r["ok"] for r in reports):
     raise SystemExit(1)
 
 
