@@ -38,11 +38,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(32 << 30))
 
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position  (reads the env above)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_memory_after_each_file():
   yield
-  import jax  # pylint: disable=g-import-not-at-top  (after the env above)
   jax.clear_caches()
   gc.collect()
   try:

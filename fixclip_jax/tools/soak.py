@@ -112,13 +112,14 @@ class SoakError(RuntimeError):
   """The soak could not go on (the reference failed, trainers save nothing)."""
 
 
-# ----------------------------------------------------------------------------
-# The data: good synthetic scenes and the bad records, one manifest.
-
-# The default length: --steps sets it, not --minutes (which bounds the
-# faulting); about half of a soak's time goes to restarts.
+# One soak's default length (--steps sets it; --minutes bounds the faulting):
+# 8 a minute ran out after 12 of 30 minutes, 100 took 24.1 (2 cores, the
+# reference beside the trainers); about half the time goes to restarts.
 STEPS_PER_MINUTE = 125
 
+
+# ----------------------------------------------------------------------------
+# The data: good synthetic scenes and the bad records, one manifest.
 
 def _png16_gray(size: int) -> bytes:
   """A 16-bit grayscale PNG (PIL writes mode I;16 as 16-bit)."""
@@ -572,8 +573,6 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
     raise ValueError(f"Unknown fault(s) {unknown}; known: {FAULTS}")
   began = time.monotonic()
   budget = minutes * 60.0
-  # 8 a minute ran out after 12 of 30 minutes; 100 a minute took 24.1
-  # (2 cores, the reference beside the trainers).
   steps = steps or max(16, int(round(minutes * STEPS_PER_MINUTE)))
   checkpoint_every = checkpoint_every or max(2, steps // 40)
   rng = random.Random(seed)
@@ -693,10 +692,11 @@ def run_rounds(workdir: str, minutes: float, *, seed: int = 0,
     left = minutes - (time.monotonic() - began) / 60.0
     if reports and (left < MIN_ROUND_MINUTES or not reports[-1]["ok"]):
       return reports
-    round_dir = os.path.join(workdir, f"round_{len(reports)}")
-    say(f"Round {len(reports)}: {max(left, MIN_ROUND_MINUTES):.1f} min left")
-    reports.append(run_soak(round_dir, max(left, MIN_ROUND_MINUTES),
-                            seed=seed + len(reports), say=say, **soak_args))
+    round_minutes = max(left, MIN_ROUND_MINUTES)
+    say(f"Round {len(reports)}: {round_minutes:.1f} min left")
+    reports.append(run_soak(os.path.join(workdir, f"round_{len(reports)}"),
+                            round_minutes, seed=seed + len(reports), say=say,
+                            **soak_args))
 
 
 def _keep_files(workdir: str, dst: str) -> None:
@@ -709,7 +709,7 @@ def _median_step_s(ref_dir: str) -> Optional[float]:
   """The reference's median step time so far (its first step, which
   compiles, left out); None before it has 5 steps. With the 0.5 s guess a
   long soak stopped faulting after its first fault (its budget check took
-  4,400 steps for 37 minutes when they took 16)."""
+  4,400 steps for 37 minutes when they took about 13)."""
   if not os.path.exists(os.path.join(ref_dir, metrics_lib.METRICS_FILE)):
     return None
   times = [r["step_time_s"] for r in metrics_rows(ref_dir)[1:]
