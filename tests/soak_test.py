@@ -91,8 +91,19 @@ class RoundsTest(absltest.TestCase):
     reports, calls = self._rounds(4.5)
     self.assertEqual([c[:3] for c in calls], [("round_0", 4.5, 5),
                                               ("round_1", 3.5, 6),
-                                              ("round_2", 2.5, 7)])
+                                              ("round_2", 2.5, 7),
+                                              ("round_3", 2.0, 8),
+                                              ("round_4", 2.0, 9)])
     self.assertEqual(calls[0][3], {"steps": 12})
+    self.assertLen(reports, 5)
+
+  def test_the_rounds_run_at_least_the_minutes_asked(self):
+    # Rounds of one minute: 2.5 minutes asked leave 0.5 after two, and a
+    # third round (given the minimum) makes the soak at least 2.5 minutes.
+    reports, calls = self._rounds(2.5)
+    self.assertEqual([c[:3] for c in calls],
+                     [("round_0", 2.5, 5), ("round_1", 2.0, 6),
+                      ("round_2", soak.MIN_ROUND_MINUTES, 7)])
     self.assertLen(reports, 3)
 
   def test_a_failed_round_ends_the_soak(self):

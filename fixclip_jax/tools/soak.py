@@ -4,7 +4,8 @@
       [--steps=N] [--checkpoint_every=K] [--faults=kill,kill_midsave,...]
 
 The command line runs rounds (run_rounds): one soak after another in
-WORKDIR/round_K, each given the time left, until --minutes are spent.
+WORKDIR/round_K, each given the time left (at least 2 minutes), until --minutes
+are spent.
 
 A small training run (configs/demo.py shrunk to CLIP's objective at 77
 tokens, tiny model, batch 8, no 77-token stage; `TRAINER_FLAGS`) on a JSONL
@@ -672,8 +673,8 @@ def run_soak(workdir: str, minutes: float, *, steps: Optional[int] = None,
   return report
 
 
-# A round shorter than this is not started (a trainer's start alone can
-# take a minute on a loaded 2-core machine).
+# The least time a round is given (a trainer's start alone can take a minute
+# on a loaded 2-core machine).
 MIN_ROUND_MINUTES = 2.0
 
 
@@ -681,16 +682,19 @@ def run_rounds(workdir: str, minutes: float, *, seed: int = 0,
                say: Callable[[str], None] = print, **soak_args
                ) -> List[Dict[str, Any]]:
   """Soaks (run_soak) in WORKDIR/round_K, seeds seed, seed+1, ..., each
-  given the time left, until `minutes` are spent or a round fails; their
-  reports. One soak's length is its step count's: too few steps end it
-  early, too many stop the faulting (the last trainer's untouched finish no
-  longer fits the time left), so a long soak is a series of checked rounds.
+  given the time left (at least MIN_ROUND_MINUTES), until `minutes` are
+  spent or a round fails; their reports. Together they run at least
+  `minutes` (a 30-minute soak once stopped at 29.2: its last round finished
+  its steps 0.8 min early). One soak's length is its step count's: too few
+  steps end it early, too many stop the faulting (the last trainer's
+  untouched finish no longer fits the time left), so a long soak is a series
+  of checked rounds.
   """
   began = time.monotonic()
   reports = []
   while True:
     left = minutes - (time.monotonic() - began) / 60.0
-    if reports and (left < MIN_ROUND_MINUTES or not reports[-1]["ok"]):
+    if reports and (left <= 0 or not reports[-1]["ok"]):
       return reports
     round_minutes = max(left, MIN_ROUND_MINUTES)
     say(f"Round {len(reports)}: {round_minutes:.1f} min left")
@@ -751,7 +755,7 @@ def format_table(report: Dict[str, Any]) -> str:
   spell_lines = (f"{sum(bool(a['error_line']) for a in spells)} of "
                  f"{len(spells)} / {max([a['output_lines'] for a in spells] or [0])}")
   rows = [
-      ("wall time", f"{report['minutes']:.1f} min (asked {report['minutes_asked']:g})"),
+      ("wall time", f"{report['minutes']:.1f} min (asked {report['minutes_asked']:.1f})"),
       ("steps x batch 8, checkpoint every", f"{report['steps']}, {report['checkpoint_every']}"),
       ("trainer starts (soak) / stale locks taken over", f"{len(attempts)} / {sum(a['took_over_lock'] for a in attempts)}"),
       ("SIGKILL (random moment / at a save)", f"{count('kill')} / {count('kill_midsave')} (exit {rcs('kill')} / {rcs('kill_midsave')})"),
