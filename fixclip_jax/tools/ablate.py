@@ -102,9 +102,11 @@ BUDGETS = {
                              train_num=8192, eval_num=300, eval_batch=100,
                              model_name="tiny4", gta_groups=4,
                              finetune_family_size=64),
-    # "discriminative" with twice the pretraining (~18 epochs): does a longer
-    # start read size words on every seed (seed 1's 600-step start did not:
-    # twin_probe's size text cos 0.996, seeds 0 and 2 0.936 / 0.896)?
+    # "discriminative" with twice the pretraining (~18 epochs): seed 1's
+    # 600-step start did not read size words (twin_probe's size text cos
+    # 0.996, seeds 0 and 2 0.936 / 0.896) and no fine-tune from it read past
+    # token 77; its 1200-step start does (0.823), and CLIP-248 from it beats
+    # it by +26.7 late T2I (RESULTS.md).
     "discriminative_long_start": Budget(
         pretrain_steps=1200, finetune_steps=300, batch=128, train_num=8192,
         eval_num=300, eval_batch=100, model_name="tiny4", gta_groups=4,
