@@ -259,10 +259,32 @@ def _newest_good_step(manager: ocp.CheckpointManager) -> str:
 
 
 def _save_failed(manager, step: int, error: BaseException) -> CheckpointSaveError:
+  what = _write_error_words(error)
+  cause = f"the folder {what}; " if what else ""
   return CheckpointSaveError(
       f"Saving the checkpoint of step {step} in {manager.directory} failed: "
-      f"{type(error).__name__}: {error}; {_newest_good_step(manager)}. Free "
-      "space or fix the folder, then rerun the same command to resume.")
+      f"{cause}{type(error).__name__}: {error}; "
+      f"{_newest_good_step(manager)}. Free space or make the folder "
+      "writable, then rerun the same command to resume.")
+
+
+# tensorstore reports a failed local write as text: "... Read-only file
+# system [os_error_code=30]" inside a ValueError.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+def _write_error_words(error: Optional[BaseException]) -> Optional[str]:
+  """What a failed save's error (or its causes) says of the folder: the
+  _WRITE_ERRORS words of an OSError's errno or of tensorstore's code."""
+  while error is not None:
+    code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if code is None:
+      found = _OS_ERROR_CODE.search(str(error))
+      code = int(found.group(1)) if found else None
+    if code in _WRITE_ERRORS:
+      return _WRITE_ERRORS[code]
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def check_saves(manager: ocp.CheckpointManager, wait: bool = False) -> None:

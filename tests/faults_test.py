@@ -273,7 +273,8 @@ class TrainingFaultsTest(absltest.TestCase):
     self.assertEqual(skip_totals(metric_rows(workdir)[2]), expected)
     message = str(failed.exception)
     self.assertRegex(message, r"Saving the checkpoint of step 4 in .*"
-                     r"checkpoints failed: PermissionError: .*Permission "
+                     r"checkpoints failed: the folder is not writable "
+                     r"\(permission denied\); PermissionError: .*Permission "
                      r"denied.*the newest good checkpoint, step 2, is kept")
     report("failed save (unwritable step folder)", message)
     self.assertEqual([d for d in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -18,6 +18,7 @@ the remaining crashes are one line.
 Each case prints `[fault] CASE: what the user saw` (`pytest -s` shows them).
 """
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -375,6 +376,25 @@ class StorageFaultsTest(absltest.TestCase):
     self.assertIn("STEPS [1]", out)
     report("read-only checkpoint folder", error.split(" ", 2)[2])
 
+  def test_a_failed_saves_cause_is_named(self):
+    # tensorstore's words for a folder turned read-only during a background
+    # save (a 30-minute soak, 2026-12-05), an OSError behind another error,
+    # and an error that is neither.
+    tensorstore = ValueError(
+        'PERMISSION_DENIED: Error writing local file "/w/1116.orbax-checkpoint'
+        '-tmp/_sharding": Failed to open: "/w/_sharding.__lock": Read-only '
+        "file system [os_error_code='30']")
+    self.assertEqual(checkpoint._write_error_words(tensorstore),
+                     "is on a read-only file system")
+    try:
+      try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      except OSError as e:
+        raise RuntimeError("commit failed") from e
+    except RuntimeError as e:
+      self.assertEqual(checkpoint._write_error_words(e), "has no space left")
+    self.assertIsNone(checkpoint._write_error_words(RuntimeError("timeout")))
+
   def test_disk_full_during_a_save_is_one_line(self):
     root = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, root, ignore_errors=True)
@@ -403,7 +423,8 @@ class StorageFaultsTest(absltest.TestCase):
     errors = [l for l in err if ": error: " in l]
     self.assertLen(errors, 1, proc.stderr[-3000:])
     self.assertRegex(errors[0], r"Saving the checkpoint of step 2 in .* failed: "
-                     r".*the newest good checkpoint, step 1, is kept")
+                     r"the folder has no space left; .*the newest good "
+                     r"checkpoint, step 1, is kept")
     # Besides it only our warnings (orbax's errors, which it repeats, and
     # tracebacks are in log.txt): was 914 lines with 7 "Logging error" blocks.
     others = [l for l in err if ": error: " not in l]
