@@ -106,7 +106,7 @@ BUDGETS = {
     # 600-step start did not read size words (twin_probe's size text cos
     # 0.996, seeds 0 and 2 0.936 / 0.896) and no fine-tune from it read past
     # token 77; its 1200-step start does (0.823), and CLIP-248 from it beats
-    # it by +26.7 late T2I (RESULTS.md).
+    # it by +26.7 late T2I (seed 0: +21.3; RESULTS.md).
     "discriminative_long_start": Budget(
         pretrain_steps=1200, finetune_steps=300, batch=128, train_num=8192,
         eval_num=300, eval_batch=100, model_name="tiny4", gta_groups=4,
