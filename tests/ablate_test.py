@@ -120,7 +120,6 @@ class ConfigTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "another config"):
       ablate.check_same_config(new, run_dir)
 
-
   def test_a_run_stopped_by_a_signal_is_a_stop_not_a_crash(self):
     # SIGTERM mid-run: the trainer saves, says how to resume and returns
     # early; the tool raised "no evaluation at step N" with a traceback.

@@ -64,10 +64,6 @@ class SoakTest(absltest.TestCase):
     self.assertFalse(os.path.ismount(os.path.join(root, "soak", "soak")))
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 class RoundsTest(absltest.TestCase):
   """run_rounds: soaks one after another until the minutes are spent."""
 
@@ -110,3 +106,7 @@ class RoundsTest(absltest.TestCase):
     reports, calls = self._rounds(10.0, ok=lambda seed: seed != 5)
     self.assertLen(calls, 1)
     self.assertFalse(reports[0]["ok"])
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -812,12 +812,12 @@ def main(argv):
     print(f"Round {k} (seed {report['seed']}):")
     print(format_table(report), end="")
   starts = sum(len(r["attempts"]) for r in reports)
+  ok = all(r["ok"] for r in reports)
   print(f"{len(reports)} round(s), {(time.monotonic() - began) / 60:.1f} min, "
         f"{starts} soak trainers; every round bit-equal to its reference "
-        f"with each step logged once: "
-        f"{'yes' if all(r['ok'] for r in reports) else 'NO'}. Reports: "
+        f"with each step logged once: {'yes' if ok else 'NO'}. Reports: "
         f"{root}/round_K/soak_report.json")
-  if not all(r["ok"] for r in reports):
+  if not ok:
     raise SystemExit(1)
 
 
